@@ -1,0 +1,218 @@
+//! Messages between buddies and users through reach addresses and per-session JIDs.
+//!
+//! A buddy's message to `HANDLE@D` reaches the user's own clients from the buddy's per-session
+//! JID; what the user sends to that JID reaches the buddy from `HANDLE@D`. Everything in the
+//! message passes through unchanged (body, thread, id, chat states, XEP-0184 receipts, XEP-0333
+//! markers), so receipts and markers refer to the same ids on both sides. While the user has no
+//! available resource, messages are held durably (with an XEP-0203 delay stamp) and released
+//! when a resource comes online; bare chat states are not held, they mean nothing later.
+
+use minidom::Element;
+
+use crate::xmpp::stanza::an;
+use xmpp_parsers::ns;
+
+use super::{commands, presence, Addressing, Core, Handled, Out};
+use crate::address::LocalTarget;
+use crate::store::{HeldMessage, Store, StoreError, User};
+use crate::xmpp::stanza::{attr, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
+
+pub(super) fn on_message(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    stanza: &Element,
+    who: &Addressing,
+    out: &mut Out,
+) -> Handled {
+    let type_ = attr(stanza, "type");
+    if type_ == "groupchat" {
+        return Err(StanzaFault::not_acceptable("Reach does not take groupchat messages").into());
+    }
+    match &who.target {
+        LocalTarget::Service => {
+            commands::on_chat(core, store, stanza, who, out)?;
+            Ok(())
+        }
+        LocalTarget::User(handle) => {
+            let Some(user) = store.user_by_handle(handle)? else {
+                return Err(StanzaFault::item_not_found("no such reach address").into());
+            };
+            relay_to_user(core, store, now, &user, &who.from_bare, stanza, out)?;
+            Ok(())
+        }
+        LocalTarget::Session(peer) => {
+            let Some(user) = store.user(&who.from_bare)? else {
+                return Err(super::registration::registration_required().into());
+            };
+            let peer = peer.to_string();
+            if has_content(stanza) {
+                store.touch_session(&user.jid, &peer, now)?;
+            }
+            out.send(readdress(stanza, &core.reach_address(&user.handle), &peer));
+            Ok(())
+        }
+        LocalTarget::Invalid => Err(StanzaFault::item_not_found("no such address at this service").into()),
+    }
+}
+
+fn relay_to_user(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    peer: &str,
+    stanza: &Element,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let relayed = readdress(stanza, &core.session_jid(peer), &user.jid);
+    let content = has_content(stanza);
+    if content {
+        store.touch_session(&user.jid, peer, now)?;
+    }
+    if presence::global_presence(store, user)?.is_available() {
+        out.send(relayed);
+    } else if content && attr(stanza, "type") != "error" {
+        let mut held = relayed;
+        held.append_child(
+            Element::builder("delay", ns::DELAY)
+                .attr(an("from"), core.settings.domain.as_str())
+                .attr(an("stamp"), iso8601(now))
+                .build(),
+        );
+        store.hold(&user.jid, &HeldMessage { peer: peer.to_owned(), stanza: String::from(&held), held_at: now })?;
+        tracing::debug!(handle = user.handle.as_str(), "message held until the user is online");
+    }
+    Ok(())
+}
+
+/// Delivers everything held for the user, oldest first.
+pub(super) fn release_held(store: &Store, user: &User, _now: u64, out: &mut Out) -> Result<(), StoreError> {
+    for held in store.take_held(&user.jid)? {
+        match held.stanza.parse::<Element>() {
+            Ok(stanza) => out.send(stanza),
+            Err(e) => tracing::error!(handle = user.handle.as_str(), "unreadable held message dropped: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a message carries something worth keeping: a body, a receipt or a marker (not just a
+/// chat state).
+fn has_content(stanza: &Element) -> bool {
+    stanza.children().any(|c| {
+        c.is("body", STANZA_NS)
+            || c.is("subject", STANZA_NS)
+            || c.ns() == ns::RECEIPTS
+            || (c.ns() == CHAT_MARKERS && c.name() != "markable")
+            || c.is("error", STANZA_NS)
+    })
+}
+
+/// `YYYY-MM-DDThh:mm:ssZ` for seconds since the Unix epoch (XEP-0082).
+pub(crate) fn iso8601(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::*;
+
+    const BOB: &str = "bob@example.net";
+
+    fn online(t: &Harness) {
+        t.run(&format!("<presence from='alice@example.org/laptop' to='{D}'/>"));
+    }
+
+    #[test]
+    fn iso8601_formats_known_instants() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(iso8601(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn a_buddys_message_reaches_the_online_user_from_the_per_session_jid() {
+        let t = Harness::new();
+        t.register("alice@example.org", "alice");
+        online(&t);
+        let out = t.run(&format!(
+            "<message type='chat' id='m1' from='{BOB}/phone' to='alice@{D}'><body>hi</body><thread>t1</thread>\
+             <request xmlns='urn:xmpp:receipts'/><active xmlns='http://jabber.org/protocol/chatstates'/></message>"
+        ));
+        assert_eq!(out.len(), 1);
+        let m = &out[0];
+        assert_eq!(m.attr("from"), Some(&*format!("bob\\40example.net@{D}")));
+        assert_eq!(m.attr("to"), Some("alice@example.org"));
+        assert_eq!(m.attr("id"), Some("m1"));
+        assert_eq!(m.get_child("body", STANZA_NS).unwrap().text(), "hi");
+        assert_eq!(m.get_child("thread", STANZA_NS).unwrap().text(), "t1");
+        assert!(m.has_child("request", ns::RECEIPTS));
+        assert!(m.has_child("active", ns::CHATSTATES));
+        assert!(t.store.session("alice@example.org", BOB).unwrap().is_some());
+    }
+
+    #[test]
+    fn the_users_reply_and_receipt_reach_the_buddy_from_the_reach_address() {
+        let t = Harness::new();
+        t.register("alice@example.org", "alice");
+        let out = t.run(&format!(
+            "<message type='chat' id='r1' from='alice@example.org/laptop' to='bob\\40example.net@{D}'><body>yo</body></message>"
+        ));
+        assert_eq!(out[0].attr("from"), Some(&*format!("alice@{D}")));
+        assert_eq!(out[0].attr("to"), Some(BOB));
+        let out = t.run(&format!(
+            "<message id='x' from='alice@example.org/laptop' to='bob\\40example.net@{D}'><received xmlns='urn:xmpp:receipts' id='m1'/></message>"
+        ));
+        assert_eq!(out[0].attr("to"), Some(BOB));
+        assert_eq!(out[0].get_child("received", ns::RECEIPTS).unwrap().attr("id"), Some("m1"));
+        let out = t.run(&format!(
+            "<message from='alice@example.org/laptop' to='bob\\40example.net@{D}'><displayed xmlns='{CHAT_MARKERS}' id='m1'/></message>"
+        ));
+        assert_eq!(out[0].get_child("displayed", CHAT_MARKERS).unwrap().attr("id"), Some("m1"));
+    }
+
+    #[test]
+    fn messages_for_an_offline_user_are_held_then_released_in_order() {
+        let t = Harness::new();
+        t.register("alice@example.org", "alice");
+        for i in 0..3 {
+            let out = t.run(&format!("<message type='chat' id='h{i}' from='{BOB}/x' to='alice@{D}'><body>{i}</body></message>"));
+            assert!(out.is_empty());
+        }
+        // A bare chat state is not worth holding.
+        t.run(&format!("<message type='chat' from='{BOB}/x' to='alice@{D}'><composing xmlns='{}'/></message>", ns::CHATSTATES));
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 3);
+        let out = t.run(&format!("<presence from='alice@example.org/laptop' to='{D}'/>"));
+        let ids: Vec<_> = out.iter().filter(|s| s.name() == "message").map(|m| m.attr("id").unwrap()).collect();
+        assert_eq!(ids, vec!["h0", "h1", "h2"]);
+        assert!(out.iter().filter(|s| s.name() == "message").all(|m| m.has_child("delay", ns::DELAY)));
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 0);
+    }
+
+    #[test]
+    fn unknown_handles_and_unregistered_senders_get_errors() {
+        let t = Harness::new();
+        let reply = t.one(&format!("<message type='chat' id='u' from='{BOB}/x' to='ghost@{D}'><body>x</body></message>"));
+        assert_error(&reply, "item-not-found");
+        let reply = t.one(&format!("<message type='chat' id='v' from='{BOB}/x' to='carol\\40example.org@{D}'><body>x</body></message>"));
+        assert_error(&reply, "registration-required");
+        let reply = t.one(&format!("<message type='groupchat' id='w' from='{BOB}/x' to='alice@{D}'><body>x</body></message>"));
+        assert_error(&reply, "not-acceptable");
+        // Errors are never answered with errors.
+        assert!(t.run(&format!("<message type='error' id='e' from='{BOB}/x' to='ghost@{D}'/>")).is_empty());
+    }
+}

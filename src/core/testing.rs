@@ -1,0 +1,94 @@
+//! Test helpers for the core: a temporary store, stanza input as text, stanzas out.
+
+use minidom::Element;
+use xmpp_parsers::ns;
+
+use super::{Action, Core, Event, Settings};
+use crate::store::Store;
+use crate::xmpp::stanza::STANZA_NS;
+
+pub const D: &str = "reach.example.org";
+
+pub struct Harness {
+    pub core: Core,
+    pub store: Store,
+    pub now: u64,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness {
+            core: Core::new(Settings { domain: D.into(), allowed_domains: vec!["example.org".into()] }),
+            store: Store::temporary().unwrap(),
+            now: 1_795_000_000,
+        }
+    }
+
+    /// Feeds one stanza (written without xmlns) and returns what the core sends.
+    pub fn run(&self, xml: &str) -> Vec<Element> {
+        let with_ns = xml.replacen('>', &format!(" xmlns='{STANZA_NS}'>"), 1).replacen(
+            &format!("/ xmlns='{STANZA_NS}'>"),
+            &format!(" xmlns='{STANZA_NS}'/>"),
+            1,
+        );
+        let stanza: Element = with_ns.parse().unwrap_or_else(|e| panic!("bad test stanza {xml}: {e}"));
+        self.event(Event::Stanza(stanza))
+    }
+
+    pub fn event(&self, event: Event) -> Vec<Element> {
+        self.core
+            .handle(&self.store, self.now, event)
+            .unwrap()
+            .into_iter()
+            .map(|Action::SendStanza(s)| s)
+            .collect()
+    }
+
+    /// Feeds one stanza and expects exactly one stanza back.
+    pub fn one(&self, xml: &str) -> Element {
+        let mut out = self.run(xml);
+        assert_eq!(out.len(), 1, "expected one stanza, got {:?}", out.iter().map(String::from).collect::<Vec<_>>());
+        out.remove(0)
+    }
+
+    pub fn register(&self, jid: &str, handle: &str) {
+        let out = self.run(&register_form(jid, handle, "", ""));
+        assert_eq!(out[0].attr("type"), Some("result"), "{}", String::from(&out[0]));
+    }
+}
+
+pub fn register_form(jid: &str, username: &str, email: &str, phone: &str) -> String {
+    format!(
+        "<iq type='set' id='reg' from='{jid}/res' to='{D}'><query xmlns='{}'><x xmlns='{}' type='submit'>\
+         <field var='FORM_TYPE'><value>{}</value></field>\
+         <field var='username'><value>{username}</value></field>\
+         <field var='email'><value>{email}</value></field>\
+         <field var='phone'><value>{phone}</value></field></x></query></iq>",
+        ns::REGISTER,
+        ns::DATA_FORMS,
+        ns::REGISTER
+    )
+}
+
+pub fn form_value(query: &Element, var: &str) -> Option<String> {
+    query
+        .get_child("x", ns::DATA_FORMS)?
+        .children()
+        .find(|f| f.attr("var") == Some(var))?
+        .get_child("value", ns::DATA_FORMS)
+        .map(|v| v.text())
+}
+
+pub fn assert_error(reply: &Element, condition: &str) {
+    assert_eq!(reply.attr("type"), Some("error"), "{}", String::from(reply));
+    let error = reply.get_child("error", STANZA_NS).expect("an <error/> child");
+    assert!(error.has_child(condition, ns::XMPP_STANZAS), "expected {condition}: {}", String::from(reply));
+}
+
+pub fn error_text(reply: &Element) -> String {
+    reply
+        .get_child("error", STANZA_NS)
+        .and_then(|e| e.get_child("text", ns::XMPP_STANZAS))
+        .map(|t| t.text())
+        .unwrap_or_default()
+}

@@ -1,0 +1,14 @@
+//! Reach: an XMPP external component (XEP-0114) that gives each registered user a reach address
+//! and delivers what buddies send to wherever the user is.
+//!
+//! Layout (see README "Architecture"): `core` is the sans-IO decision maker; `xmpp` holds the
+//! component link and stanza helpers; `store` is the only module that knows sled; `config` reads
+//! the TOML file; `address` holds the identifier types (handles, XEP-0106 escaping, terminals);
+//! `runtime` wires them together.
+
+pub mod address;
+pub mod config;
+pub mod core;
+pub mod runtime;
+pub mod store;
+pub mod xmpp;

@@ -1,0 +1,504 @@
+//! The store: every piece of state Reach keeps, behind typed domain operations.
+//!
+//! This is the only module that knows sled. Everything else speaks of users, buddies, resources,
+//! sessions, held messages and the outbound queue, so another engine (e.g. PostgreSQL for several
+//! instances) can replace this file without touching the core. Records are JSON so that they can
+//! grow fields; keys are `owner \0 item` so that a user's data is one prefix scan.
+//!
+//! Durability: writes land in sled's log immediately but only [`Store::flush`] makes them durable.
+//! Callers flush once per batch (group commit) before anything is acknowledged or sent.
+
+use std::sync::Arc;
+
+use minidom::Element;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::address::{Email, Handle, Phone};
+use crate::xmpp::link::OutboundQueue;
+
+/// The on-disk layout version; bumped with a migration whenever a record or key format changes.
+pub const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// What can go wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store has schema version {found}, this Reach understands {expected}")]
+    Schema { found: u32, expected: u32 },
+    #[error("the handle is already taken")]
+    HandleTaken,
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A terminal address and whether its owner has proven they control it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Terminal<A> {
+    pub address: A,
+    pub verified: bool,
+}
+
+/// A registered user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// The user's own bare JID (the key).
+    pub jid: String,
+    /// The local part of the reach address.
+    pub handle: Handle,
+    pub email: Option<Terminal<Email>>,
+    pub phone: Option<Terminal<Phone>>,
+    /// Seconds since the Unix epoch.
+    pub registered_at: u64,
+}
+
+/// The presence of one of the user's own XMPP resources, as last seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourcePresence {
+    /// `None` = plain available; otherwise `away`, `chat`, `dnd` or `xa`.
+    pub show: Option<String>,
+    pub priority: i8,
+    pub status: Option<String>,
+}
+
+/// A buddy's relation with a reach address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Buddy {
+    /// The buddy receives the reach address's presence (we approved their subscription).
+    pub receives_presence: bool,
+    /// We asked for the buddy's presence.
+    pub we_subscribed: bool,
+    /// The buddy's last presence towards the reach address was available.
+    pub online: bool,
+}
+
+/// A conversation between a user and a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub peer: String,
+    /// Seconds since the Unix epoch of the last message either way.
+    pub last_active: u64,
+}
+
+/// A message kept for a user until one of their terminals may take it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMessage {
+    /// The peer it comes from.
+    pub peer: String,
+    /// The stanza as it will be relayed (addressed from the per-session JID).
+    pub stanza: String,
+    /// Seconds since the Unix epoch.
+    pub held_at: u64,
+}
+
+/// Counts for `reach stats` and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub users: usize,
+    pub sessions: usize,
+    pub held: usize,
+    pub outbox: usize,
+}
+
+/// The store. Cheap to share behind an `Arc`.
+pub struct Store {
+    db: sled::Db,
+    users: sled::Tree,
+    handles: sled::Tree,
+    buddies: sled::Tree,
+    resources: sled::Tree,
+    sessions: sled::Tree,
+    held: sled::Tree,
+    outbox: sled::Tree,
+    outbox_wake: Arc<Notify>,
+}
+
+fn key(owner: &str, item: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + 1 + item.len());
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k.extend_from_slice(item.as_bytes());
+    k
+}
+
+fn prefix(owner: &str) -> Vec<u8> {
+    key(owner, "")
+}
+
+fn item_of(k: &[u8]) -> String {
+    let pos = k.iter().position(|b| *b == 0).map_or(0, |p| p + 1);
+    String::from_utf8_lossy(&k[pos..]).into_owned()
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain records cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(tree: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{tree}: {e}")))
+}
+
+impl Store {
+    /// Opens (or creates) the store in `path`, checking the schema version.
+    pub fn open(path: &std::path::Path) -> Result<Store> {
+        let db = sled::Config::new().path(path).open()?;
+        Self::from_db(db)
+    }
+
+    /// A store that lives in memory only, for tests.
+    pub fn temporary() -> Result<Store> {
+        Self::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Store> {
+        match db.get(SCHEMA_KEY)? {
+            None => {
+                db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("schema version".into()))?;
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema { found, expected: SCHEMA_VERSION });
+                }
+            }
+        }
+        Ok(Store {
+            users: db.open_tree("users")?,
+            handles: db.open_tree("handles")?,
+            buddies: db.open_tree("buddies")?,
+            resources: db.open_tree("resources")?,
+            sessions: db.open_tree("sessions")?,
+            held: db.open_tree("held")?,
+            outbox: db.open_tree("outbox")?,
+            outbox_wake: Arc::new(Notify::new()),
+            db,
+        })
+    }
+
+    /// Makes every write so far durable (one fsync for the whole batch).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // ---- users ----
+
+    pub fn user(&self, jid: &str) -> Result<Option<User>> {
+        self.users.get(jid)?.map(|v| decode("users", &v)).transpose()
+    }
+
+    pub fn user_by_handle(&self, handle: &Handle) -> Result<Option<User>> {
+        match self.handles.get(handle.as_str())? {
+            Some(jid) => self.user(&String::from_utf8_lossy(&jid)),
+            None => Ok(None),
+        }
+    }
+
+    /// Creates or updates a user. Fails with [`StoreError::HandleTaken`] if another user holds
+    /// the handle; releases the user's previous handle when it changes.
+    pub fn put_user(&self, user: &User) -> Result<()> {
+        let previous = self.user(&user.jid)?;
+        let claimed = self
+            .handles
+            .compare_and_swap(user.handle.as_str(), None as Option<&[u8]>, Some(user.jid.as_bytes()))?;
+        if let Err(current) = claimed {
+            if current.current.as_deref() != Some(user.jid.as_bytes()) {
+                return Err(StoreError::HandleTaken);
+            }
+        }
+        if let Some(previous) = previous {
+            if previous.handle != user.handle {
+                self.handles.remove(previous.handle.as_str())?;
+            }
+        }
+        self.users.insert(user.jid.as_str(), encode(user))?;
+        Ok(())
+    }
+
+    /// Deletes the user and everything that belongs to them. Returns the removed record and the
+    /// buddies of their reach address (so they can be told).
+    pub fn remove_user(&self, jid: &str) -> Result<Option<(User, Vec<String>)>> {
+        let Some(user) = self.user(jid)? else { return Ok(None) };
+        let buddies = self.buddies(&user.handle)?.into_iter().map(|(b, _)| b).collect();
+        self.handles.remove(user.handle.as_str())?;
+        self.users.remove(jid)?;
+        for (tree, owner) in [
+            (&self.buddies, user.handle.as_str()),
+            (&self.resources, jid),
+            (&self.sessions, jid),
+            (&self.held, jid),
+        ] {
+            for k in tree.scan_prefix(prefix(owner)).keys() {
+                tree.remove(k?)?;
+            }
+        }
+        Ok(Some((user, buddies)))
+    }
+
+    pub fn users(&self) -> Result<Vec<User>> {
+        self.users.iter().values().map(|v| decode("users", &v?)).collect()
+    }
+
+    // ---- buddies of a reach address ----
+
+    pub fn buddy(&self, handle: &Handle, buddy: &str) -> Result<Option<Buddy>> {
+        self.buddies.get(key(handle.as_str(), buddy))?.map(|v| decode("buddies", &v)).transpose()
+    }
+
+    pub fn put_buddy(&self, handle: &Handle, buddy: &str, record: &Buddy) -> Result<()> {
+        self.buddies.insert(key(handle.as_str(), buddy), encode(record))?;
+        Ok(())
+    }
+
+    pub fn remove_buddy(&self, handle: &Handle, buddy: &str) -> Result<()> {
+        self.buddies.remove(key(handle.as_str(), buddy))?;
+        Ok(())
+    }
+
+    pub fn buddies(&self, handle: &Handle) -> Result<Vec<(String, Buddy)>> {
+        self.buddies
+            .scan_prefix(prefix(handle.as_str()))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((item_of(&k), decode("buddies", &v)?))
+            })
+            .collect()
+    }
+
+    // ---- the user's own XMPP resources ----
+
+    pub fn set_resource(&self, jid: &str, resource: &str, presence: &ResourcePresence) -> Result<()> {
+        self.resources.insert(key(jid, resource), encode(presence))?;
+        Ok(())
+    }
+
+    pub fn remove_resource(&self, jid: &str, resource: &str) -> Result<()> {
+        self.resources.remove(key(jid, resource))?;
+        Ok(())
+    }
+
+    pub fn resources(&self, jid: &str) -> Result<Vec<(String, ResourcePresence)>> {
+        self.resources
+            .scan_prefix(prefix(jid))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((item_of(&k), decode("resources", &v)?))
+            })
+            .collect()
+    }
+
+    /// Forgets every resource of every user (their presence is re-learnt after a reconnect).
+    pub fn clear_resources(&self) -> Result<()> {
+        self.resources.clear()?;
+        Ok(())
+    }
+
+    // ---- sessions ----
+
+    pub fn session(&self, jid: &str, peer: &str) -> Result<Option<Session>> {
+        self.sessions.get(key(jid, peer))?.map(|v| decode("sessions", &v)).transpose()
+    }
+
+    pub fn touch_session(&self, jid: &str, peer: &str, now: u64) -> Result<()> {
+        let record = Session { peer: peer.to_owned(), last_active: now };
+        self.sessions.insert(key(jid, peer), encode(&record))?;
+        Ok(())
+    }
+
+    pub fn sessions(&self, jid: &str) -> Result<Vec<Session>> {
+        self.sessions.scan_prefix(prefix(jid)).values().map(|v| decode("sessions", &v?)).collect()
+    }
+
+    // ---- held messages ----
+
+    pub fn hold(&self, jid: &str, message: &HeldMessage) -> Result<()> {
+        let seq = self.db.generate_id()?;
+        let mut k = prefix(jid);
+        k.extend_from_slice(&seq.to_be_bytes());
+        self.held.insert(k, encode(message))?;
+        Ok(())
+    }
+
+    /// Removes and returns the user's held messages, oldest first.
+    pub fn take_held(&self, jid: &str) -> Result<Vec<HeldMessage>> {
+        let mut out = Vec::new();
+        for kv in self.held.scan_prefix(prefix(jid)) {
+            let (k, v) = kv?;
+            out.push(decode("held", &v)?);
+            self.held.remove(k)?;
+        }
+        Ok(out)
+    }
+
+    pub fn held_count(&self, jid: &str) -> Result<usize> {
+        Ok(self.held.scan_prefix(prefix(jid)).count())
+    }
+
+    // ---- outbound XMPP queue ----
+
+    /// Queues a stanza for the component link. Durable after the next [`Store::flush`]; the link
+    /// is woken by [`Store::wake_outbox`] once the batch is flushed.
+    pub fn enqueue_stanza(&self, stanza: &Element) -> Result<()> {
+        let seq = self.db.generate_id()?;
+        self.outbox.insert(seq.to_be_bytes(), String::from(stanza).into_bytes())?;
+        Ok(())
+    }
+
+    /// Tells the link there is something to send (call after flushing).
+    pub fn wake_outbox(&self) {
+        self.outbox_wake.notify_one();
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        Ok(Stats {
+            users: self.users.len(),
+            sessions: self.sessions.len(),
+            held: self.held.len(),
+            outbox: self.outbox.len(),
+        })
+    }
+}
+
+impl OutboundQueue for Store {
+    fn pending(&self, limit: usize) -> Vec<(u64, Element)> {
+        let mut out = Vec::new();
+        for kv in self.outbox.iter().take(limit) {
+            let Ok((k, v)) = kv else { break };
+            let Ok(seq) = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) else {
+                continue;
+            };
+            match std::str::from_utf8(&v).ok().and_then(|s| s.parse::<Element>().ok()) {
+                Some(el) => out.push((seq, el)),
+                None => {
+                    tracing::error!(seq, "dropping unreadable outbound stanza from the store");
+                    let _ = self.outbox.remove(k);
+                }
+            }
+        }
+        out
+    }
+
+    fn mark_sent(&self, keys: &[u64]) {
+        for k in keys {
+            if let Err(e) = self.outbox.remove(k.to_be_bytes()) {
+                tracing::error!("could not remove a sent stanza from the outbox: {e}");
+            }
+        }
+    }
+
+    fn notify(&self) -> Arc<Notify> {
+        self.outbox_wake.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> User {
+        User {
+            jid: "alice@example.org".into(),
+            handle: Handle::parse("alice").unwrap(),
+            email: None,
+            phone: None,
+            registered_at: 1,
+        }
+    }
+
+    #[test]
+    fn handles_are_unique_and_released_on_rename() {
+        let store = Store::temporary().unwrap();
+        store.put_user(&alice()).unwrap();
+        let mut mallory = alice();
+        mallory.jid = "mallory@example.org".into();
+        assert!(matches!(store.put_user(&mallory), Err(StoreError::HandleTaken)));
+        // Updating oneself with the same handle is fine.
+        store.put_user(&alice()).unwrap();
+        let mut renamed = alice();
+        renamed.handle = Handle::parse("al").unwrap();
+        store.put_user(&renamed).unwrap();
+        assert!(store.user_by_handle(&Handle::parse("alice").unwrap()).unwrap().is_none());
+        store.put_user(&mallory).unwrap();
+        assert_eq!(
+            store.user_by_handle(&Handle::parse("alice").unwrap()).unwrap().unwrap().jid,
+            "mallory@example.org"
+        );
+    }
+
+    #[test]
+    fn removing_a_user_removes_everything_of_theirs() {
+        let store = Store::temporary().unwrap();
+        let a = alice();
+        store.put_user(&a).unwrap();
+        store.put_buddy(&a.handle, "bob@example.net", &Buddy::default()).unwrap();
+        store.set_resource(&a.jid, "phone", &ResourcePresence { show: None, priority: 0, status: None }).unwrap();
+        store.touch_session(&a.jid, "bob@example.net", 5).unwrap();
+        let held = HeldMessage { peer: "bob@example.net".into(), stanza: "<message/>".into(), held_at: 5 };
+        store.hold(&a.jid, &held).unwrap();
+        // Another user's data sharing a prefix must survive.
+        store.touch_session("alice@example.org.evil", "x@y", 5).unwrap();
+
+        let (removed, buddies) = store.remove_user(&a.jid).unwrap().unwrap();
+        assert_eq!(removed, a);
+        assert_eq!(buddies, vec!["bob@example.net".to_string()]);
+        assert!(store.user(&a.jid).unwrap().is_none());
+        assert!(store.user_by_handle(&a.handle).unwrap().is_none());
+        assert!(store.buddies(&a.handle).unwrap().is_empty());
+        assert!(store.resources(&a.jid).unwrap().is_empty());
+        assert!(store.sessions(&a.jid).unwrap().is_empty());
+        assert_eq!(store.held_count(&a.jid).unwrap(), 0);
+        assert_eq!(store.sessions("alice@example.org.evil").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn held_messages_come_back_in_order_once() {
+        let store = Store::temporary().unwrap();
+        for i in 0..3 {
+            let m = HeldMessage { peer: "b@c".into(), stanza: format!("<m{i}/>"), held_at: i };
+            store.hold("a@b", &m).unwrap();
+        }
+        let taken = store.take_held("a@b").unwrap();
+        assert_eq!(taken.iter().map(|m| m.held_at).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert!(store.take_held("a@b").unwrap().is_empty());
+    }
+
+    #[test]
+    fn outbox_is_fifo_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for i in 0..3 {
+                let el: Element = format!("<message xmlns='jabber:component:accept' id='m{i}'/>").parse().unwrap();
+                store.enqueue_stanza(&el).unwrap();
+            }
+            store.flush().unwrap();
+            let first = store.pending(1);
+            store.mark_sent(&[first[0].0]);
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let ids: Vec<String> =
+            store.pending(10).into_iter().map(|(_, el)| el.attr("id").unwrap().to_string()).collect();
+        assert_eq!(ids, vec!["m1", "m2"]);
+    }
+
+    #[test]
+    fn a_store_from_another_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Schema { found: 99, .. })));
+    }
+}

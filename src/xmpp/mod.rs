@@ -1,0 +1,4 @@
+//! The XMPP side: the component link (XEP-0114) and the payloads Reach builds and reads.
+
+pub mod link;
+pub mod stanza;
