@@ -19,7 +19,9 @@ use crate::xmpp::link::{run_link, LinkConfig, LinkEvent, OutboundQueue};
 const BATCH: usize = 512;
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Runs Reach until `shutdown` turns true.

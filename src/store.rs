@@ -167,7 +167,10 @@ impl Store {
                     .map(u32::from_be_bytes)
                     .map_err(|_| StoreError::Corrupt("schema version".into()))?;
                 if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema { found, expected: SCHEMA_VERSION });
+                    return Err(StoreError::Schema {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
                 }
             }
         }
@@ -193,7 +196,10 @@ impl Store {
     // ---- users ----
 
     pub fn user(&self, jid: &str) -> Result<Option<User>> {
-        self.users.get(jid)?.map(|v| decode("users", &v)).transpose()
+        self.users
+            .get(jid)?
+            .map(|v| decode("users", &v))
+            .transpose()
     }
 
     pub fn user_by_handle(&self, handle: &Handle) -> Result<Option<User>> {
@@ -207,9 +213,11 @@ impl Store {
     /// the handle; releases the user's previous handle when it changes.
     pub fn put_user(&self, user: &User) -> Result<()> {
         let previous = self.user(&user.jid)?;
-        let claimed = self
-            .handles
-            .compare_and_swap(user.handle.as_str(), None as Option<&[u8]>, Some(user.jid.as_bytes()))?;
+        let claimed = self.handles.compare_and_swap(
+            user.handle.as_str(),
+            None as Option<&[u8]>,
+            Some(user.jid.as_bytes()),
+        )?;
         if let Err(current) = claimed {
             if current.current.as_deref() != Some(user.jid.as_bytes()) {
                 return Err(StoreError::HandleTaken);
@@ -227,8 +235,14 @@ impl Store {
     /// Deletes the user and everything that belongs to them. Returns the removed record and the
     /// buddies of their reach address (so they can be told).
     pub fn remove_user(&self, jid: &str) -> Result<Option<(User, Vec<String>)>> {
-        let Some(user) = self.user(jid)? else { return Ok(None) };
-        let buddies = self.buddies(&user.handle)?.into_iter().map(|(b, _)| b).collect();
+        let Some(user) = self.user(jid)? else {
+            return Ok(None);
+        };
+        let buddies = self
+            .buddies(&user.handle)?
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect();
         self.handles.remove(user.handle.as_str())?;
         self.users.remove(jid)?;
         for (tree, owner) in [
@@ -245,17 +259,25 @@ impl Store {
     }
 
     pub fn users(&self) -> Result<Vec<User>> {
-        self.users.iter().values().map(|v| decode("users", &v?)).collect()
+        self.users
+            .iter()
+            .values()
+            .map(|v| decode("users", &v?))
+            .collect()
     }
 
     // ---- buddies of a reach address ----
 
     pub fn buddy(&self, handle: &Handle, buddy: &str) -> Result<Option<Buddy>> {
-        self.buddies.get(key(handle.as_str(), buddy))?.map(|v| decode("buddies", &v)).transpose()
+        self.buddies
+            .get(key(handle.as_str(), buddy))?
+            .map(|v| decode("buddies", &v))
+            .transpose()
     }
 
     pub fn put_buddy(&self, handle: &Handle, buddy: &str, record: &Buddy) -> Result<()> {
-        self.buddies.insert(key(handle.as_str(), buddy), encode(record))?;
+        self.buddies
+            .insert(key(handle.as_str(), buddy), encode(record))?;
         Ok(())
     }
 
@@ -276,8 +298,14 @@ impl Store {
 
     // ---- the user's own XMPP resources ----
 
-    pub fn set_resource(&self, jid: &str, resource: &str, presence: &ResourcePresence) -> Result<()> {
-        self.resources.insert(key(jid, resource), encode(presence))?;
+    pub fn set_resource(
+        &self,
+        jid: &str,
+        resource: &str,
+        presence: &ResourcePresence,
+    ) -> Result<()> {
+        self.resources
+            .insert(key(jid, resource), encode(presence))?;
         Ok(())
     }
 
@@ -305,17 +333,27 @@ impl Store {
     // ---- sessions ----
 
     pub fn session(&self, jid: &str, peer: &str) -> Result<Option<Session>> {
-        self.sessions.get(key(jid, peer))?.map(|v| decode("sessions", &v)).transpose()
+        self.sessions
+            .get(key(jid, peer))?
+            .map(|v| decode("sessions", &v))
+            .transpose()
     }
 
     pub fn touch_session(&self, jid: &str, peer: &str, now: u64) -> Result<()> {
-        let record = Session { peer: peer.to_owned(), last_active: now };
+        let record = Session {
+            peer: peer.to_owned(),
+            last_active: now,
+        };
         self.sessions.insert(key(jid, peer), encode(&record))?;
         Ok(())
     }
 
     pub fn sessions(&self, jid: &str) -> Result<Vec<Session>> {
-        self.sessions.scan_prefix(prefix(jid)).values().map(|v| decode("sessions", &v?)).collect()
+        self.sessions
+            .scan_prefix(prefix(jid))
+            .values()
+            .map(|v| decode("sessions", &v?))
+            .collect()
     }
 
     // ---- held messages ----
@@ -349,7 +387,8 @@ impl Store {
     /// is woken by [`Store::wake_outbox`] once the batch is flushed.
     pub fn enqueue_stanza(&self, stanza: &Element) -> Result<()> {
         let seq = self.db.generate_id()?;
-        self.outbox.insert(seq.to_be_bytes(), String::from(stanza).into_bytes())?;
+        self.outbox
+            .insert(seq.to_be_bytes(), String::from(stanza).into_bytes())?;
         Ok(())
     }
 
@@ -376,7 +415,10 @@ impl OutboundQueue for Store {
             let Ok(seq) = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) else {
                 continue;
             };
-            match std::str::from_utf8(&v).ok().and_then(|s| s.parse::<Element>().ok()) {
+            match std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse::<Element>().ok())
+            {
                 Some(el) => out.push((seq, el)),
                 None => {
                     tracing::error!(seq, "dropping unreadable outbound stanza from the store");
@@ -420,16 +462,26 @@ mod tests {
         store.put_user(&alice()).unwrap();
         let mut mallory = alice();
         mallory.jid = "mallory@example.org".into();
-        assert!(matches!(store.put_user(&mallory), Err(StoreError::HandleTaken)));
+        assert!(matches!(
+            store.put_user(&mallory),
+            Err(StoreError::HandleTaken)
+        ));
         // Updating oneself with the same handle is fine.
         store.put_user(&alice()).unwrap();
         let mut renamed = alice();
         renamed.handle = Handle::parse("al").unwrap();
         store.put_user(&renamed).unwrap();
-        assert!(store.user_by_handle(&Handle::parse("alice").unwrap()).unwrap().is_none());
+        assert!(store
+            .user_by_handle(&Handle::parse("alice").unwrap())
+            .unwrap()
+            .is_none());
         store.put_user(&mallory).unwrap();
         assert_eq!(
-            store.user_by_handle(&Handle::parse("alice").unwrap()).unwrap().unwrap().jid,
+            store
+                .user_by_handle(&Handle::parse("alice").unwrap())
+                .unwrap()
+                .unwrap()
+                .jid,
             "mallory@example.org"
         );
     }
@@ -439,13 +491,31 @@ mod tests {
         let store = Store::temporary().unwrap();
         let a = alice();
         store.put_user(&a).unwrap();
-        store.put_buddy(&a.handle, "bob@example.net", &Buddy::default()).unwrap();
-        store.set_resource(&a.jid, "phone", &ResourcePresence { show: None, priority: 0, status: None }).unwrap();
+        store
+            .put_buddy(&a.handle, "bob@example.net", &Buddy::default())
+            .unwrap();
+        store
+            .set_resource(
+                &a.jid,
+                "phone",
+                &ResourcePresence {
+                    show: None,
+                    priority: 0,
+                    status: None,
+                },
+            )
+            .unwrap();
         store.touch_session(&a.jid, "bob@example.net", 5).unwrap();
-        let held = HeldMessage { peer: "bob@example.net".into(), stanza: "<message/>".into(), held_at: 5 };
+        let held = HeldMessage {
+            peer: "bob@example.net".into(),
+            stanza: "<message/>".into(),
+            held_at: 5,
+        };
         store.hold(&a.jid, &held).unwrap();
         // Another user's data sharing a prefix must survive.
-        store.touch_session("alice@example.org.evil", "x@y", 5).unwrap();
+        store
+            .touch_session("alice@example.org.evil", "x@y", 5)
+            .unwrap();
 
         let (removed, buddies) = store.remove_user(&a.jid).unwrap().unwrap();
         assert_eq!(removed, a);
@@ -463,11 +533,18 @@ mod tests {
     fn held_messages_come_back_in_order_once() {
         let store = Store::temporary().unwrap();
         for i in 0..3 {
-            let m = HeldMessage { peer: "b@c".into(), stanza: format!("<m{i}/>"), held_at: i };
+            let m = HeldMessage {
+                peer: "b@c".into(),
+                stanza: format!("<m{i}/>"),
+                held_at: i,
+            };
             store.hold("a@b", &m).unwrap();
         }
         let taken = store.take_held("a@b").unwrap();
-        assert_eq!(taken.iter().map(|m| m.held_at).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            taken.iter().map(|m| m.held_at).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         assert!(store.take_held("a@b").unwrap().is_empty());
     }
 
@@ -477,7 +554,9 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             for i in 0..3 {
-                let el: Element = format!("<message xmlns='jabber:component:accept' id='m{i}'/>").parse().unwrap();
+                let el: Element = format!("<message xmlns='jabber:component:accept' id='m{i}'/>")
+                    .parse()
+                    .unwrap();
                 store.enqueue_stanza(&el).unwrap();
             }
             store.flush().unwrap();
@@ -486,8 +565,11 @@ mod tests {
             store.flush().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        let ids: Vec<String> =
-            store.pending(10).into_iter().map(|(_, el)| el.attr("id").unwrap().to_string()).collect();
+        let ids: Vec<String> = store
+            .pending(10)
+            .into_iter()
+            .map(|(_, el)| el.attr("id").unwrap().to_string())
+            .collect();
         assert_eq!(ids, vec!["m1", "m2"]);
     }
 
@@ -499,6 +581,9 @@ mod tests {
             db.insert(SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        assert!(matches!(Store::open(dir.path()), Err(StoreError::Schema { found: 99, .. })));
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Schema { found: 99, .. })
+        ));
     }
 }

@@ -23,7 +23,9 @@ pub(super) fn on_chat(
     if attr(stanza, "type") == "error" {
         return Ok(());
     }
-    let Some(body) = child_text(stanza, "body") else { return Ok(()) };
+    let Some(body) = child_text(stanza, "body") else {
+        return Ok(());
+    };
     let line = body.trim();
     let command = line.split_whitespace().next().unwrap_or("").to_lowercase();
     let reply = match command.as_str() {
@@ -42,21 +44,40 @@ pub(super) fn on_chat(
 
 fn status(core: &Core, store: &Store, who: &Addressing) -> Result<String, StoreError> {
     let Some(user) = store.user(&who.from_bare)? else {
-        return Ok("You are not registered. Register with this service from your XMPP client \
+        return Ok(
+            "You are not registered. Register with this service from your XMPP client \
                    (Service discovery → Register) to get a reach address."
-            .to_owned());
+                .to_owned(),
+        );
     };
     let terminal = |name: &str, t: Option<(&str, bool)>| match t {
         None => format!("{name}: none"),
         Some((address, verified)) => {
-            format!("{name}: {address} ({})", if verified { "verified" } else { "not verified yet" })
+            format!(
+                "{name}: {address} ({})",
+                if verified {
+                    "verified"
+                } else {
+                    "not verified yet"
+                }
+            )
         }
     };
     Ok(format!(
         "Your reach address: {}\n{}\n{}\nHeld messages: {}",
         core.reach_address(&user.handle),
-        terminal("Email", user.email.as_ref().map(|t| (t.address.as_str(), t.verified))),
-        terminal("Phone", user.phone.as_ref().map(|t| (t.address.as_str(), t.verified))),
+        terminal(
+            "Email",
+            user.email
+                .as_ref()
+                .map(|t| (t.address.as_str(), t.verified))
+        ),
+        terminal(
+            "Phone",
+            user.phone
+                .as_ref()
+                .map(|t| (t.address.as_str(), t.verified))
+        ),
         store.held_count(&user.jid)?
     ))
 }
@@ -69,15 +90,23 @@ mod tests {
     #[test]
     fn help_and_status_answer_in_the_chat() {
         let t = Harness::new();
-        let reply = t.one(&format!("<message type='chat' from='alice@example.org/x' to='{D}'><body>help</body></message>"));
+        let reply = t.one(&format!(
+            "<message type='chat' from='alice@example.org/x' to='{D}'><body>help</body></message>"
+        ));
         assert_eq!(reply.attr("to"), Some("alice@example.org/x"));
         assert!(child_text(&reply, "body").unwrap().contains("status"));
         let reply = t.one(&format!("<message type='chat' from='alice@example.org/x' to='{D}'><body>status</body></message>"));
-        assert!(child_text(&reply, "body").unwrap().contains("not registered"));
+        assert!(child_text(&reply, "body")
+            .unwrap()
+            .contains("not registered"));
         t.register("alice@example.org", "alice");
         let reply = t.one(&format!("<message type='chat' from='alice@example.org/x' to='{D}'><body>Status</body></message>"));
-        assert!(child_text(&reply, "body").unwrap().contains(&format!("alice@{D}")));
+        assert!(child_text(&reply, "body")
+            .unwrap()
+            .contains(&format!("alice@{D}")));
         let reply = t.one(&format!("<message type='chat' from='alice@example.org/x' to='{D}'><body>frobnicate</body></message>"));
-        assert!(child_text(&reply, "body").unwrap().contains("Unknown command 'frobnicate'"));
+        assert!(child_text(&reply, "body")
+            .unwrap()
+            .contains("Unknown command 'frobnicate'"));
     }
 }

@@ -30,7 +30,13 @@ const ADDRESS_FEATURES: &[&str] = &[
     crate::xmpp::stanza::CHAT_MARKERS,
 ];
 
-pub(super) fn on_iq(core: &Core, store: &Store, iq: &Element, who: &Addressing, out: &mut Out) -> Handled {
+pub(super) fn on_iq(
+    core: &Core,
+    store: &Store,
+    iq: &Element,
+    who: &Addressing,
+    out: &mut Out,
+) -> Handled {
     let type_ = attr(iq, "type");
     if type_ != "get" && type_ != "set" {
         // Results and errors answer nothing Reach asked that needs follow-up.
@@ -59,14 +65,21 @@ pub(super) fn on_iq(core: &Core, store: &Store, iq: &Element, who: &Addressing, 
                 out.send(iq_result(iq, Some(version())));
                 Ok(())
             }
-            (_, "query", ns::REGISTER) => registration::on_register(core, store, iq, payload, who, out),
+            (_, "query", ns::REGISTER) => {
+                registration::on_register(core, store, iq, payload, who, out)
+            }
             _ => Err(StanzaFault::service_unavailable().into()),
         },
         LocalTarget::User(handle) => {
             if store.user_by_handle(handle)?.is_none() {
                 return Err(StanzaFault::item_not_found("no such reach address").into());
             }
-            address_iq(iq, request, &format!("Reach address {}", handle.as_str()), out)
+            address_iq(
+                iq,
+                request,
+                &format!("Reach address {}", handle.as_str()),
+                out,
+            )
         }
         LocalTarget::Session(peer) => {
             if store.user(&who.from_bare)?.is_none() {
@@ -74,14 +87,19 @@ pub(super) fn on_iq(core: &Core, store: &Store, iq: &Element, who: &Addressing, 
             }
             address_iq(iq, request, &format!("Conversation with {peer}"), out)
         }
-        LocalTarget::Invalid => Err(StanzaFault::item_not_found("no such address at this service").into()),
+        LocalTarget::Invalid => {
+            Err(StanzaFault::item_not_found("no such address at this service").into())
+        }
     }
 }
 
 fn address_iq(iq: &Element, request: (&str, &str, &str), name: &str, out: &mut Out) -> Handled {
     match request {
         ("get", "query", ns::DISCO_INFO) => {
-            out.send(iq_result(iq, Some(info(&[("client", "pc", name)], ADDRESS_FEATURES))));
+            out.send(iq_result(
+                iq,
+                Some(info(&[("client", "pc", name)], ADDRESS_FEATURES)),
+            ));
             Ok(())
         }
         ("get", "ping", ns::PING) => {
@@ -93,7 +111,10 @@ fn address_iq(iq: &Element, request: (&str, &str, &str), name: &str, out: &mut O
 }
 
 fn service_info() -> Element {
-    info(&[("gateway", "smtp", "Reach"), ("gateway", "sms", "Reach")], SERVICE_FEATURES)
+    info(
+        &[("gateway", "smtp", "Reach"), ("gateway", "sms", "Reach")],
+        SERVICE_FEATURES,
+    )
 }
 
 fn info(identities: &[(&str, &str, &str)], features: &[&str]) -> Element {
@@ -108,7 +129,11 @@ fn info(identities: &[(&str, &str, &str)], features: &[&str]) -> Element {
         );
     }
     for feature in features {
-        query.append_child(Element::builder("feature", ns::DISCO_INFO).attr(an("var"), *feature).build());
+        query.append_child(
+            Element::builder("feature", ns::DISCO_INFO)
+                .attr(an("var"), *feature)
+                .build(),
+        );
     }
     query
 }
@@ -124,8 +149,16 @@ fn items(node: Option<&str>) -> Element {
 
 fn version() -> Element {
     Element::builder("query", ns::VERSION)
-        .append(Element::builder("name", ns::VERSION).append("Reach").build())
-        .append(Element::builder("version", ns::VERSION).append(env!("CARGO_PKG_VERSION")).build())
+        .append(
+            Element::builder("name", ns::VERSION)
+                .append("Reach")
+                .build(),
+        )
+        .append(
+            Element::builder("version", ns::VERSION)
+                .append(env!("CARGO_PKG_VERSION"))
+                .build(),
+        )
         .build()
 }
 
@@ -146,11 +179,22 @@ mod tests {
         let identities: Vec<_> = query
             .children()
             .filter(|c| c.name() == "identity")
-            .map(|c| format!("{}/{}/{}", c.attr("category").unwrap(), c.attr("type").unwrap(), c.attr("name").unwrap()))
+            .map(|c| {
+                format!(
+                    "{}/{}/{}",
+                    c.attr("category").unwrap(),
+                    c.attr("type").unwrap(),
+                    c.attr("name").unwrap()
+                )
+            })
             .collect();
         assert_eq!(identities, vec!["gateway/smtp/Reach", "gateway/sms/Reach"]);
         let features: Vec<_> = query.children().filter_map(|c| c.attr("var")).collect();
-        for f in [ns::REGISTER, "http://jabber.org/protocol/commands", ns::PING] {
+        for f in [
+            ns::REGISTER,
+            "http://jabber.org/protocol/commands",
+            ns::PING,
+        ] {
             assert!(features.contains(&f), "{f} missing");
         }
     }
@@ -174,13 +218,23 @@ mod tests {
             ns::DISCO_INFO
         ));
         assert_eq!(reply.attr("type"), Some("result"));
-        let features: Vec<_> =
-            reply.get_child("query", ns::DISCO_INFO).unwrap().children().filter_map(|c| c.attr("var")).collect();
+        let features: Vec<_> = reply
+            .get_child("query", ns::DISCO_INFO)
+            .unwrap()
+            .children()
+            .filter_map(|c| c.attr("var"))
+            .collect();
         assert!(features.contains(&ns::RECEIPTS));
-        let pong = t.one(&format!("<iq type='get' id='p' from='bob@example.net/x' to='{D}'><ping xmlns='{}'/></iq>", ns::PING));
+        let pong = t.one(&format!(
+            "<iq type='get' id='p' from='bob@example.net/x' to='{D}'><ping xmlns='{}'/></iq>",
+            ns::PING
+        ));
         assert_eq!(pong.attr("type"), Some("result"));
         assert_eq!(pong.attr("id"), Some("p"));
-        let version = t.one(&format!("<iq type='get' id='v' from='bob@example.net/x' to='{D}'><query xmlns='{}'/></iq>", ns::VERSION));
+        let version = t.one(&format!(
+            "<iq type='get' id='v' from='bob@example.net/x' to='{D}'><query xmlns='{}'/></iq>",
+            ns::VERSION
+        ));
         let q = version.get_child("query", ns::VERSION).unwrap();
         assert_eq!(q.get_child("name", ns::VERSION).unwrap().text(), "Reach");
     }
@@ -190,6 +244,10 @@ mod tests {
         let t = Harness::new();
         let reply = t.one(&format!("<iq type='get' id='u' from='bob@example.net/x' to='{D}'><query xmlns='urn:example'/></iq>"));
         assert_error(&reply, "service-unavailable");
-        assert!(t.run(&format!("<iq type='result' id='u' from='bob@example.net/x' to='{D}'/>")).is_empty());
+        assert!(t
+            .run(&format!(
+                "<iq type='result' id='u' from='bob@example.net/x' to='{D}'/>"
+            ))
+            .is_empty());
     }
 }

@@ -95,7 +95,13 @@ impl Core {
         Ok(out.actions)
     }
 
-    fn on_stanza(&self, store: &Store, now: u64, stanza: &Element, out: &mut Out) -> Result<(), StoreError> {
+    fn on_stanza(
+        &self,
+        store: &Store,
+        now: u64,
+        stanza: &Element,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
         let type_ = attr(stanza, "type");
         let addressing = match self.addressing(stanza) {
             Ok(a) => a,
@@ -126,17 +132,23 @@ impl Core {
     }
 
     fn addressing(&self, stanza: &Element) -> Result<Addressing, StanzaFault> {
-        let from: jid::Jid = attr(stanza, "from")
-            .parse()
-            .map_err(|_| StanzaFault::new(crate::xmpp::stanza::ErrorType::Modify, "jid-malformed"))?;
-        let to: jid::Jid = attr(stanza, "to")
-            .parse()
-            .map_err(|_| StanzaFault::new(crate::xmpp::stanza::ErrorType::Modify, "jid-malformed"))?;
+        let from: jid::Jid = attr(stanza, "from").parse().map_err(|_| {
+            StanzaFault::new(crate::xmpp::stanza::ErrorType::Modify, "jid-malformed")
+        })?;
+        let to: jid::Jid = attr(stanza, "to").parse().map_err(|_| {
+            StanzaFault::new(crate::xmpp::stanza::ErrorType::Modify, "jid-malformed")
+        })?;
         if to.domain().as_str() != self.settings.domain {
-            return Err(StanzaFault::item_not_found("this component only serves its own domain"));
+            return Err(StanzaFault::item_not_found(
+                "this component only serves its own domain",
+            ));
         }
         let target = classify_local(to.node().map(|n| n.as_str()));
-        Ok(Addressing { from_bare: from.to_bare().to_string(), from, target })
+        Ok(Addressing {
+            from_bare: from.to_bare().to_string(),
+            from,
+            target,
+        })
     }
 
     /// `HANDLE@D` for a handle.
@@ -146,7 +158,11 @@ impl Core {
 
     /// The per-session JID of a peer.
     pub(crate) fn session_jid(&self, peer: &str) -> String {
-        format!("{}@{}", crate::address::escape_node(peer), self.settings.domain)
+        format!(
+            "{}@{}",
+            crate::address::escape_node(peer),
+            self.settings.domain
+        )
     }
 }
 

@@ -18,7 +18,10 @@ use crate::xmpp::stanza::{attr, child_text, presence, StanzaFault, STANZA_NS};
 pub enum GlobalPresence {
     Unavailable,
     /// Available with an optional `show` (away, chat, dnd, xa) and status text.
-    Available { show: Option<String>, status: Option<String> },
+    Available {
+        show: Option<String>,
+        status: Option<String>,
+    },
 }
 
 /// How reachable a `show` value is; the best resource is the most reachable one.
@@ -39,11 +42,17 @@ pub fn best_presence(resources: &[(String, ResourcePresence)]) -> GlobalPresence
     resources
         .iter()
         .max_by(|(ra, a), (rb, b)| {
-            (rank(a.show.as_deref()), a.priority, rb).cmp(&(rank(b.show.as_deref()), b.priority, ra))
+            (rank(a.show.as_deref()), a.priority, rb).cmp(&(
+                rank(b.show.as_deref()),
+                b.priority,
+                ra,
+            ))
         })
-        .map_or(GlobalPresence::Unavailable, |(_, p)| GlobalPresence::Available {
-            show: p.show.clone(),
-            status: p.status.clone(),
+        .map_or(GlobalPresence::Unavailable, |(_, p)| {
+            GlobalPresence::Available {
+                show: p.show.clone(),
+                status: p.status.clone(),
+            }
         })
 }
 
@@ -54,10 +63,18 @@ impl GlobalPresence {
             GlobalPresence::Available { show, status } => {
                 let mut p = presence(from, to, None);
                 if let Some(show) = show {
-                    p.append_child(Element::builder("show", STANZA_NS).append(show.as_str()).build());
+                    p.append_child(
+                        Element::builder("show", STANZA_NS)
+                            .append(show.as_str())
+                            .build(),
+                    );
                 }
                 if let Some(status) = status {
-                    p.append_child(Element::builder("status", STANZA_NS).append(status.as_str()).build());
+                    p.append_child(
+                        Element::builder("status", STANZA_NS)
+                            .append(status.as_str())
+                            .build(),
+                    );
                 }
                 p
             }
@@ -106,7 +123,11 @@ pub(super) fn on_presence(
                 return match type_ {
                     "subscribe" => Err(StanzaFault::item_not_found("no such reach address").into()),
                     "probe" => {
-                        out.send(presence(attr(stanza, "to"), &who.from_bare, Some("unsubscribed")));
+                        out.send(presence(
+                            attr(stanza, "to"),
+                            &who.from_bare,
+                            Some("unsubscribed"),
+                        ));
                         Ok(())
                     }
                     _ => Ok(()),
@@ -117,7 +138,9 @@ pub(super) fn on_presence(
         LocalTarget::Session(peer) => {
             let Some(user) = store.user(&who.from_bare)? else {
                 return match type_ {
-                    "subscribe" | "probe" => Err(super::registration::registration_required().into()),
+                    "subscribe" | "probe" => {
+                        Err(super::registration::registration_required().into())
+                    }
                     _ => Ok(()),
                 };
             };
@@ -126,8 +149,14 @@ pub(super) fn on_presence(
                 // The user may put a per-session JID in their roster.
                 "subscribe" => out.send(presence(&session_jid, &user.jid, Some("subscribed"))),
                 "probe" => {
-                    let buddy = store.buddy(&user.handle, &peer.to_string())?.unwrap_or_default();
-                    let shown = if buddy.online { None } else { Some("unavailable") };
+                    let buddy = store
+                        .buddy(&user.handle, &peer.to_string())?
+                        .unwrap_or_default();
+                    let shown = if buddy.online {
+                        None
+                    } else {
+                        Some("unavailable")
+                    };
                     out.send(presence(&session_jid, &user.jid, shown));
                 }
                 _ => {}
@@ -135,7 +164,9 @@ pub(super) fn on_presence(
             Ok(())
         }
         LocalTarget::Invalid => match type_ {
-            "subscribe" => Err(StanzaFault::item_not_found("no such address at this service").into()),
+            "subscribe" => {
+                Err(StanzaFault::item_not_found("no such address at this service").into())
+            }
             _ => Ok(()),
         },
     }
@@ -159,16 +190,32 @@ fn on_service_presence(
             out.send(presence(service, &who.from_bare, None));
         }
         "" | "unavailable" => {
-            let Some(user) = store.user(&who.from_bare)? else { return Ok(()) };
-            let resource = who.from.resource().map(|r| r.as_str().to_owned()).unwrap_or_default();
+            let Some(user) = store.user(&who.from_bare)? else {
+                return Ok(());
+            };
+            let resource = who
+                .from
+                .resource()
+                .map(|r| r.as_str().to_owned())
+                .unwrap_or_default();
             let before = global_presence(store, &user)?;
             if type_ == "unavailable" {
                 store.remove_resource(&user.jid, &resource)?;
             } else {
                 let show = child_text(stanza, "show").filter(|s| rank(Some(s)) > 0);
-                let priority = child_text(stanza, "priority").and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+                let priority = child_text(stanza, "priority")
+                    .and_then(|p| p.trim().parse().ok())
+                    .unwrap_or(0);
                 let status = child_text(stanza, "status");
-                store.set_resource(&user.jid, &resource, &ResourcePresence { show, priority, status })?;
+                store.set_resource(
+                    &user.jid,
+                    &resource,
+                    &ResourcePresence {
+                        show,
+                        priority,
+                        status,
+                    },
+                )?;
             }
             let after = global_presence(store, &user)?;
             if after != before {
@@ -237,7 +284,13 @@ fn on_address_presence(
 }
 
 /// Sends the reach address's presence to every buddy who receives it.
-fn broadcast(core: &Core, store: &Store, user: &User, global: &GlobalPresence, out: &mut Out) -> Result<(), StoreError> {
+fn broadcast(
+    core: &Core,
+    store: &Store,
+    user: &User,
+    global: &GlobalPresence,
+    out: &mut Out,
+) -> Result<(), StoreError> {
     let address = core.reach_address(&user.handle);
     for (buddy, record) in store.buddies(&user.handle)? {
         if record.receives_presence {
@@ -253,23 +306,47 @@ mod tests {
     use crate::core::testing::*;
 
     fn res(name: &str, show: Option<&str>, priority: i8) -> (String, ResourcePresence) {
-        (name.into(), ResourcePresence { show: show.map(Into::into), priority, status: Some(name.into()) })
+        (
+            name.into(),
+            ResourcePresence {
+                show: show.map(Into::into),
+                priority,
+                status: Some(name.into()),
+            },
+        )
     }
+
+    type Case<'a> = (&'a [(String, ResourcePresence)], Option<&'a str>, &'a str);
 
     #[test]
     fn best_presence_prefers_the_most_reachable_then_priority() {
         assert_eq!(best_presence(&[]), GlobalPresence::Unavailable);
-        let cases: &[(&[(String, ResourcePresence)], Option<&str>, &str)] = &[
+        let cases: &[Case] = &[
             (&[res("a", Some("away"), 5), res("b", None, 0)], None, "b"),
-            (&[res("a", Some("xa"), 0), res("b", Some("dnd"), 0)], Some("dnd"), "b"),
+            (
+                &[res("a", Some("xa"), 0), res("b", Some("dnd"), 0)],
+                Some("dnd"),
+                "b",
+            ),
             (&[res("a", None, 1), res("b", None, 2)], None, "b"),
-            (&[res("a", Some("chat"), -1), res("b", None, 10)], Some("chat"), "a"),
-            (&[res("a", Some("away"), 0), res("b", Some("xa"), 9)], Some("away"), "a"),
+            (
+                &[res("a", Some("chat"), -1), res("b", None, 10)],
+                Some("chat"),
+                "a",
+            ),
+            (
+                &[res("a", Some("away"), 0), res("b", Some("xa"), 9)],
+                Some("away"),
+                "a",
+            ),
         ];
         for (resources, show, status) in cases {
             assert_eq!(
                 best_presence(resources),
-                GlobalPresence::Available { show: show.map(Into::into), status: Some((*status).into()) },
+                GlobalPresence::Available {
+                    show: show.map(Into::into),
+                    status: Some((*status).into())
+                },
                 "{resources:?}"
             );
         }
@@ -279,12 +356,22 @@ mod tests {
     fn a_buddy_subscription_is_accepted_and_returned() {
         let t = Harness::new();
         t.register("alice@example.org", "alice");
-        let out = t.run(&format!("<presence type='subscribe' from='bob@example.net/x' to='alice@{D}'/>"));
-        let types: Vec<_> = out.iter().map(|p| p.attr("type").unwrap_or("available")).collect();
+        let out = t.run(&format!(
+            "<presence type='subscribe' from='bob@example.net/x' to='alice@{D}'/>"
+        ));
+        let types: Vec<_> = out
+            .iter()
+            .map(|p| p.attr("type").unwrap_or("available"))
+            .collect();
         assert_eq!(types, vec!["subscribed", "unavailable", "subscribe"]);
-        assert!(out.iter().all(|p| p.attr("from") == Some(&*format!("alice@{D}")) && p.attr("to") == Some("bob@example.net")));
+        assert!(out
+            .iter()
+            .all(|p| p.attr("from") == Some(&*format!("alice@{D}"))
+                && p.attr("to") == Some("bob@example.net")));
         // Asking again does not ask back again.
-        let again = t.run(&format!("<presence type='subscribe' from='bob@example.net/x' to='alice@{D}'/>"));
+        let again = t.run(&format!(
+            "<presence type='subscribe' from='bob@example.net/x' to='alice@{D}'/>"
+        ));
         assert_eq!(again.len(), 2);
     }
 
@@ -292,24 +379,40 @@ mod tests {
     fn the_reach_address_follows_the_users_resources() {
         let t = Harness::new();
         t.register("alice@example.org", "alice");
-        t.run(&format!("<presence type='subscribe' from='bob@example.net' to='alice@{D}'/>"));
+        t.run(&format!(
+            "<presence type='subscribe' from='bob@example.net' to='alice@{D}'/>"
+        ));
         let out = t.run(&format!("<presence from='alice@example.org/laptop' to='{D}'><show>away</show><status>lunch</status></presence>"));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].attr("to"), Some("bob@example.net"));
         assert_eq!(child_text(&out[0], "show").as_deref(), Some("away"));
         assert_eq!(child_text(&out[0], "status").as_deref(), Some("lunch"));
         // A second, better resource changes the global presence.
-        let out = t.run(&format!("<presence from='alice@example.org/phone' to='{D}'/>"));
+        let out = t.run(&format!(
+            "<presence from='alice@example.org/phone' to='{D}'/>"
+        ));
         assert_eq!(child_text(&out[0], "show"), None);
         // The same presence again changes nothing.
-        assert!(t.run(&format!("<presence from='alice@example.org/phone' to='{D}'/>")).is_empty());
-        t.run(&format!("<presence type='unavailable' from='alice@example.org/phone' to='{D}'/>"));
-        let out = t.run(&format!("<presence type='unavailable' from='alice@example.org/laptop' to='{D}'/>"));
+        assert!(t
+            .run(&format!(
+                "<presence from='alice@example.org/phone' to='{D}'/>"
+            ))
+            .is_empty());
+        t.run(&format!(
+            "<presence type='unavailable' from='alice@example.org/phone' to='{D}'/>"
+        ));
+        let out = t.run(&format!(
+            "<presence type='unavailable' from='alice@example.org/laptop' to='{D}'/>"
+        ));
         assert_eq!(out[0].attr("type"), Some("unavailable"));
         // A probe is answered with the current state.
-        let out = t.run(&format!("<presence type='probe' from='bob@example.net' to='alice@{D}'/>"));
+        let out = t.run(&format!(
+            "<presence type='probe' from='bob@example.net' to='alice@{D}'/>"
+        ));
         assert_eq!(out[0].attr("type"), Some("unavailable"));
-        let out = t.run(&format!("<presence type='probe' from='stranger@example.net' to='alice@{D}'/>"));
+        let out = t.run(&format!(
+            "<presence type='probe' from='stranger@example.net' to='alice@{D}'/>"
+        ));
         assert_eq!(out[0].attr("type"), Some("unsubscribed"));
     }
 
@@ -317,8 +420,12 @@ mod tests {
     fn link_up_forgets_resources_and_probes_users() {
         let t = Harness::new();
         t.register("alice@example.org", "alice");
-        t.run(&format!("<presence type='subscribe' from='bob@example.net' to='alice@{D}'/>"));
-        t.run(&format!("<presence from='alice@example.org/laptop' to='{D}'/>"));
+        t.run(&format!(
+            "<presence type='subscribe' from='bob@example.net' to='alice@{D}'/>"
+        ));
+        t.run(&format!(
+            "<presence from='alice@example.org/laptop' to='{D}'/>"
+        ));
         let out = t.event(crate::core::Event::LinkUp);
         assert_eq!(out[0].attr("to"), Some("bob@example.net"));
         assert_eq!(out[0].attr("type"), Some("unavailable"));
@@ -330,7 +437,9 @@ mod tests {
     #[test]
     fn subscribing_to_an_unknown_handle_is_an_error() {
         let t = Harness::new();
-        let reply = t.one(&format!("<presence type='subscribe' from='bob@example.net' to='ghost@{D}'/>"));
+        let reply = t.one(&format!(
+            "<presence type='subscribe' from='bob@example.net' to='ghost@{D}'/>"
+        ));
         assert_error(&reply, "item-not-found");
     }
 }

@@ -13,7 +13,8 @@ use crate::address::{Email, Handle, Phone};
 use crate::store::{Store, StoreError, Terminal, User};
 use crate::xmpp::stanza::{iq_result, presence, ErrorType, StanzaFault};
 
-const INSTRUCTIONS: &str = "Choose the name of your reach address (username) and, optionally, an email \
+const INSTRUCTIONS: &str =
+    "Choose the name of your reach address (username) and, optionally, an email \
 address and a phone number (E.164, like +15551234567) where Reach may forward messages while you \
 are away from your XMPP clients.";
 
@@ -33,12 +34,17 @@ pub(super) fn on_register(
     let domain = who.from.domain().as_str();
     if !core.settings.allowed_domains.iter().any(|d| d == domain) {
         return Err(StanzaFault::new(ErrorType::Cancel, "not-allowed")
-            .with_text(format!("users of {domain} may not register with this service"))
+            .with_text(format!(
+                "users of {domain} may not register with this service"
+            ))
             .into());
     }
     let existing = store.user(&who.from_bare)?;
     if iq.attr("type") == Some("get") {
-        out.send(iq_result(iq, Some(registration_form(who, existing.as_ref()))));
+        out.send(iq_result(
+            iq,
+            Some(registration_form(who, existing.as_ref())),
+        ));
         return Ok(());
     }
     if query.has_child("remove", ns::REGISTER) {
@@ -50,7 +56,10 @@ pub(super) fn on_register(
         Ok(()) => {}
         Err(StoreError::HandleTaken) => {
             return Err(StanzaFault::new(ErrorType::Cancel, "conflict")
-                .with_text(format!("the username '{}' is already taken", user.handle.as_str()))
+                .with_text(format!(
+                    "the username '{}' is already taken",
+                    user.handle.as_str()
+                ))
                 .into())
         }
         Err(e) => return Err(e.into()),
@@ -59,7 +68,11 @@ pub(super) fn on_register(
     if existing.is_none() {
         tracing::info!(handle = user.handle.as_str(), "user registered");
         // Ask for the user's presence so Reach sees all their resources; say the service is up.
-        out.send(presence(&core.settings.domain, &user.jid, Some("subscribe")));
+        out.send(presence(
+            &core.settings.domain,
+            &user.jid,
+            Some("subscribe"),
+        ));
         out.send(presence(&core.settings.domain, &user.jid, None));
     } else {
         tracing::info!(handle = user.handle.as_str(), "registration updated");
@@ -111,7 +124,11 @@ impl Submitted {
             return s;
         }
         let legacy = |name: &str| query.get_child(name, ns::REGISTER).map(|c| c.text());
-        Submitted { username: legacy("username"), email: legacy("email"), phone: legacy("phone") }
+        Submitted {
+            username: legacy("username"),
+            email: legacy("email"),
+            phone: legacy("phone"),
+        }
     }
 }
 
@@ -121,7 +138,11 @@ fn validate(who: &Addressing, existing: Option<&User>, s: &Submitted) -> Result<
     };
     let handle = match (s.username.as_deref().map(str::trim), existing) {
         (None | Some(""), Some(user)) => user.handle.clone(),
-        (None | Some(""), None) => return Err(StanzaFault::not_acceptable("username: a username is required")),
+        (None | Some(""), None) => {
+            return Err(StanzaFault::not_acceptable(
+                "username: a username is required",
+            ))
+        }
         (Some(name), existing) => {
             let handle = Handle::parse(name).map_err(|e| field_error("username", &e))?;
             if let Some(user) = existing {
@@ -167,16 +188,30 @@ fn validate(who: &Addressing, existing: Option<&User>, s: &Submitted) -> Result<
 
 fn registration_form(who: &Addressing, user: Option<&User>) -> Element {
     let suggested = who.from.node().and_then(|n| Handle::suggest(n.as_str()));
-    let username = user.map(|u| u.handle.as_str().to_owned()).or(suggested.map(|h| h.as_str().to_owned()));
-    let email = user.and_then(|u| u.email.as_ref()).map(|t| t.address.as_str().to_owned());
-    let phone = user.and_then(|u| u.phone.as_ref()).map(|t| t.address.as_str().to_owned());
+    let username = user
+        .map(|u| u.handle.as_str().to_owned())
+        .or(suggested.map(|h| h.as_str().to_owned()));
+    let email = user
+        .and_then(|u| u.email.as_ref())
+        .map(|t| t.address.as_str().to_owned());
+    let phone = user
+        .and_then(|u| u.phone.as_ref())
+        .map(|t| t.address.as_str().to_owned());
 
     let mut query = Element::builder("query", ns::REGISTER).build();
     if user.is_some() {
         query.append_child(Element::builder("registered", ns::REGISTER).build());
     }
-    query.append_child(Element::builder("instructions", ns::REGISTER).append(INSTRUCTIONS).build());
-    for (name, value) in [("username", &username), ("email", &email), ("phone", &phone)] {
+    query.append_child(
+        Element::builder("instructions", ns::REGISTER)
+            .append(INSTRUCTIONS)
+            .build(),
+    );
+    for (name, value) in [
+        ("username", &username),
+        ("email", &email),
+        ("phone", &phone),
+    ] {
         let mut legacy = Element::builder(name, ns::REGISTER).build();
         if let Some(v) = value {
             legacy.append_text_node(v.as_str());
@@ -184,19 +219,62 @@ fn registration_form(who: &Addressing, user: Option<&User>) -> Element {
         query.append_child(legacy);
     }
 
-    let mut form = Element::builder("x", ns::DATA_FORMS).attr(an("type"), "form").build();
-    form.append_child(Element::builder("title", ns::DATA_FORMS).append("Register with Reach").build());
-    form.append_child(Element::builder("instructions", ns::DATA_FORMS).append(INSTRUCTIONS).build());
-    form.append_child(field("FORM_TYPE", "hidden", None, false, Some(ns::REGISTER)));
-    form.append_child(field("username", "text-single", Some("Reach address name"), true, username.as_deref()));
-    form.append_child(field("email", "text-single", Some("Email address (optional)"), false, email.as_deref()));
-    form.append_child(field("phone", "text-single", Some("Phone number, E.164 (optional)"), false, phone.as_deref()));
+    let mut form = Element::builder("x", ns::DATA_FORMS)
+        .attr(an("type"), "form")
+        .build();
+    form.append_child(
+        Element::builder("title", ns::DATA_FORMS)
+            .append("Register with Reach")
+            .build(),
+    );
+    form.append_child(
+        Element::builder("instructions", ns::DATA_FORMS)
+            .append(INSTRUCTIONS)
+            .build(),
+    );
+    form.append_child(field(
+        "FORM_TYPE",
+        "hidden",
+        None,
+        false,
+        Some(ns::REGISTER),
+    ));
+    form.append_child(field(
+        "username",
+        "text-single",
+        Some("Reach address name"),
+        true,
+        username.as_deref(),
+    ));
+    form.append_child(field(
+        "email",
+        "text-single",
+        Some("Email address (optional)"),
+        false,
+        email.as_deref(),
+    ));
+    form.append_child(field(
+        "phone",
+        "text-single",
+        Some("Phone number, E.164 (optional)"),
+        false,
+        phone.as_deref(),
+    ));
     query.append_child(form);
     query
 }
 
-fn field(var: &str, type_: &str, label: Option<&str>, required: bool, value: Option<&str>) -> Element {
-    let mut f = Element::builder("field", ns::DATA_FORMS).attr(an("var"), var).attr(an("type"), type_).build();
+fn field(
+    var: &str,
+    type_: &str,
+    label: Option<&str>,
+    required: bool,
+    value: Option<&str>,
+) -> Element {
+    let mut f = Element::builder("field", ns::DATA_FORMS)
+        .attr(an("var"), var)
+        .attr(an("type"), type_)
+        .build();
     if let Some(label) = label {
         f.set_attr(NONE, an("label"), label);
     }
@@ -204,7 +282,11 @@ fn field(var: &str, type_: &str, label: Option<&str>, required: bool, value: Opt
         f.append_child(Element::builder("required", ns::DATA_FORMS).build());
     }
     if let Some(value) = value {
-        f.append_child(Element::builder("value", ns::DATA_FORMS).append(value).build());
+        f.append_child(
+            Element::builder("value", ns::DATA_FORMS)
+                .append(value)
+                .build(),
+        );
     }
     f
 }
@@ -215,7 +297,10 @@ mod tests {
     use xmpp_parsers::ns;
 
     fn get(t: &Harness, from: &str) -> minidom::Element {
-        t.one(&format!("<iq type='get' id='g' from='{from}/res' to='{D}'><query xmlns='{}'/></iq>", ns::REGISTER))
+        t.one(&format!(
+            "<iq type='get' id='g' from='{from}/res' to='{D}'><query xmlns='{}'/></iq>",
+            ns::REGISTER
+        ))
     }
 
     #[test]
@@ -225,7 +310,10 @@ mod tests {
         assert_eq!(reply.attr("type"), Some("result"));
         let query = reply.get_child("query", ns::REGISTER).unwrap();
         assert!(!query.has_child("registered", ns::REGISTER));
-        assert_eq!(form_value(query, "username").as_deref(), Some("alice.smith"));
+        assert_eq!(
+            form_value(query, "username").as_deref(),
+            Some("alice.smith")
+        );
         let form = query.get_child("x", ns::DATA_FORMS).unwrap();
         let vars: Vec<_> = form.children().filter_map(|f| f.attr("var")).collect();
         assert_eq!(vars, vec!["FORM_TYPE", "username", "email", "phone"]);
@@ -234,7 +322,12 @@ mod tests {
     #[test]
     fn registering_stores_the_user_and_subscribes_to_them() {
         let t = Harness::new();
-        let out = t.run(&register_form("alice@example.org", "alice", "alice@mail.example.org", "+1 555 123 4567"));
+        let out = t.run(&register_form(
+            "alice@example.org",
+            "alice",
+            "alice@mail.example.org",
+            "+1 555 123 4567",
+        ));
         assert_eq!(out[0].attr("type"), Some("result"));
         assert!(out.iter().any(|s| s.name() == "presence"
             && s.attr("type") == Some("subscribe")
@@ -242,7 +335,10 @@ mod tests {
             && s.attr("from") == Some(D)));
         let user = t.store.user("alice@example.org").unwrap().unwrap();
         assert_eq!(user.handle.as_str(), "alice");
-        assert_eq!(user.phone.as_ref().unwrap().address.as_str(), "+15551234567");
+        assert_eq!(
+            user.phone.as_ref().unwrap().address.as_str(),
+            "+15551234567"
+        );
         assert!(!user.phone.unwrap().verified);
         assert!(!user.email.unwrap().verified);
 
@@ -250,7 +346,10 @@ mod tests {
         let reply = get(&t, "alice@example.org");
         let query = reply.get_child("query", ns::REGISTER).unwrap();
         assert!(query.has_child("registered", ns::REGISTER));
-        assert_eq!(form_value(query, "email").as_deref(), Some("alice@mail.example.org"));
+        assert_eq!(
+            form_value(query, "email").as_deref(),
+            Some("alice@mail.example.org")
+        );
     }
 
     #[test]
@@ -264,7 +363,11 @@ mod tests {
         ] {
             let reply = t.one(&register_form("alice@example.org", username, email, phone));
             assert_error(&reply, "not-acceptable");
-            assert!(error_text(&reply).starts_with(field), "{}", error_text(&reply));
+            assert!(
+                error_text(&reply).starts_with(field),
+                "{}",
+                error_text(&reply)
+            );
         }
         assert!(t.store.user("alice@example.org").unwrap().is_none());
     }
@@ -285,7 +388,12 @@ mod tests {
     #[test]
     fn an_update_keeps_the_handle_and_clears_an_emptied_terminal() {
         let t = Harness::new();
-        t.run(&register_form("alice@example.org", "alice", "a@mail.example.org", "+15551234567"));
+        t.run(&register_form(
+            "alice@example.org",
+            "alice",
+            "a@mail.example.org",
+            "+15551234567",
+        ));
         let out = t.run(&register_form("alice@example.org", "", "", "+15557654321"));
         assert_eq!(out.len(), 1, "an update does not subscribe again");
         let user = t.store.user("alice@example.org").unwrap().unwrap();
@@ -304,21 +412,37 @@ mod tests {
             ns::REGISTER
         ));
         assert_eq!(out[0].attr("type"), Some("result"));
-        assert_eq!(t.store.user("carol@example.org").unwrap().unwrap().handle.as_str(), "carol");
+        assert_eq!(
+            t.store
+                .user("carol@example.org")
+                .unwrap()
+                .unwrap()
+                .handle
+                .as_str(),
+            "carol"
+        );
     }
 
     #[test]
     fn remove_deletes_everything_and_unsubscribes_buddies() {
         let t = Harness::new();
         t.register("alice@example.org", "alice");
-        t.run(&format!("<presence type='subscribe' from='bob@example.net' to='alice@{D}'/>"));
+        t.run(&format!(
+            "<presence type='subscribe' from='bob@example.net' to='alice@{D}'/>"
+        ));
         let out = t.run(&format!(
             "<iq type='set' id='r' from='alice@example.org/x' to='{D}'><query xmlns='{}'><remove/></query></iq>",
             ns::REGISTER
         ));
         assert_eq!(out[0].attr("type"), Some("result"));
-        assert!(out.iter().any(|s| s.attr("to") == Some("bob@example.net") && s.attr("type") == Some("unsubscribed")));
-        assert!(out.iter().any(|s| s.attr("to") == Some("alice@example.org") && s.attr("type") == Some("unsubscribe")));
+        assert!(out
+            .iter()
+            .any(|s| s.attr("to") == Some("bob@example.net")
+                && s.attr("type") == Some("unsubscribed")));
+        assert!(out
+            .iter()
+            .any(|s| s.attr("to") == Some("alice@example.org")
+                && s.attr("type") == Some("unsubscribe")));
         assert!(t.store.user("alice@example.org").unwrap().is_none());
         let again = t.one(&format!(
             "<iq type='set' id='r2' from='alice@example.org/x' to='{D}'><query xmlns='{}'><remove/></query></iq>",

@@ -52,7 +52,9 @@ pub(super) fn on_message(
             out.send(readdress(stanza, &core.reach_address(&user.handle), &peer));
             Ok(())
         }
-        LocalTarget::Invalid => Err(StanzaFault::item_not_found("no such address at this service").into()),
+        LocalTarget::Invalid => {
+            Err(StanzaFault::item_not_found("no such address at this service").into())
+        }
     }
 }
 
@@ -80,18 +82,36 @@ fn relay_to_user(
                 .attr(an("stamp"), iso8601(now))
                 .build(),
         );
-        store.hold(&user.jid, &HeldMessage { peer: peer.to_owned(), stanza: String::from(&held), held_at: now })?;
-        tracing::debug!(handle = user.handle.as_str(), "message held until the user is online");
+        store.hold(
+            &user.jid,
+            &HeldMessage {
+                peer: peer.to_owned(),
+                stanza: String::from(&held),
+                held_at: now,
+            },
+        )?;
+        tracing::debug!(
+            handle = user.handle.as_str(),
+            "message held until the user is online"
+        );
     }
     Ok(())
 }
 
 /// Delivers everything held for the user, oldest first.
-pub(super) fn release_held(store: &Store, user: &User, _now: u64, out: &mut Out) -> Result<(), StoreError> {
+pub(super) fn release_held(
+    store: &Store,
+    user: &User,
+    _now: u64,
+    out: &mut Out,
+) -> Result<(), StoreError> {
     for held in store.take_held(&user.jid)? {
         match held.stanza.parse::<Element>() {
             Ok(stanza) => out.send(stanza),
-            Err(e) => tracing::error!(handle = user.handle.as_str(), "unreadable held message dropped: {e}"),
+            Err(e) => tracing::error!(
+                handle = user.handle.as_str(),
+                "unreadable held message dropped: {e}"
+            ),
         }
     }
     Ok(())
@@ -123,7 +143,12 @@ pub(crate) fn iso8601(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -134,7 +159,9 @@ mod tests {
     const BOB: &str = "bob@example.net";
 
     fn online(t: &Harness) {
-        t.run(&format!("<presence from='alice@example.org/laptop' to='{D}'/>"));
+        t.run(&format!(
+            "<presence from='alice@example.org/laptop' to='{D}'/>"
+        ));
     }
 
     #[test]
@@ -178,11 +205,23 @@ mod tests {
             "<message id='x' from='alice@example.org/laptop' to='bob\\40example.net@{D}'><received xmlns='urn:xmpp:receipts' id='m1'/></message>"
         ));
         assert_eq!(out[0].attr("to"), Some(BOB));
-        assert_eq!(out[0].get_child("received", ns::RECEIPTS).unwrap().attr("id"), Some("m1"));
+        assert_eq!(
+            out[0]
+                .get_child("received", ns::RECEIPTS)
+                .unwrap()
+                .attr("id"),
+            Some("m1")
+        );
         let out = t.run(&format!(
             "<message from='alice@example.org/laptop' to='bob\\40example.net@{D}'><displayed xmlns='{CHAT_MARKERS}' id='m1'/></message>"
         ));
-        assert_eq!(out[0].get_child("displayed", CHAT_MARKERS).unwrap().attr("id"), Some("m1"));
+        assert_eq!(
+            out[0]
+                .get_child("displayed", CHAT_MARKERS)
+                .unwrap()
+                .attr("id"),
+            Some("m1")
+        );
     }
 
     #[test]
@@ -194,25 +233,43 @@ mod tests {
             assert!(out.is_empty());
         }
         // A bare chat state is not worth holding.
-        t.run(&format!("<message type='chat' from='{BOB}/x' to='alice@{D}'><composing xmlns='{}'/></message>", ns::CHATSTATES));
+        t.run(&format!(
+            "<message type='chat' from='{BOB}/x' to='alice@{D}'><composing xmlns='{}'/></message>",
+            ns::CHATSTATES
+        ));
         assert_eq!(t.store.held_count("alice@example.org").unwrap(), 3);
-        let out = t.run(&format!("<presence from='alice@example.org/laptop' to='{D}'/>"));
-        let ids: Vec<_> = out.iter().filter(|s| s.name() == "message").map(|m| m.attr("id").unwrap()).collect();
+        let out = t.run(&format!(
+            "<presence from='alice@example.org/laptop' to='{D}'/>"
+        ));
+        let ids: Vec<_> = out
+            .iter()
+            .filter(|s| s.name() == "message")
+            .map(|m| m.attr("id").unwrap())
+            .collect();
         assert_eq!(ids, vec!["h0", "h1", "h2"]);
-        assert!(out.iter().filter(|s| s.name() == "message").all(|m| m.has_child("delay", ns::DELAY)));
+        assert!(out
+            .iter()
+            .filter(|s| s.name() == "message")
+            .all(|m| m.has_child("delay", ns::DELAY)));
         assert_eq!(t.store.held_count("alice@example.org").unwrap(), 0);
     }
 
     #[test]
     fn unknown_handles_and_unregistered_senders_get_errors() {
         let t = Harness::new();
-        let reply = t.one(&format!("<message type='chat' id='u' from='{BOB}/x' to='ghost@{D}'><body>x</body></message>"));
+        let reply = t.one(&format!(
+            "<message type='chat' id='u' from='{BOB}/x' to='ghost@{D}'><body>x</body></message>"
+        ));
         assert_error(&reply, "item-not-found");
         let reply = t.one(&format!("<message type='chat' id='v' from='{BOB}/x' to='carol\\40example.org@{D}'><body>x</body></message>"));
         assert_error(&reply, "registration-required");
         let reply = t.one(&format!("<message type='groupchat' id='w' from='{BOB}/x' to='alice@{D}'><body>x</body></message>"));
         assert_error(&reply, "not-acceptable");
         // Errors are never answered with errors.
-        assert!(t.run(&format!("<message type='error' id='e' from='{BOB}/x' to='ghost@{D}'/>")).is_empty());
+        assert!(t
+            .run(&format!(
+                "<message type='error' id='e' from='{BOB}/x' to='ghost@{D}'/>"
+            ))
+            .is_empty());
     }
 }

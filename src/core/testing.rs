@@ -18,7 +18,10 @@ pub struct Harness {
 impl Harness {
     pub fn new() -> Harness {
         Harness {
-            core: Core::new(Settings { domain: D.into(), allowed_domains: vec!["example.org".into()] }),
+            core: Core::new(Settings {
+                domain: D.into(),
+                allowed_domains: vec!["example.org".into()],
+            }),
             store: Store::temporary().unwrap(),
             now: 1_795_000_000,
         }
@@ -26,12 +29,16 @@ impl Harness {
 
     /// Feeds one stanza (written without xmlns) and returns what the core sends.
     pub fn run(&self, xml: &str) -> Vec<Element> {
-        let with_ns = xml.replacen('>', &format!(" xmlns='{STANZA_NS}'>"), 1).replacen(
-            &format!("/ xmlns='{STANZA_NS}'>"),
-            &format!(" xmlns='{STANZA_NS}'/>"),
-            1,
-        );
-        let stanza: Element = with_ns.parse().unwrap_or_else(|e| panic!("bad test stanza {xml}: {e}"));
+        let with_ns = xml
+            .replacen('>', &format!(" xmlns='{STANZA_NS}'>"), 1)
+            .replacen(
+                &format!("/ xmlns='{STANZA_NS}'>"),
+                &format!(" xmlns='{STANZA_NS}'/>"),
+                1,
+            );
+        let stanza: Element = with_ns
+            .parse()
+            .unwrap_or_else(|e| panic!("bad test stanza {xml}: {e}"));
         self.event(Event::Stanza(stanza))
     }
 
@@ -47,13 +54,23 @@ impl Harness {
     /// Feeds one stanza and expects exactly one stanza back.
     pub fn one(&self, xml: &str) -> Element {
         let mut out = self.run(xml);
-        assert_eq!(out.len(), 1, "expected one stanza, got {:?}", out.iter().map(String::from).collect::<Vec<_>>());
+        assert_eq!(
+            out.len(),
+            1,
+            "expected one stanza, got {:?}",
+            out.iter().map(String::from).collect::<Vec<_>>()
+        );
         out.remove(0)
     }
 
     pub fn register(&self, jid: &str, handle: &str) {
         let out = self.run(&register_form(jid, handle, "", ""));
-        assert_eq!(out[0].attr("type"), Some("result"), "{}", String::from(&out[0]));
+        assert_eq!(
+            out[0].attr("type"),
+            Some("result"),
+            "{}",
+            String::from(&out[0])
+        );
     }
 }
 
@@ -81,8 +98,14 @@ pub fn form_value(query: &Element, var: &str) -> Option<String> {
 
 pub fn assert_error(reply: &Element, condition: &str) {
     assert_eq!(reply.attr("type"), Some("error"), "{}", String::from(reply));
-    let error = reply.get_child("error", STANZA_NS).expect("an <error/> child");
-    assert!(error.has_child(condition, ns::XMPP_STANZAS), "expected {condition}: {}", String::from(reply));
+    let error = reply
+        .get_child("error", STANZA_NS)
+        .expect("an <error/> child");
+    assert!(
+        error.has_child(condition, ns::XMPP_STANZAS),
+        "expected {condition}: {}",
+        String::from(reply)
+    );
 }
 
 pub fn error_text(reply: &Element) -> String {

@@ -37,7 +37,7 @@ use tokio_xmpp::Stanza;
 use tracing::{debug, info, warn};
 
 /// Where and how to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LinkConfig {
     /// `host:port` of the server's component listener.
     pub server: String,
@@ -51,6 +51,19 @@ pub struct LinkConfig {
     pub idle_ping: Duration,
     /// Silence after a ping after which the link is considered dead.
     pub ping_timeout: Duration,
+}
+
+impl std::fmt::Debug for LinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkConfig")
+            .field("server", &self.server)
+            .field("domain", &self.domain)
+            .field("secret", &"***")
+            .field("ping_to", &self.ping_to)
+            .field("idle_ping", &self.idle_ping)
+            .field("ping_timeout", &self.ping_timeout)
+            .finish()
+    }
 }
 
 /// What the link reports to the runtime.

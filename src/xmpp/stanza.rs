@@ -53,7 +53,11 @@ pub struct StanzaFault {
 
 impl StanzaFault {
     pub fn new(type_: ErrorType, condition: &'static str) -> Self {
-        StanzaFault { type_, condition, text: None }
+        StanzaFault {
+            type_,
+            condition,
+            text: None,
+        }
     }
 
     pub fn with_text(mut self, text: impl Into<String>) -> Self {
@@ -79,8 +83,9 @@ impl StanzaFault {
 
     /// The `<error/>` element.
     pub fn to_element(&self) -> Element {
-        let mut error =
-            Element::builder("error", STANZA_NS).attr(an("type"), self.type_.as_str()).build();
+        let mut error = Element::builder("error", STANZA_NS)
+            .attr(an("type"), self.type_.as_str())
+            .build();
         error.append_child(Element::builder(self.condition, ns::XMPP_STANZAS).build());
         if let Some(text) = &self.text {
             error.append_child(
@@ -100,12 +105,19 @@ pub fn attr<'a>(el: &'a Element, name: &'a str) -> &'a str {
 
 /// A new stanza (`message`, `presence` or `iq`) with the given addresses.
 pub fn stanza(name: &str, from: &str, to: &str) -> Element {
-    Element::builder(name, STANZA_NS).attr(an("from"), from).attr(an("to"), to).build()
+    Element::builder(name, STANZA_NS)
+        .attr(an("from"), from)
+        .attr(an("to"), to)
+        .build()
 }
 
 /// The answer to `original` carrying `fault`: addresses swapped, same kind and id, type error.
 pub fn error_reply(original: &Element, fault: &StanzaFault) -> Element {
-    let mut reply = stanza(original.name(), attr(original, "to"), attr(original, "from"));
+    let mut reply = stanza(
+        original.name(),
+        attr(original, "to"),
+        attr(original, "from"),
+    );
     if let Some(id) = original.attr("id") {
         reply.set_attr(NONE, an("id"), id);
     }
@@ -175,6 +187,9 @@ mod tests {
         let error = reply.get_child("error", STANZA_NS).unwrap();
         assert_eq!(error.attr("type"), Some("cancel"));
         assert!(error.has_child("item-not-found", ns::XMPP_STANZAS));
-        assert_eq!(error.get_child("text", ns::XMPP_STANZAS).unwrap().text(), "no such user");
+        assert_eq!(
+            error.get_child("text", ns::XMPP_STANZAS).unwrap().text(),
+            "no such user"
+        );
     }
 }

@@ -1,0 +1,834 @@
+//! The TOML configuration file: what each option means, its default, and the checks run before
+//! Reach starts (`reach check-config FILE` runs the same checks and prints a summary).
+//!
+//! Every option is documented at its definition below; `config.toml.example` shows them all and a
+//! test keeps it valid. Unknown keys are refused (a misspelt option must not silently fall back to
+//! its default). Relative paths in the file are relative to the folder holding the file.
+//!
+//! To add a section (`[email]`, `[sms]`, `[metrics]`): write a `#[serde(deny_unknown_fields)]`
+//! struct with its own `validate`, add it as a field of [`Config`] (`Option<...>` with
+//! `#[serde(default)]` when the section is optional), call its `validate` from
+//! `Config::validate`, and add a sentence for it to [`Config::summary`] and the example file.
+//!
+//! This module reads the config file and, for `component.secret_file`, the secret; nothing else.
+//! The secret never appears in `Debug` output, in errors or in the summary.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::address::domain_problem;
+
+/// Why the configuration cannot be used. The text names the file and, for a bad value, the
+/// option (`component.domain: ...`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, lacks a required key or has a value of the
+    /// wrong type. `message` is toml's text, which names the key and shows the line.
+    #[error("config file {}: {message}", path.display())]
+    Syntax {
+        /// The config file.
+        path: PathBuf,
+        /// toml's description (several lines).
+        message: String,
+    },
+    /// A value is well-typed but not acceptable.
+    #[error("config file {}: {key}: {message}", path.display())]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The option, as `section.key`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A secret string (the component secret). Its `Debug` prints `***`; it has no `Display`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for the XEP-0114 handshake only. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The whole configuration file. Obtain one with [`load`] or [`Config::from_toml`], which
+/// validate it and resolve the secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[component]`: how Reach connects to the XMPP server.
+    pub component: ComponentConfig,
+    /// `[users]`: who may register.
+    pub users: UsersConfig,
+    /// `[store]`: where Reach keeps its data.
+    pub store: StoreConfig,
+    /// `[log]`: what Reach logs. Optional.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[component]`: the XEP-0114 component link to the XMPP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// `domain` (required): the component domain D, e.g. `reach.example.org`. Reach addresses
+    /// are `HANDLE@D`. It must match the component declared in the XMPP server's config, and be
+    /// a lowercase domain name.
+    pub domain: String,
+    /// `server` (required): `host:port` of the XMPP server's component listener, e.g.
+    /// `127.0.0.1:5347`. An IPv6 host is written in brackets: `[::1]:5347`.
+    pub server: String,
+    /// `secret`: the shared secret of the component, as in the XMPP server's config. Exactly one
+    /// of `secret` and `secret_file` must be given.
+    secret: Option<Secret>,
+    /// `secret_file`: a file holding the shared secret (trailing line breaks are ignored), so the
+    /// config file itself can be world-readable. Exactly one of `secret` and `secret_file`.
+    secret_file: Option<PathBuf>,
+    /// `ping_to` (optional): the JID Reach pings when the link has been idle, normally the
+    /// server's main host. Default: D without its first label (`reach.example.org` →
+    /// `example.org`), or D itself if it has a single label.
+    ping_to: Option<String>,
+    /// `idle_ping_secs` (optional, default 60): seconds of silence on the link after which Reach
+    /// pings the server.
+    #[serde(default = "default_idle_ping_secs")]
+    pub idle_ping_secs: u64,
+    /// `ping_timeout_secs` (optional, default 20): seconds without an answer to that ping after
+    /// which the link is considered dead and Reach reconnects.
+    #[serde(default = "default_ping_timeout_secs")]
+    pub ping_timeout_secs: u64,
+    /// The resolved secret (from `secret` or `secret_file`), filled in by validation.
+    #[serde(skip)]
+    resolved_secret: Secret,
+}
+
+fn default_idle_ping_secs() -> u64 {
+    60
+}
+
+fn default_ping_timeout_secs() -> u64 {
+    20
+}
+
+/// `[users]`: who may use Reach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersConfig {
+    /// `allowed_domains` (required, not empty): the domains whose users may register, e.g.
+    /// `["example.org"]`. Users from other domains get `<not-allowed/>`. Lowercase domain names.
+    pub allowed_domains: Vec<String>,
+}
+
+impl UsersConfig {
+    /// Whether users of `domain` (a JID domain, already lowercase) may use Reach.
+    pub fn allows(&self, domain: &str) -> bool {
+        self.allowed_domains.iter().any(|d| d == domain)
+    }
+}
+
+/// `[store]`: Reach's durable data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `path` (required): the folder holding the store (created if missing). Back it up; losing
+    /// it loses all registrations, sessions and queued messages.
+    pub path: PathBuf,
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `level` (optional, default `"info"`): a tracing `EnvFilter` directive such as `"info"`
+    /// or `"info,reach::xmpp=debug"`. The `RUST_LOG` environment variable overrides it. Message
+    /// bodies, phone numbers and email addresses are only logged at `debug` and below.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+        }
+    }
+}
+
+/// Reads, parses and validates the config file at `path`, and resolves the secret.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Config::from_toml(&text, path)
+}
+
+/// `reach check-config FILE`: loads the file like [`load`] and returns a one-paragraph summary
+/// of what Reach would do with it (never the secret).
+pub fn check(path: &Path) -> Result<String, ConfigError> {
+    load(path).map(|config| config.summary())
+}
+
+/// Validation context: the file (for messages) and the folder relative paths start from.
+struct Origin<'a> {
+    path: &'a Path,
+}
+
+impl Origin<'_> {
+    fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// `p` if absolute, else `p` under the config file's folder.
+    fn resolve(&self, p: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates config text; `path` is the file it came from, used in error messages
+    /// and as the base of relative paths (`secret_file`, `store.path`).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(&Origin { path })?;
+        Ok(config)
+    }
+
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        self.component.validate(origin)?;
+        self.users.validate(origin)?;
+        self.store.validate(origin)?;
+        self.log.validate(origin)?;
+        Ok(())
+    }
+
+    /// The component secret, from `secret` or `secret_file`. `expose()` it for the XEP-0114
+    /// handshake only; never log it.
+    pub fn secret(&self) -> &Secret {
+        &self.component.resolved_secret
+    }
+
+    /// A one-paragraph, human-readable account of what Reach would run with this configuration,
+    /// for `reach check-config`. Does not include the secret.
+    pub fn summary(&self) -> String {
+        let c = &self.component;
+        let secret_from = match &c.secret_file {
+            Some(file) => format!("the secret in {}", file.display()),
+            None => "the secret given in the file".to_owned(),
+        };
+        format!(
+            "Reach would connect to the XMPP server's component listener at {server} as the \
+             component {domain}, authenticating with {secret_from}; reach addresses would be \
+             HANDLE@{domain}. When the link is idle for {idle} s it would ping {ping_to}, and \
+             reconnect if no answer comes within {timeout} s. Users from {allowed} could register. \
+             The store would be kept in {store}. Logging would use the filter \"{level}\" \
+             (RUST_LOG overrides it).",
+            server = c.server,
+            domain = c.domain,
+            idle = c.idle_ping_secs,
+            ping_to = c.ping_to(),
+            timeout = c.ping_timeout_secs,
+            allowed = list_in_words(&self.users.allowed_domains),
+            store = self.store.path.display(),
+            level = self.log.level,
+        )
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn list_in_words(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// Why `s` is not a lowercase domain name, as a message for `key`.
+fn lowercase_domain_problem(s: &str) -> Option<String> {
+    if let Some(problem) = domain_problem(s, false) {
+        return Some(format!("'{s}' is not a valid domain: it {problem}"));
+    }
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(format!(
+            "'{s}' is not a valid domain: write it in lowercase ('{}')",
+            s.to_ascii_lowercase()
+        ));
+    }
+    None
+}
+
+/// Why `s` is not `host:port`, or `None`.
+fn host_port_problem(s: &str) -> Option<String> {
+    let bad = |why: &str| Some(format!("'{s}' is not host:port ({why})"));
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return bad("the port is missing, e.g. 127.0.0.1:5347");
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return bad("the port must be a number from 1 to 65535"),
+        Ok(_) => {}
+    }
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        if inner.parse::<std::net::Ipv6Addr>().is_err() {
+            return bad("the part in brackets is not an IPv6 address");
+        }
+        return None;
+    }
+    if host.is_empty() {
+        return bad("the host is missing");
+    }
+    if host.contains(':') {
+        return bad("write an IPv6 address in brackets, e.g. [::1]:5347");
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return bad("the host may contain only letters, digits, '.', '-' and '_'");
+    }
+    None
+}
+
+impl ComponentConfig {
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        if let Some(message) = lowercase_domain_problem(&self.domain) {
+            return Err(origin.invalid("component.domain", message));
+        }
+        if let Some(message) = host_port_problem(&self.server) {
+            return Err(origin.invalid("component.server", message));
+        }
+        self.resolved_secret = match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(origin.invalid(
+                    "component",
+                    "both secret and secret_file are set; keep only one",
+                ))
+            }
+            (None, None) => {
+                return Err(origin.invalid(
+                    "component",
+                    "neither secret nor secret_file is set; set one of them",
+                ))
+            }
+            (Some(secret), None) => {
+                if secret.expose().is_empty() {
+                    return Err(origin.invalid("component.secret", "must not be empty"));
+                }
+                secret.clone()
+            }
+            (None, Some(file)) => {
+                let file = origin.resolve(file);
+                let text = std::fs::read_to_string(&file).map_err(|e| {
+                    origin.invalid(
+                        "component.secret_file",
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?;
+                let secret = text.trim_end_matches(['\r', '\n']);
+                if secret.is_empty() {
+                    return Err(origin.invalid(
+                        "component.secret_file",
+                        format!("{} is empty", file.display()),
+                    ));
+                }
+                self.secret_file = Some(file);
+                Secret::new(secret)
+            }
+        };
+        match &self.ping_to {
+            Some(ping_to) => {
+                if jid::Jid::new(ping_to).is_err() {
+                    return Err(origin.invalid(
+                        "component.ping_to",
+                        format!("'{ping_to}' is not a valid JID"),
+                    ));
+                }
+            }
+            None => self.ping_to = Some(default_ping_to(&self.domain).to_owned()),
+        }
+        if self.idle_ping_secs == 0 {
+            return Err(origin.invalid("component.idle_ping_secs", "must be at least 1"));
+        }
+        if self.ping_timeout_secs == 0 {
+            return Err(origin.invalid("component.ping_timeout_secs", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The JID pinged when the link is idle (`ping_to`, or its default).
+    pub fn ping_to(&self) -> &str {
+        self.ping_to
+            .as_deref()
+            .unwrap_or_else(|| default_ping_to(&self.domain))
+    }
+
+    /// `idle_ping_secs` as a duration.
+    pub fn idle_ping(&self) -> Duration {
+        Duration::from_secs(self.idle_ping_secs)
+    }
+
+    /// `ping_timeout_secs` as a duration.
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_secs(self.ping_timeout_secs)
+    }
+
+    /// The secret file, resolved against the config file's folder, if the secret came from one.
+    pub fn secret_file(&self) -> Option<&Path> {
+        self.secret_file.as_deref()
+    }
+}
+
+/// D without its first label, or D itself if it has a single label.
+fn default_ping_to(domain: &str) -> &str {
+    match domain.split_once('.') {
+        Some((_, rest)) if !rest.is_empty() => rest,
+        _ => domain,
+    }
+}
+
+impl UsersConfig {
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        if self.allowed_domains.is_empty() {
+            return Err(origin.invalid(
+                "users.allowed_domains",
+                "is empty; list the domains whose users may register, e.g. [\"example.org\"]",
+            ));
+        }
+        for domain in &self.allowed_domains {
+            if let Some(message) = lowercase_domain_problem(domain) {
+                return Err(origin.invalid("users.allowed_domains", message));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StoreConfig {
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(origin.invalid("store.path", "must not be empty"));
+        }
+        self.path = origin.resolve(&self.path);
+        if self.path.exists() && !self.path.is_dir() {
+            return Err(origin.invalid(
+                "store.path",
+                format!("{} exists and is not a folder", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LogConfig {
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            return Err(origin.invalid(
+                "log.level",
+                format!("'{}' is not a valid log filter: {e}", self.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config.toml.example");
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/reach/config.toml"))
+    }
+
+    fn minimal(component_extra: &str) -> String {
+        format!(
+            "[component]\n\
+             domain = \"reach.example.org\"\n\
+             server = \"127.0.0.1:5347\"\n\
+             {component_extra}\n\
+             [users]\n\
+             allowed_domains = [\"example.org\"]\n\
+             [store]\n\
+             path = \"/var/lib/reach\"\n"
+        )
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    /// A file in the temp folder, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, content: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!(
+                "reach-config-test-{}-{name}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::write(&path, content).unwrap();
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let config = parse(EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.component.domain, "reach.example.org");
+        assert_eq!(config.component.ping_to(), "example.org");
+        assert_eq!(config.component.idle_ping(), Duration::from_secs(60));
+        assert_eq!(config.component.ping_timeout(), Duration::from_secs(20));
+        assert_eq!(config.users.allowed_domains, ["example.org"]);
+        assert_eq!(config.store.path, Path::new("/var/lib/reach"));
+        assert_eq!(config.log.level, "info");
+    }
+
+    #[test]
+    fn example_file_documents_every_option() {
+        for key in [
+            "[component]",
+            "domain",
+            "server",
+            "secret",
+            "secret_file",
+            "ping_to",
+            "idle_ping_secs",
+            "ping_timeout_secs",
+            "[users]",
+            "allowed_domains",
+            "[store]",
+            "path",
+            "[log]",
+            "level",
+        ] {
+            assert!(EXAMPLE.contains(key), "config.toml.example lacks {key}");
+        }
+        // Uncommenting the alternatives still gives a valid file (secret_file replaces secret).
+        let secret = TempFile::new("example", "s3cret\n");
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|line| {
+                if line.starts_with("secret = ") {
+                    String::new()
+                } else if line.starts_with("# secret_file = ") {
+                    format!("secret_file = {:?}", secret.0.display().to_string())
+                } else if let Some(rest) = line.strip_prefix("# ping_to = ") {
+                    format!("ping_to = {rest}")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert_eq!(config.secret().expose(), "s3cret");
+        assert_eq!(config.component.ping_to(), "example.org");
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let config = parse(&minimal("secret = \"s3cret\"")).unwrap();
+        assert_eq!(config.secret().expose(), "s3cret");
+        assert_eq!(config.component.idle_ping_secs, 60);
+        assert_eq!(config.component.ping_timeout_secs, 20);
+        assert_eq!(config.log.level, "info");
+        assert_eq!(config.component.secret_file(), None);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&minimal("secret = \"s\"\nidle_ping = 5"));
+        assert!(e.contains("unknown field `idle_ping`"), "{e}");
+        assert!(e.contains("/etc/reach/config.toml"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+
+        let e = err(&format!(
+            "{}[logging]\nlevel = \"debug\"\n",
+            minimal("secret = \"s\"")
+        ));
+        assert!(e.contains("unknown field `logging`"), "{e}");
+
+        let e = err(&format!(
+            "{}[log]\nlevle = \"debug\"\n",
+            minimal("secret = \"s\"")
+        ));
+        assert!(e.contains("unknown field `levle`"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let text = minimal("secret = \"s\"").replace("server = \"127.0.0.1:5347\"\n", "");
+        let e = err(&text);
+        assert!(e.contains("missing field `server`"), "{e}");
+
+        let text =
+            minimal("secret = \"s\"").replace("[users]\nallowed_domains = [\"example.org\"]\n", "");
+        let e = err(&text);
+        assert!(e.contains("missing field `users`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported() {
+        let e = err(&minimal("secret = \"s\"\nidle_ping_secs = \"60\""));
+        assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn exactly_one_secret() {
+        let e = err(&minimal(
+            "secret = \"s\"\nsecret_file = \"/etc/reach/secret\"",
+        ));
+        assert_eq!(
+            e,
+            "config file /etc/reach/config.toml: component: both secret and secret_file are set; keep only one"
+        );
+        let e = err(&minimal(""));
+        assert!(e.contains("neither secret nor secret_file"), "{e}");
+        let e = err(&minimal("secret = \"\""));
+        assert!(e.contains("component.secret: must not be empty"), "{e}");
+    }
+
+    #[test]
+    fn secret_file_is_read_and_trimmed() {
+        let file = TempFile::new("secret", "top secret \r\n\n");
+        let text = minimal(&format!("secret_file = {:?}", file.0.display().to_string()));
+        let config = parse(&text).unwrap();
+        assert_eq!(config.secret().expose(), "top secret ");
+        assert_eq!(config.component.secret_file(), Some(file.0.as_path()));
+
+        let empty = TempFile::new("empty", "\n");
+        let text = minimal(&format!(
+            "secret_file = {:?}",
+            empty.0.display().to_string()
+        ));
+        assert!(err(&text).contains("is empty"));
+
+        let e = err(&minimal("secret_file = \"/nonexistent/reach/secret\""));
+        assert!(
+            e.contains("component.secret_file: cannot read /nonexistent/reach/secret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_start_at_the_config_folder() {
+        let file = TempFile::new("relative", "s3cret");
+        let name = file.0.file_name().unwrap().to_str().unwrap().to_owned();
+        let text = minimal(&format!("secret_file = {name:?}")).replace("/var/lib/reach", "data");
+        let config = Config::from_toml(&text, &std::env::temp_dir().join("reach.toml")).unwrap();
+        assert_eq!(config.secret().expose(), "s3cret");
+        assert_eq!(config.store.path, std::env::temp_dir().join("data"));
+    }
+
+    #[test]
+    fn load_reads_the_file_and_names_it() {
+        let file = TempFile::new("load.toml", &minimal("secret = \"s3cret\""));
+        let config = load(&file.0).unwrap();
+        assert_eq!(config.component.domain, "reach.example.org");
+
+        let e = load(Path::new("/nonexistent/reach.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot read config file /nonexistent/reach.toml: "),
+            "{e}"
+        );
+
+        let bad = TempFile::new("bad.toml", "[component\n");
+        let e = load(&bad.0).unwrap_err().to_string();
+        assert!(e.contains(&bad.0.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn secret_never_shown() {
+        let config = parse(&minimal("secret = \"hunter2-very-secret\"")).unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("***"));
+        assert!(!config.summary().contains("hunter2"));
+    }
+
+    #[test]
+    fn ping_to_default() {
+        let cases = [
+            ("reach.example.org", "example.org"),
+            ("reach.localhost", "localhost"),
+            ("a.b.c.example", "b.c.example"),
+            ("localhost", "localhost"),
+        ];
+        for (domain, ping_to) in cases {
+            let text = minimal("secret = \"s\"").replace("reach.example.org", domain);
+            let config = parse(&text).unwrap();
+            assert_eq!(config.component.ping_to(), ping_to, "{domain}");
+        }
+        let config = parse(&minimal("secret = \"s\"\nping_to = \"xmpp.example.org\"")).unwrap();
+        assert_eq!(config.component.ping_to(), "xmpp.example.org");
+        let e = err(&minimal("secret = \"s\"\nping_to = \"a@b@c\""));
+        assert!(
+            e.contains("component.ping_to: 'a@b@c' is not a valid JID"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_domain() {
+        let text = minimal("secret = \"s\"").replace("reach.example.org", "Reach.Example");
+        assert_eq!(
+            err(&text),
+            "config file /etc/reach/config.toml: component.domain: 'Reach.Example' is not a valid \
+             domain: write it in lowercase ('reach.example')"
+        );
+        for bad in [
+            "",
+            "reach..example.org",
+            "reach_x.example.org",
+            "-reach.example.org",
+            "reach.example.org.",
+        ] {
+            let text = minimal("secret = \"s\"").replace("reach.example.org", bad);
+            let e = err(&text);
+            assert!(e.contains("component.domain:"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_server() {
+        for good in [
+            "127.0.0.1:5347",
+            "localhost:5347",
+            "xmpp_server:5347",
+            "[::1]:5347",
+        ] {
+            let text = minimal("secret = \"s\"").replace("127.0.0.1:5347", good);
+            assert!(parse(&text).is_ok(), "{good}");
+        }
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:99999",
+            ":5347",
+            "::1:5347",
+            "[nope]:5347",
+            "a b:5347",
+        ] {
+            let text = minimal("secret = \"s\"").replace("127.0.0.1:5347", bad);
+            let e = err(&text);
+            assert!(e.contains("component.server:"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_allowed_domains() {
+        let text = minimal("secret = \"s\"").replace("[\"example.org\"]", "[]");
+        assert!(err(&text).contains("users.allowed_domains: is empty"));
+        let text = minimal("secret = \"s\"")
+            .replace("[\"example.org\"]", "[\"example.org\", \"Example.NET\"]");
+        assert!(err(&text).contains("users.allowed_domains: 'Example.NET' is not a valid domain"));
+        let text = minimal("secret = \"s\"")
+            .replace("[\"example.org\"]", "[\"example.org\", \"localhost\"]");
+        let config = parse(&text).unwrap();
+        assert!(config.users.allows("localhost"));
+        assert!(!config.users.allows("evil.example"));
+    }
+
+    #[test]
+    fn other_checks() {
+        let text = minimal("secret = \"s\"").replace("/var/lib/reach", "");
+        assert!(err(&text).contains("store.path: must not be empty"));
+        let file = TempFile::new("not-a-folder", "x");
+        let text =
+            minimal("secret = \"s\"").replace("/var/lib/reach", &file.0.display().to_string());
+        assert!(err(&text).contains("exists and is not a folder"));
+        assert!(err(&minimal("secret = \"s\"\nidle_ping_secs = 0"))
+            .contains("component.idle_ping_secs"));
+        assert!(err(&minimal("secret = \"s\"\nping_timeout_secs = 0"))
+            .contains("component.ping_timeout_secs"));
+        let text = format!(
+            "{}[log]\nlevel = \"reach=loud\"\n",
+            minimal("secret = \"s\"")
+        );
+        assert!(err(&text).contains("log.level: 'reach=loud' is not a valid log filter"));
+        let text = format!(
+            "{}[log]\nlevel = \"info,reach::xmpp=debug\"\n",
+            minimal("secret = \"s\"")
+        );
+        assert_eq!(parse(&text).unwrap().log.level, "info,reach::xmpp=debug");
+    }
+
+    #[test]
+    fn summary_reads_well() {
+        let config = parse(EXAMPLE).unwrap();
+        let summary = config.summary();
+        for part in [
+            "127.0.0.1:5347",
+            "component reach.example.org",
+            "ping example.org",
+            "60 s",
+            "20 s",
+            "Users from example.org",
+            "/var/lib/reach",
+            "\"info\"",
+        ] {
+            assert!(summary.contains(part), "{part:?} missing in: {summary}");
+        }
+        assert_eq!(
+            list_in_words(&["a".into(), "b".into(), "c".into()]),
+            "a, b and c"
+        );
+    }
+
+    #[test]
+    fn check_summarises_a_file() {
+        let file = TempFile::new("check.toml", &minimal("secret = \"s3cret\""));
+        let summary = check(&file.0).unwrap();
+        assert!(summary.starts_with("Reach would connect"), "{summary}");
+        assert!(!summary.contains("s3cret"));
+    }
+}
