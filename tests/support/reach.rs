@@ -1,0 +1,171 @@
+//! The `reach` binary under test, run as a child process with its own state folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::process::{append_log, terminate, wait_child};
+use super::server::Server;
+
+pub struct Reach {
+    child: Option<Child>,
+    pid: u32,
+    state_dir: PathBuf,
+    /// Exit status once the process has been reaped.
+    status: Option<ExitStatus>,
+}
+
+impl Reach {
+    /// The base `reach.toml` for `server`, with the store in `state_dir/store`.
+    pub fn config(server: &Server, state_dir: &Path) -> String {
+        format!(
+            "[component]\n\
+             domain = {}\n\
+             server = {}\n\
+             secret = {}\n\
+             \n\
+             [users]\n\
+             allowed_domains = [{}]\n\
+             \n\
+             [store]\n\
+             path = {}\n",
+            toml_str(server.component_domain()),
+            toml_str(&server.component_addr()),
+            toml_str(server.secret()),
+            toml_str(server.host()),
+            toml_str(&state_dir.join("store").display().to_string()),
+        )
+    }
+
+    /// Starts Reach against `server`. Does not wait for the component link.
+    pub async fn start(server: &Server, state_dir: &Path) -> Reach {
+        Reach::start_with(server, state_dir, "").await
+    }
+
+    /// Like [`Reach::start`], with `extra_toml` appended to the base config.
+    /// `extra_toml` must consist of whole tables (`[email] ...`), since the base
+    /// config ends inside `[store]`.
+    pub async fn start_with(server: &Server, state_dir: &Path, extra_toml: &str) -> Reach {
+        let mut config = Reach::config(server, state_dir);
+        if !extra_toml.is_empty() {
+            config.push('\n');
+            config.push_str(extra_toml);
+            config.push('\n');
+        }
+        Reach::start_config(state_dir, &config).await
+    }
+
+    /// Writes `config` verbatim to `state_dir/reach.toml` and starts Reach with it.
+    pub async fn start_config(state_dir: &Path, config: &str) -> Reach {
+        std::fs::create_dir_all(state_dir).expect("create state dir");
+        let config_path = state_dir.join("reach.toml");
+        std::fs::write(&config_path, config).expect("write reach.toml");
+        let log_path = state_dir.join("reach.log");
+        let (out, err) = append_log(&log_path);
+        let child = Command::new(env!("CARGO_BIN_EXE_reach"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "reach=debug")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn reach");
+        Reach {
+            pid: child.id(),
+            child: Some(child),
+            state_dir: state_dir.to_path_buf(),
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Everything Reach wrote to stdout/stderr so far (across restarts in the same state dir).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("reach.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => match c.try_wait() {
+                Ok(Some(status)) => {
+                    self.status = Some(status);
+                    self.child = None;
+                    false
+                }
+                _ => true,
+            },
+            None => false,
+        }
+    }
+
+    /// Waits for Reach to exit on its own (e.g. after a fatal config error).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(child) = self.child.as_mut() {
+            if let Some(status) = wait_child(child, timeout).await {
+                self.status = Some(status);
+                self.child = None;
+            }
+        }
+        self.status
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Returns the exit status.
+    pub async fn stop(&mut self) -> ExitStatus {
+        if let Some(mut child) = self.child.take() {
+            self.status = Some(terminate(&mut child, Duration::from_secs(10)).await);
+        }
+        self.status.expect("reach exit status")
+    }
+
+    /// SIGKILL (a crash), and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            self.status = child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Reach {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
