@@ -33,6 +33,7 @@ const ADDRESS_FEATURES: &[&str] = &[
 pub(super) fn on_iq(
     core: &Core,
     store: &Store,
+    now: u64,
     iq: &Element,
     who: &Addressing,
     out: &mut Out,
@@ -66,7 +67,7 @@ pub(super) fn on_iq(
                 Ok(())
             }
             (_, "query", ns::REGISTER) => {
-                registration::on_register(core, store, iq, payload, who, out)
+                registration::on_register(core, store, now, iq, payload, who, out)
             }
             _ => Err(StanzaFault::service_unavailable().into()),
         },

@@ -113,7 +113,7 @@ impl Core {
             }
         };
         let outcome = match stanza.name() {
-            "iq" => disco::on_iq(self, store, stanza, &addressing, out),
+            "iq" => disco::on_iq(self, store, now, stanza, &addressing, out),
             "message" => relay::on_message(self, store, now, stanza, &addressing, out),
             "presence" => presence::on_presence(self, store, now, stanza, &addressing, out),
             _ => Ok(()),

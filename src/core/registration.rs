@@ -26,6 +26,7 @@ pub(super) fn registration_required() -> StanzaFault {
 pub(super) fn on_register(
     core: &Core,
     store: &Store,
+    now: u64,
     iq: &Element,
     query: &Element,
     who: &Addressing,
@@ -51,7 +52,7 @@ pub(super) fn on_register(
         return remove(core, store, iq, who, out);
     }
     let submitted = Submitted::read(query);
-    let user = validate(who, existing.as_ref(), &submitted)?;
+    let user = validate(who, existing.as_ref(), &submitted, now)?;
     match store.put_user(&user) {
         Ok(()) => {}
         Err(StoreError::HandleTaken) => {
@@ -132,7 +133,12 @@ impl Submitted {
     }
 }
 
-fn validate(who: &Addressing, existing: Option<&User>, s: &Submitted) -> Result<User, StanzaFault> {
+fn validate(
+    who: &Addressing,
+    existing: Option<&User>,
+    s: &Submitted,
+    now: u64,
+) -> Result<User, StanzaFault> {
     let field_error = |field: &str, e: &dyn std::fmt::Display| {
         StanzaFault::not_acceptable(format!("{field}: {e}"))
     };
@@ -155,35 +161,45 @@ fn validate(who: &Addressing, existing: Option<&User>, s: &Submitted) -> Result<
             handle
         }
     };
-    let email = match s.email.as_deref().map(str::trim) {
-        None => existing.and_then(|u| u.email.clone()),
-        Some("") => None,
-        Some(text) => {
-            let address = Email::parse(text).map_err(|e| field_error("email", &e))?;
-            let verified = existing
-                .and_then(|u| u.email.as_ref())
-                .is_some_and(|t| t.address == address && t.verified);
-            Some(Terminal { address, verified })
-        }
-    };
-    let phone = match s.phone.as_deref().map(str::trim) {
-        None => existing.and_then(|u| u.phone.clone()),
-        Some("") => None,
-        Some(text) => {
-            let address = Phone::parse(text).map_err(|e| field_error("phone", &e))?;
-            let verified = existing
-                .and_then(|u| u.phone.as_ref())
-                .is_some_and(|t| t.address == address && t.verified);
-            Some(Terminal { address, verified })
-        }
-    };
+    let email = terminal_field(
+        "email",
+        s.email.as_deref(),
+        existing.and_then(|u| u.email.as_ref()),
+        Email::parse,
+    )?;
+    let phone = terminal_field(
+        "phone",
+        s.phone.as_deref(),
+        existing.and_then(|u| u.phone.as_ref()),
+        Phone::parse,
+    )?;
     Ok(User {
         jid: who.from_bare.clone(),
         handle,
         email,
         phone,
-        registered_at: existing.map_or(0, |u| u.registered_at),
+        registered_at: existing.map_or(now, |u| u.registered_at),
     })
+}
+
+/// A terminal field of the form: absent keeps the current terminal, empty removes it, a new value
+/// replaces it unverified, and the same value keeps its verification.
+fn terminal_field<A: PartialEq + Clone, E: std::fmt::Display>(
+    field: &str,
+    submitted: Option<&str>,
+    current: Option<&Terminal<A>>,
+    parse: impl Fn(&str) -> Result<A, E>,
+) -> Result<Option<Terminal<A>>, StanzaFault> {
+    match submitted.map(str::trim) {
+        None => Ok(current.cloned()),
+        Some("") => Ok(None),
+        Some(text) => {
+            let address =
+                parse(text).map_err(|e| StanzaFault::not_acceptable(format!("{field}: {e}")))?;
+            let verified = current.is_some_and(|t| t.address == address && t.verified);
+            Ok(Some(Terminal { address, verified }))
+        }
+    }
 }
 
 fn registration_form(who: &Addressing, user: Option<&User>) -> Element {
