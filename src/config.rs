@@ -91,6 +91,206 @@ pub struct Config {
     /// `[log]`: what Reach logs. Optional.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[routing]`: when messages go to terminals other than the user's XMPP clients. Optional.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// `[email]`: the email terminal. Optional; without it Reach forwards nothing by email.
+    pub email: Option<EmailConfig>,
+}
+
+/// `[routing]`: the default routing timings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// `grace_delay_secs` (optional, default 120): while the user's XMPP clients are all away,
+    /// xa or dnd, a message goes to email or SMS only if it is still unread after this delay. The
+    /// delay is cancelled when the user reads it (XEP-0333 displayed), replies or becomes
+    /// available.
+    #[serde(default = "default_grace_delay_secs")]
+    pub grace_delay_secs: u64,
+}
+
+fn default_grace_delay_secs() -> u64 {
+    120
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            grace_delay_secs: default_grace_delay_secs(),
+        }
+    }
+}
+
+/// `[email]`: outbound mail through a relay, and Reach's own SMTP listener for replies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `relay` (required): the SMTP relay for outbound mail, as a URL: `smtp://host:port`
+    /// (plain), `smtp+starttls://host:port` (STARTTLS) or `smtps://host:port` (TLS from the
+    /// start). Default ports: 25, 587 and 465.
+    pub relay: String,
+    /// `relay_username` (optional): log in to the relay with this name (needs a password).
+    pub relay_username: Option<String>,
+    /// `relay_password` / `relay_password_file` (optional, at most one): the relay password,
+    /// inline or in a file (trailing line breaks ignored). Never logged.
+    relay_password: Option<Secret>,
+    relay_password_file: Option<PathBuf>,
+    /// `from_address` (required): the envelope sender of every mail Reach sends, and the From
+    /// of verification mails; normally an address at `reply_domain` so that bounces come back to
+    /// Reach's listener, e.g. `reach@reach.example.org`.
+    pub from_address: String,
+    /// `from_name` (optional, default "Reach"): mails show `"Bob via Reach"`.
+    #[serde(default = "default_from_name")]
+    pub from_name: String,
+    /// `reply_domain` (required): the domain of the per-session reply aliases
+    /// `r-TOKEN@reply_domain`; its MX (or the site MTA's transport) must lead to `listen`.
+    pub reply_domain: String,
+    /// `listen` (required): `host:port` where Reach's SMTP listener accepts replies, e.g.
+    /// `127.0.0.1:2525` behind the site MTA, or `0.0.0.0:25`.
+    pub listen: String,
+    /// `hostname` (optional, default `reply_domain`): the name in the listener's greeting and
+    /// in EHLO towards the relay.
+    pub hostname: Option<String>,
+    /// `max_message_bytes` (optional, default 10485760): bigger replies are refused with 552.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// `max_connections` (optional, default 100): simultaneous SMTP connections to the listener.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// `tls_cert` and `tls_key` (optional, both or neither): PEM files; with them the listener
+    /// offers STARTTLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// `digest_window_secs` (optional, default 30): messages from one buddy arriving within this
+    /// window share one email.
+    #[serde(default = "default_digest_window_secs")]
+    pub digest_window_secs: u64,
+    /// `alias_idle_days` (optional, default 30): a reply alias unused for this long expires.
+    #[serde(default = "default_alias_idle_days")]
+    pub alias_idle_days: u64,
+    /// `require_dmarc` (optional, default false): accept a reply only if it passes DMARC (DKIM
+    /// or SPF aligned with its From domain), checked with the system resolver.
+    #[serde(default)]
+    pub require_dmarc: bool,
+    /// The resolved relay password, filled in by validation.
+    #[serde(skip)]
+    resolved_relay_password: Option<Secret>,
+}
+
+fn default_from_name() -> String {
+    "Reach".to_owned()
+}
+fn default_max_message_bytes() -> usize {
+    10 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    100
+}
+fn default_digest_window_secs() -> u64 {
+    30
+}
+fn default_alias_idle_days() -> u64 {
+    30
+}
+
+impl EmailConfig {
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        let relay_ok = ["smtp://", "smtp+starttls://", "smtps://"]
+            .iter()
+            .any(|scheme| {
+                self.relay
+                    .strip_prefix(scheme)
+                    .is_some_and(|rest| !rest.is_empty())
+            });
+        if !relay_ok {
+            return Err(origin.invalid(
+                "email.relay",
+                format!(
+                    "'{}' is not a relay URL; write smtp://host:port, smtp+starttls://host:port or smtps://host:port",
+                    self.relay
+                ),
+            ));
+        }
+        if crate::address::Email::parse(&self.from_address).is_err() {
+            return Err(origin.invalid(
+                "email.from_address",
+                format!("'{}' is not an email address", self.from_address),
+            ));
+        }
+        if let Some(message) = lowercase_domain_problem(&self.reply_domain) {
+            return Err(origin.invalid("email.reply_domain", message));
+        }
+        if let Some(message) = host_port_problem(&self.listen) {
+            return Err(origin.invalid("email.listen", message));
+        }
+        if self.from_name.chars().any(char::is_control) {
+            return Err(origin.invalid(
+                "email.from_name",
+                "must not contain line breaks or control characters",
+            ));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(origin.invalid("email.max_message_bytes", "must be at least 1024"));
+        }
+        if self.max_connections == 0 {
+            return Err(origin.invalid("email.max_connections", "must be at least 1"));
+        }
+        if self.alias_idle_days == 0 {
+            return Err(origin.invalid("email.alias_idle_days", "must be at least 1"));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                self.tls_cert = Some(origin.resolve(cert));
+                self.tls_key = Some(origin.resolve(key));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(origin.invalid(
+                    "email.tls_cert",
+                    "give both tls_cert and tls_key, or neither",
+                ))
+            }
+        }
+        self.resolved_relay_password = match (self.relay_password.take(), &self.relay_password_file)
+        {
+            (Some(_), Some(_)) => {
+                return Err(origin.invalid(
+                    "email.relay_password",
+                    "give either relay_password or relay_password_file, not both",
+                ))
+            }
+            (Some(p), None) => Some(p),
+            (None, Some(file)) => {
+                let file = origin.resolve(file);
+                let text = std::fs::read_to_string(&file).map_err(|e| {
+                    origin.invalid(
+                        "email.relay_password_file",
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?;
+                Some(Secret::new(text.trim_end_matches(['\r', '\n'])))
+            }
+            (None, None) => None,
+        };
+        if self.resolved_relay_password.is_some() != self.relay_username.is_some() {
+            return Err(origin.invalid(
+                "email.relay_username",
+                "give relay_username and a password together",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The relay password, if any. Never log it.
+    pub fn relay_password(&self) -> Option<&Secret> {
+        self.resolved_relay_password.as_ref()
+    }
+
+    /// The listener's and EHLO's host name.
+    pub fn hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.reply_domain)
+    }
 }
 
 /// `[component]`: the XEP-0114 component link to the XMPP server.
@@ -238,6 +438,9 @@ impl Config {
         self.users.validate(origin)?;
         self.store.validate(origin)?;
         self.log.validate(origin)?;
+        if let Some(email) = &mut self.email {
+            email.validate(origin)?;
+        }
         Ok(())
     }
 

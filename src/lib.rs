@@ -9,6 +9,7 @@
 pub mod address;
 pub mod config;
 pub mod core;
+pub mod email;
 pub mod runtime;
 pub mod store;
 pub mod xmpp;

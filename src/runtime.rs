@@ -1,36 +1,62 @@
-//! Wires the adapters to the core: link events in, core decisions through the durable outbox out.
+//! Wires the adapters to the core: inputs from the component link, the SMTP listener and the
+//! clock go through the core; its decisions go out through the durable queues.
 //!
-//! Events are handled in batches: every event of a batch goes through the core, its outbound
-//! stanzas are queued in the store, then one flush (group commit) makes the whole batch durable
-//! before the link is woken to send anything. A store failure is logged and the next event goes
-//! on; nothing of a failed event is acknowledged.
+//! Inputs are handled in batches: every event of a batch goes through the core, its outbound
+//! stanzas and emails are queued in the store, then one flush (group commit) makes the whole batch
+//! durable before the link and the email sender are woken and before any SMTP client hears 250.
+//! A store failure is logged and the next event goes on; nothing of a failed event is
+//! acknowledged.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Config;
+use crate::config::{Config, EmailConfig};
+use crate::core::email::{EmailSettings, InboundMail, SmtpAnswer};
 use crate::core::{Action, Core, Event, Settings};
+use crate::email::outbound::{Relay, RelayConfig};
+use crate::email::smtp::{self, Envelope, Reply, SmtpConfig, SmtpHandler};
+use crate::email::{auth, extract, sender};
 use crate::store::Store;
 use crate::xmpp::link::{run_link, LinkConfig, LinkEvent, OutboundQueue};
 
 /// The most events handled under one flush.
 const BATCH: usize = 512;
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
+/// One thing for the core to handle, with where to send the SMTP answer if it is a reply.
+struct Input {
+    event: Event,
+    answer: Option<oneshot::Sender<SmtpAnswer>>,
+}
+
 /// Runs Reach until `shutdown` turns true.
-pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&config.store.path)?);
     let core = Arc::new(Core::new(Settings {
         domain: config.component.domain.clone(),
         allowed_domains: config.users.allowed_domains.clone(),
+        grace_delay_secs: config.routing.grace_delay_secs,
+        email: config.email.as_ref().map(|e| EmailSettings {
+            from_address: e.from_address.clone(),
+            from_name: e.from_name.clone(),
+            reply_domain: e.reply_domain.clone(),
+            digest_window_secs: e.digest_window_secs,
+            alias_idle_secs: e.alias_idle_days * 86_400,
+        }),
     }));
+    let (inputs_tx, mut inputs) = mpsc::channel::<Input>(4096);
+    let mut tasks = Vec::new();
+
+    // The component link, and its events turned into core inputs.
     let link_config = LinkConfig {
         server: config.component.server.clone(),
         domain: config.component.domain.clone(),
@@ -39,55 +65,325 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         idle_ping: config.component.idle_ping(),
         ping_timeout: config.component.ping_timeout(),
     };
-    let (events_tx, mut events) = mpsc::channel::<LinkEvent>(4096);
-    let link = tokio::spawn(run_link(
+    let (link_tx, mut link_events) = mpsc::channel::<LinkEvent>(4096);
+    tasks.push(tokio::spawn(run_link(
         link_config,
         store.clone() as Arc<dyn OutboundQueue>,
-        events_tx,
+        link_tx,
         shutdown.clone(),
-    ));
-    tracing::info!(domain = %config.component.domain, "Reach started");
+    )));
+    let forward = inputs_tx.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Some(event) = link_events.recv().await {
+            let event = match event {
+                LinkEvent::Up => Event::LinkUp,
+                LinkEvent::Down => continue,
+                LinkEvent::Stanza(stanza) => Event::Stanza(stanza.into()),
+            };
+            if forward
+                .send(Input {
+                    event,
+                    answer: None,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }));
 
+    if let Some(email) = &config.email {
+        start_email(email, &core, &store, &inputs_tx, &shutdown, &mut tasks).await?;
+    }
+    drop(inputs_tx);
+    tracing::info!(domain = %config.component.domain, email = config.email.is_some(), "Reach started");
+
+    let mut stop = shutdown.clone();
     loop {
         let mut batch = Vec::new();
         tokio::select! {
-            received = events.recv_many(&mut batch, BATCH) => {
+            received = inputs.recv_many(&mut batch, BATCH) => {
                 if received == 0 {
                     break;
                 }
             }
-            _ = shutdown.changed() => break,
+            _ = stop.changed() => break,
         }
         let (core, store) = (core.clone(), store.clone());
         tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?;
     }
     tracing::info!("shutting down");
-    let _ = link.await;
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     store.flush()?;
     Ok(())
 }
 
-fn handle_batch(core: &Core, store: &Store, batch: Vec<LinkEvent>) {
+fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     let now = now();
-    for event in batch {
-        let event = match event {
-            LinkEvent::Up => Event::LinkUp,
-            LinkEvent::Down => continue,
-            LinkEvent::Stanza(stanza) => Event::Stanza(stanza.into()),
-        };
+    let mut answers = Vec::new();
+    let mut emails = false;
+    for Input { event, answer } in batch {
+        let mut said = None;
         match core.handle(store, now, event) {
             Ok(actions) => {
-                for Action::SendStanza(stanza) in actions {
-                    if let Err(e) = store.enqueue_stanza(&stanza) {
-                        tracing::error!("could not queue an outbound stanza: {e}");
+                for action in actions {
+                    let queued = match action {
+                        Action::SendStanza(stanza) => store.enqueue_stanza(&stanza).map(|_| ()),
+                        Action::SendEmail(job) => {
+                            emails = true;
+                            store.enqueue_email(&job).map(|_| ())
+                        }
+                        Action::AnswerMail(answer) => {
+                            said = Some(answer);
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = queued {
+                        tracing::error!("could not queue an outbound item: {e}");
+                        said = Some(temporary_failure());
                     }
                 }
             }
-            Err(e) => tracing::error!("store failure while handling an event: {e}"),
+            Err(e) => {
+                tracing::error!("store failure while handling an event: {e}");
+                said = Some(temporary_failure());
+            }
+        }
+        if let Some(tx) = answer {
+            answers.push((tx, said.unwrap_or_else(temporary_failure)));
         }
     }
-    match store.flush() {
-        Ok(()) => store.wake_outbox(),
-        Err(e) => tracing::error!("store flush failed; nothing of this batch is sent: {e}"),
+    let flushed = store.flush();
+    if let Err(e) = &flushed {
+        tracing::error!("store flush failed; nothing of this batch is sent or acknowledged: {e}");
     }
+    for (tx, answer) in answers {
+        let _ = tx.send(if flushed.is_ok() {
+            answer
+        } else {
+            temporary_failure()
+        });
+    }
+    if flushed.is_ok() {
+        store.wake_outbox();
+        if emails {
+            store.wake_email();
+        }
+    }
+}
+
+fn temporary_failure() -> SmtpAnswer {
+    SmtpAnswer {
+        code: 451,
+        enhanced: "4.3.0",
+        text: "temporary failure, try again later".to_owned(),
+    }
+}
+
+async fn start_email(
+    email: &EmailConfig,
+    core: &Arc<Core>,
+    store: &Arc<Store>,
+    inputs: &mpsc::Sender<Input>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    // Outbound: the relay and the sender draining the durable email queue.
+    let (host, port, security) = RelayConfig::from_url(&email.relay)?;
+    let relay = Relay::new(&RelayConfig {
+        host,
+        port,
+        security,
+        username: email.relay_username.clone(),
+        password: email.relay_password().map(|p| p.expose().to_owned()),
+        hello_name: email.hostname().to_owned(),
+        timeout: Duration::from_secs(30),
+    })?;
+    let (failed_tx, mut failed) = mpsc::channel(256);
+    tasks.push(tokio::spawn(sender::run_sender(
+        store.clone(),
+        relay,
+        failed_tx,
+        shutdown.clone(),
+    )));
+    let forward = inputs.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Some(failure) = failed.recv().await {
+            let sender::Failure { seq, job, reason } = failure;
+            let event = Event::EmailFailed {
+                seq,
+                job: Box::new(job),
+                reason,
+            };
+            if forward
+                .send(Input {
+                    event,
+                    answer: None,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }));
+
+    // The clock: due digests and grace delays.
+    let ticks = inputs.clone();
+    let mut stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if ticks
+                .send(Input {
+                    event: Event::Tick,
+                    answer: None,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }));
+
+    // Inbound: Reach's own SMTP listener.
+    let tls = match (&email.tls_cert, &email.tls_key) {
+        (Some(cert), Some(key)) => Some(smtp::load_tls(cert, key)?),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(&email.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for SMTP on {}: {e}", email.listen))?;
+    tracing::info!(listen = %email.listen, "SMTP listener ready");
+    let smtp_config = SmtpConfig {
+        hostname: email.hostname().to_owned(),
+        max_message_bytes: email.max_message_bytes,
+        max_connections: email.max_connections,
+        max_recipients: 10,
+        command_timeout: Duration::from_secs(300),
+        tls,
+    };
+    let authenticator = if email.require_dmarc {
+        Some(auth::Authenticator::system()?)
+    } else {
+        None
+    };
+    let handler = Arc::new(ReplyHandler {
+        core: core.clone(),
+        store: store.clone(),
+        inputs: inputs.clone(),
+        authenticator,
+    });
+    tasks.push(tokio::spawn(smtp::serve(
+        listener,
+        smtp_config,
+        handler,
+        shutdown.clone(),
+    )));
+    Ok(())
+}
+
+/// The SMTP listener's view of Reach: aliases are checked by the core, accepted replies go
+/// through the core and are answered only after the batch holding them is committed.
+struct ReplyHandler {
+    core: Arc<Core>,
+    store: Arc<Store>,
+    inputs: mpsc::Sender<Input>,
+    authenticator: Option<auth::Authenticator>,
+}
+
+fn reply_of(answer: SmtpAnswer) -> Reply {
+    Reply::new(answer.code, answer.enhanced, answer.text)
+}
+
+impl SmtpHandler for ReplyHandler {
+    async fn check_recipient(&self, envelope: &Envelope, rcpt: &str) -> Reply {
+        match self
+            .core
+            .check_mail_recipient(&self.store, now(), &envelope.mail_from, rcpt)
+        {
+            Ok(answer) => reply_of(answer),
+            Err(e) => {
+                tracing::error!("store failure while checking a recipient: {e}");
+                reply_of(temporary_failure())
+            }
+        }
+    }
+
+    async fn deliver(&self, envelope: Envelope, message: Vec<u8>) -> Reply {
+        let reply = match extract::parse_reply(&message) {
+            Ok(reply) => reply,
+            Err(e) => return Reply::new(550, "5.6.0", e.to_string()),
+        };
+        if let Some(authenticator) = &self.authenticator {
+            if !envelope.mail_from.is_empty() {
+                match authenticator
+                    .dmarc_passes(
+                        &message,
+                        peer_ip(envelope.peer),
+                        &envelope.helo,
+                        &envelope.mail_from,
+                    )
+                    .await
+                {
+                    auth::DmarcOutcome::Pass => {}
+                    auth::DmarcOutcome::TempError(why) => {
+                        return Reply::new(
+                            451,
+                            "4.7.0",
+                            format!("DMARC check could not complete: {why}"),
+                        )
+                    }
+                    auth::DmarcOutcome::Fail(why) => {
+                        return Reply::new(550, "5.7.1", format!("DMARC check failed: {why}"))
+                    }
+                    auth::DmarcOutcome::NoPolicy => {
+                        return Reply::new(
+                            550,
+                            "5.7.1",
+                            "the sender's domain publishes no DMARC policy",
+                        )
+                    }
+                }
+            }
+        }
+        let mut last = reply_of(temporary_failure());
+        for rcpt in &envelope.rcpt_to {
+            let (tx, rx) = oneshot::channel();
+            let mail = InboundMail {
+                envelope_from: envelope.mail_from.clone(),
+                rcpt: rcpt.clone(),
+                reply: reply.clone(),
+            };
+            if self
+                .inputs
+                .send(Input {
+                    event: Event::EmailReply(mail),
+                    answer: Some(tx),
+                })
+                .await
+                .is_err()
+            {
+                return reply_of(temporary_failure());
+            }
+            let answer = rx.await.unwrap_or_else(|_| temporary_failure());
+            if !answer.is_positive() {
+                return reply_of(answer);
+            }
+            last = reply_of(answer);
+        }
+        last
+    }
+}
+
+fn peer_ip(peer: SocketAddr) -> std::net::IpAddr {
+    peer.ip()
 }

@@ -41,6 +41,25 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Terminal<A> {
     pub address: A,
     pub verified: bool,
+    /// Mail to it bounced since it was last confirmed working.
+    #[serde(default)]
+    pub failing: bool,
+}
+
+impl<A> Terminal<A> {
+    /// A new, unverified terminal.
+    pub fn unverified(address: A) -> Self {
+        Terminal {
+            address,
+            verified: false,
+            failing: false,
+        }
+    }
+
+    /// Whether Reach may forward messages to it.
+    pub fn usable(&self) -> bool {
+        self.verified
+    }
 }
 
 /// A registered user.
@@ -78,11 +97,112 @@ pub struct Buddy {
 }
 
 /// A conversation between a user and a peer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Session {
     pub peer: String,
     /// Seconds since the Unix epoch of the last message either way.
     pub last_active: u64,
+    /// The peer's name when known (XEP-0172 nick), for email and SMS.
+    pub peer_name: Option<String>,
+    /// The XMPP thread of the conversation, so replies from other terminals join it.
+    pub thread: Option<String>,
+    /// Message-ID of the first email of the conversation (the email thread's root).
+    pub email_root: Option<String>,
+    /// Message-ID of the latest email either way, for In-Reply-To.
+    pub email_last: Option<String>,
+}
+
+/// What a reply alias `r-TOKEN@reply_domain` stands for. Stored under the token's SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AliasPurpose {
+    /// Replies go into the user's conversation with the peer.
+    Session { user: String, peer: String },
+    /// A reply from `address` confirms it as the user's email terminal.
+    Verify { user: String, address: String },
+}
+
+/// A reply alias.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alias {
+    pub purpose: AliasPurpose,
+    pub created: u64,
+    pub last_used: u64,
+}
+
+impl AliasPurpose {
+    pub fn user(&self) -> &str {
+        match self {
+            AliasPurpose::Session { user, .. } | AliasPurpose::Verify { user, .. } => user,
+        }
+    }
+}
+
+/// Which kind of terminal a verification code is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TerminalKind {
+    Email,
+    Phone,
+}
+
+impl TerminalKind {
+    fn key(self) -> &'static str {
+        match self {
+            TerminalKind::Email => "email",
+            TerminalKind::Phone => "phone",
+        }
+    }
+}
+
+/// A verification code sent to a new terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub kind: TerminalKind,
+    /// The address the code was sent to (the user may have changed it since).
+    pub address: String,
+    pub code: String,
+    pub expires_at: u64,
+    pub tries_left: u8,
+}
+
+/// A message waiting to be forwarded to a terminal other than XMPP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingItem {
+    /// Seconds since the Unix epoch when it arrived.
+    pub at: u64,
+    pub id: Option<String>,
+    /// The text to forward.
+    pub text: String,
+    /// The stanza as it is (or would be) relayed to the user's XMPP clients.
+    pub stanza: String,
+    /// Already delivered to an XMPP client (the forward is a second chance, after the grace delay).
+    pub on_xmpp: bool,
+}
+
+/// What waits for one conversation's next forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub peer: String,
+    /// When the forward is due (digest window or grace delay).
+    pub due_at: u64,
+    pub items: Vec<PendingItem>,
+}
+
+/// An email in the durable outbound queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmailJob {
+    pub user: String,
+    /// The conversation it forwards, if any (verification mails have none).
+    pub peer: Option<String>,
+    pub envelope_from: String,
+    pub email: crate::email::outbound::OutgoingEmail,
+    /// The messages it carries: held again for XMPP if the mail cannot be delivered.
+    pub items: Vec<PendingItem>,
+    pub attempts: u32,
+    /// Seconds since the Unix epoch of the next attempt.
+    pub next_attempt_at: u64,
+    /// Seconds since the Unix epoch when it was queued.
+    pub queued_at: u64,
 }
 
 /// A message kept for a user until one of their terminals may take it.
@@ -103,6 +223,7 @@ pub struct Stats {
     pub sessions: usize,
     pub held: usize,
     pub outbox: usize,
+    pub email_queue: usize,
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -115,7 +236,14 @@ pub struct Store {
     sessions: sled::Tree,
     held: sled::Tree,
     outbox: sled::Tree,
+    aliases: sled::Tree,
+    user_aliases: sled::Tree,
+    verifications: sled::Tree,
+    pending: sled::Tree,
+    email_jobs: sled::Tree,
+    seen_mail: sled::Tree,
     outbox_wake: Arc<Notify>,
+    email_wake: Arc<Notify>,
 }
 
 fn key(owner: &str, item: &str) -> Vec<u8> {
@@ -182,7 +310,14 @@ impl Store {
             sessions: db.open_tree("sessions")?,
             held: db.open_tree("held")?,
             outbox: db.open_tree("outbox")?,
+            aliases: db.open_tree("aliases")?,
+            user_aliases: db.open_tree("user_aliases")?,
+            verifications: db.open_tree("verifications")?,
+            pending: db.open_tree("pending")?,
+            email_jobs: db.open_tree("email_jobs")?,
+            seen_mail: db.open_tree("seen_mail")?,
             outbox_wake: Arc::new(Notify::new()),
+            email_wake: Arc::new(Notify::new()),
             db,
         })
     }
@@ -245,14 +380,27 @@ impl Store {
             .collect();
         self.handles.remove(user.handle.as_str())?;
         self.users.remove(jid)?;
+        for k in self.user_aliases.scan_prefix(prefix(jid)).keys() {
+            let k = k?;
+            self.aliases.remove(&k[jid.len() + 1..])?;
+        }
         for (tree, owner) in [
             (&self.buddies, user.handle.as_str()),
             (&self.resources, jid),
             (&self.sessions, jid),
             (&self.held, jid),
+            (&self.user_aliases, jid),
+            (&self.verifications, jid),
+            (&self.pending, jid),
         ] {
             for k in tree.scan_prefix(prefix(owner)).keys() {
                 tree.remove(k?)?;
+            }
+        }
+        for kv in self.email_jobs.iter() {
+            let (k, v) = kv?;
+            if decode::<EmailJob>("email_jobs", &v).is_ok_and(|job| job.user == jid) {
+                self.email_jobs.remove(k)?;
             }
         }
         Ok(Some((user, buddies)))
@@ -339,12 +487,20 @@ impl Store {
             .transpose()
     }
 
-    pub fn touch_session(&self, jid: &str, peer: &str, now: u64) -> Result<()> {
-        let record = Session {
+    /// Marks activity in the conversation, creating it if new.
+    pub fn touch_session(&self, jid: &str, peer: &str, now: u64) -> Result<Session> {
+        let mut record = self.session(jid, peer)?.unwrap_or_else(|| Session {
             peer: peer.to_owned(),
-            last_active: now,
-        };
-        self.sessions.insert(key(jid, peer), encode(&record))?;
+            ..Session::default()
+        });
+        record.last_active = now;
+        self.put_session(jid, &record)?;
+        Ok(record)
+    }
+
+    pub fn put_session(&self, jid: &str, session: &Session) -> Result<()> {
+        self.sessions
+            .insert(key(jid, &session.peer), encode(session))?;
         Ok(())
     }
 
@@ -381,6 +537,175 @@ impl Store {
         Ok(self.held.scan_prefix(prefix(jid)).count())
     }
 
+    /// Puts messages back on hold (in front of nothing: they keep their own order after what is held).
+    pub fn hold_stanza(&self, jid: &str, peer: &str, stanza: &str, now: u64) -> Result<()> {
+        self.hold(
+            jid,
+            &HeldMessage {
+                peer: peer.to_owned(),
+                stanza: stanza.to_owned(),
+                held_at: now,
+            },
+        )
+    }
+
+    // ---- reply aliases (keyed by the SHA-256 of their token) ----
+
+    pub fn put_alias(&self, token_hash: &[u8], alias: &Alias) -> Result<()> {
+        self.aliases.insert(token_hash, encode(alias))?;
+        let mut index = prefix(alias.purpose.user());
+        index.extend_from_slice(token_hash);
+        self.user_aliases.insert(index, &[])?;
+        Ok(())
+    }
+
+    pub fn alias(&self, token_hash: &[u8]) -> Result<Option<Alias>> {
+        self.aliases
+            .get(token_hash)?
+            .map(|v| decode("aliases", &v))
+            .transpose()
+    }
+
+    pub fn remove_alias(&self, token_hash: &[u8]) -> Result<()> {
+        if let Some(alias) = self.alias(token_hash)? {
+            let mut index = prefix(alias.purpose.user());
+            index.extend_from_slice(token_hash);
+            self.user_aliases.remove(index)?;
+        }
+        self.aliases.remove(token_hash)?;
+        Ok(())
+    }
+
+    // ---- verification codes ----
+
+    pub fn put_verification(&self, jid: &str, v: &Verification) -> Result<()> {
+        self.verifications
+            .insert(key(jid, v.kind.key()), encode(v))?;
+        Ok(())
+    }
+
+    pub fn verification(&self, jid: &str, kind: TerminalKind) -> Result<Option<Verification>> {
+        self.verifications
+            .get(key(jid, kind.key()))?
+            .map(|v| decode("verifications", &v))
+            .transpose()
+    }
+
+    pub fn remove_verification(&self, jid: &str, kind: TerminalKind) -> Result<()> {
+        self.verifications.remove(key(jid, kind.key()))?;
+        Ok(())
+    }
+
+    // ---- messages pending a forward ----
+
+    pub fn pending_of(&self, jid: &str, peer: &str) -> Result<Option<Pending>> {
+        self.pending
+            .get(key(jid, peer))?
+            .map(|v| decode("pending", &v))
+            .transpose()
+    }
+
+    pub fn put_pending(&self, jid: &str, pending: &Pending) -> Result<()> {
+        self.pending
+            .insert(key(jid, &pending.peer), encode(pending))?;
+        Ok(())
+    }
+
+    pub fn remove_pending(&self, jid: &str, peer: &str) -> Result<()> {
+        self.pending.remove(key(jid, peer))?;
+        Ok(())
+    }
+
+    /// Everything pending for the user, by conversation.
+    pub fn pending_for(&self, jid: &str) -> Result<Vec<Pending>> {
+        self.pending
+            .scan_prefix(prefix(jid))
+            .values()
+            .map(|v| decode("pending", &v?))
+            .collect()
+    }
+
+    /// Every conversation whose forward is due, as (user, pending).
+    pub fn due_pending(&self, now: u64) -> Result<Vec<(String, Pending)>> {
+        let mut due = Vec::new();
+        for kv in self.pending.iter() {
+            let (k, v) = kv?;
+            let pending: Pending = decode("pending", &v)?;
+            if pending.due_at <= now {
+                let user = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
+                    String::from_utf8_lossy(&k[..p]).into_owned()
+                });
+                due.push((user, pending));
+            }
+        }
+        Ok(due)
+    }
+
+    // ---- the email queue ----
+
+    pub fn enqueue_email(&self, job: &EmailJob) -> Result<u64> {
+        let seq = self.db.generate_id()?;
+        self.email_jobs.insert(seq.to_be_bytes(), encode(job))?;
+        Ok(seq)
+    }
+
+    /// Jobs whose next attempt is due, oldest first.
+    pub fn due_email_jobs(&self, now: u64, limit: usize) -> Result<Vec<(u64, EmailJob)>> {
+        let mut out = Vec::new();
+        for kv in self.email_jobs.iter() {
+            let (k, v) = kv?;
+            let job: EmailJob = decode("email_jobs", &v)?;
+            if job.next_attempt_at <= now {
+                let seq = <[u8; 8]>::try_from(k.as_ref())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or_default();
+                out.push((seq, job));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The earliest next attempt among queued jobs.
+    pub fn next_email_attempt(&self) -> Result<Option<u64>> {
+        let mut next: Option<u64> = None;
+        for v in self.email_jobs.iter().values() {
+            let job: EmailJob = decode("email_jobs", &v?)?;
+            next = Some(next.map_or(job.next_attempt_at, |n| n.min(job.next_attempt_at)));
+        }
+        Ok(next)
+    }
+
+    pub fn update_email_job(&self, seq: u64, job: &EmailJob) -> Result<()> {
+        self.email_jobs.insert(seq.to_be_bytes(), encode(job))?;
+        Ok(())
+    }
+
+    pub fn remove_email_job(&self, seq: u64) -> Result<()> {
+        self.email_jobs.remove(seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn wake_email(&self) {
+        self.email_wake.notify_one();
+    }
+
+    pub fn email_wake(&self) -> Arc<Notify> {
+        self.email_wake.clone()
+    }
+
+    // ---- inbound mail already taken (duplicate Message-IDs) ----
+
+    /// Records an inbound Message-ID; false if it was seen before.
+    pub fn first_sight_of_mail(&self, message_id: &str, now: u64) -> Result<bool> {
+        let previous = self
+            .seen_mail
+            .insert(message_id.as_bytes(), &now.to_be_bytes())?;
+        Ok(previous.is_none())
+    }
+
     // ---- outbound XMPP queue ----
 
     /// Queues a stanza for the component link. Durable after the next [`Store::flush`]; the link
@@ -403,6 +728,7 @@ impl Store {
             sessions: self.sessions.len(),
             held: self.held.len(),
             outbox: self.outbox.len(),
+            email_queue: self.email_jobs.len(),
         })
     }
 }

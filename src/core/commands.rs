@@ -11,11 +11,36 @@ use crate::xmpp::stanza::{attr, chat, child_text};
 
 const HELP: &str = "Reach commands:\n\
 help: this list\n\
-status: your reach address, terminals and held messages";
+status: your reach address, terminals and held messages\n\
+verify CODE: confirm a terminal with the code Reach sent there\n\
+verify: send new codes to the terminals not verified yet";
+
+fn verify(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    who: &Addressing,
+    code: &str,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    let Some(user) = store.user(&who.from_bare)? else {
+        return Ok("You are not registered.".to_owned());
+    };
+    if code.is_empty() {
+        let waiting = user.email.as_ref().is_some_and(|t| !t.verified);
+        if !waiting {
+            return Ok("All your terminals are verified.".to_owned());
+        }
+        let said = super::email::start_verification(core, store, now, &user, out)?;
+        return Ok(said.unwrap_or_else(|| "Email is not available on this service.".to_owned()));
+    }
+    super::email::verify_code(core, store, now, &user, code, out)
+}
 
 pub(super) fn on_chat(
     core: &Core,
     store: &Store,
+    now: u64,
     stanza: &Element,
     who: &Addressing,
     out: &mut Out,
@@ -32,6 +57,7 @@ pub(super) fn on_chat(
         "" => return Ok(()),
         "help" | "?" => HELP.to_owned(),
         "status" => status(core, store, who)?,
+        "verify" => verify(core, store, now, who, line["verify".len()..].trim(), out)?,
         other => format!("Unknown command '{other}'. Send help for the list."),
     };
     let mut message = chat(&core.settings.domain, attr(stanza, "from"), &reply);

@@ -10,11 +10,16 @@
 
 mod commands;
 mod disco;
+pub mod email;
 mod presence;
 mod registration;
 mod relay;
 
+use std::sync::{Mutex, MutexGuard};
+
 use minidom::Element;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 use crate::address::{classify_local, LocalTarget};
 use crate::store::{Store, StoreError};
@@ -29,6 +34,16 @@ pub enum Event {
     LinkUp,
     /// A well-formed stanza arrived from the XMPP server.
     Stanza(Element),
+    /// Time passed: forwards whose delay is over are due.
+    Tick,
+    /// A reply arrived at the SMTP listener and was read.
+    EmailReply(email::InboundMail),
+    /// The relay refused the queued email `seq` for good.
+    EmailFailed {
+        seq: u64,
+        job: Box<crate::store::EmailJob>,
+        reason: String,
+    },
 }
 
 /// Something the core decided to do.
@@ -36,6 +51,10 @@ pub enum Event {
 pub enum Action {
     /// Send this stanza over the component link (through the durable outbox).
     SendStanza(Element),
+    /// Send this email through the relay (through the durable email queue).
+    SendEmail(Box<crate::store::EmailJob>),
+    /// Answer the SMTP client that submitted an [`Event::EmailReply`].
+    AnswerMail(email::SmtpAnswer),
 }
 
 /// The fixed facts the core decides with.
@@ -45,12 +64,17 @@ pub struct Settings {
     pub domain: String,
     /// Domains whose users may register.
     pub allowed_domains: Vec<String>,
+    /// Seconds an away user has to read a message before it is forwarded.
+    pub grace_delay_secs: u64,
+    /// The email terminal, when configured.
+    pub email: Option<email::EmailSettings>,
 }
 
-/// The decision maker. Holds only settings; all state is in the store.
-#[derive(Debug, Clone)]
+/// The decision maker. Holds settings and a random source; all state is in the store.
+#[derive(Debug)]
 pub struct Core {
     settings: Settings,
+    rng: Mutex<StdRng>,
 }
 
 /// What a handler produces: stanzas to send, in order.
@@ -62,6 +86,10 @@ pub(crate) struct Out {
 impl Out {
     pub(crate) fn send(&mut self, stanza: Element) {
         self.actions.push(Action::SendStanza(stanza));
+    }
+
+    pub(crate) fn push(&mut self, action: Action) {
+        self.actions.push(action);
     }
 }
 
@@ -76,8 +104,37 @@ pub(crate) struct Addressing {
 }
 
 impl Core {
+    /// A core whose tokens and codes come from the operating system's randomness.
     pub fn new(settings: Settings) -> Core {
-        Core { settings }
+        Core {
+            settings,
+            rng: Mutex::new(StdRng::from_entropy()),
+        }
+    }
+
+    /// A core with a fixed random sequence, for tests.
+    pub fn with_seed(settings: Settings, seed: u64) -> Core {
+        Core {
+            settings,
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+        }
+    }
+
+    pub(crate) fn rng(&self) -> MutexGuard<'_, StdRng> {
+        self.rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// RCPT TO at the SMTP listener: is the recipient a live reply alias this sender may use?
+    pub fn check_mail_recipient(
+        &self,
+        store: &Store,
+        now: u64,
+        envelope_from: &str,
+        rcpt: &str,
+    ) -> Result<email::SmtpAnswer, StoreError> {
+        email::check_recipient(self, store, now, envelope_from, rcpt)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -91,6 +148,15 @@ impl Core {
         match event {
             Event::LinkUp => presence::on_link_up(self, store, &mut out)?,
             Event::Stanza(stanza) => self.on_stanza(store, now, &stanza, &mut out)?,
+            Event::Tick => email::on_tick(self, store, now, &mut out)?,
+            Event::EmailReply(mail) => {
+                let answer = email::on_reply(self, store, now, &mail, &mut out)?;
+                out.push(Action::AnswerMail(answer));
+            }
+            Event::EmailFailed { seq, job, reason } => {
+                store.remove_email_job(seq)?;
+                email::on_failed(self, store, now, &job, &reason, &mut out)?
+            }
         }
         Ok(out.actions)
     }

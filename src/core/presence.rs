@@ -84,6 +84,12 @@ impl GlobalPresence {
     pub fn is_available(&self) -> bool {
         matches!(self, GlobalPresence::Available { .. })
     }
+
+    /// Available and not away, xa or dnd: the user is at an XMPP client.
+    pub fn is_attentive(&self) -> bool {
+        matches!(self, GlobalPresence::Available { show: None, .. })
+            || matches!(self, GlobalPresence::Available { show: Some(s), .. } if s == "chat")
+    }
 }
 
 pub(crate) fn global_presence(store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
@@ -223,6 +229,11 @@ fn on_service_presence(
             }
             if after.is_available() && !before.is_available() {
                 relay::release_held(store, &user, now, out)?;
+            }
+            if after.is_available()
+                && (!before.is_available() || (after.is_attentive() && !before.is_attentive()))
+            {
+                super::email::on_user_back(store, &user, after.is_attentive(), out)?;
             }
         }
         _ => {}

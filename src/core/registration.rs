@@ -66,6 +66,21 @@ pub(super) fn on_register(
         Err(e) => return Err(e.into()),
     }
     out.send(iq_result(iq, None));
+    let email_changed = user.email.as_ref().map(|t| &t.address)
+        != existing
+            .as_ref()
+            .and_then(|u| u.email.as_ref())
+            .map(|t| &t.address);
+    if email_changed {
+        store.remove_verification(&user.jid, crate::store::TerminalKind::Email)?;
+        if let Some(note) = super::email::start_verification(core, store, now, &user, out)? {
+            out.send(crate::xmpp::stanza::chat(
+                &core.settings.domain,
+                &user.jid,
+                &note,
+            ));
+        }
+    }
     if existing.is_none() {
         tracing::info!(handle = user.handle.as_str(), "user registered");
         // Ask for the user's presence so Reach sees all their resources; say the service is up.
@@ -196,8 +211,10 @@ fn terminal_field<A: PartialEq + Clone, E: std::fmt::Display>(
         Some(text) => {
             let address =
                 parse(text).map_err(|e| StanzaFault::not_acceptable(format!("{field}: {e}")))?;
-            let verified = current.is_some_and(|t| t.address == address && t.verified);
-            Ok(Some(Terminal { address, verified }))
+            match current {
+                Some(t) if t.address == address => Ok(Some(t.clone())),
+                _ => Ok(Some(Terminal::unverified(address))),
+            }
         }
     }
 }

@@ -12,10 +12,13 @@ use minidom::Element;
 use crate::xmpp::stanza::an;
 use xmpp_parsers::ns;
 
-use super::{commands, presence, Addressing, Core, Handled, Out};
+use super::{commands, email, presence, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
-use crate::store::{HeldMessage, Store, StoreError, User};
-use crate::xmpp::stanza::{attr, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
+use crate::store::{HeldMessage, PendingItem, Store, StoreError, User};
+use crate::xmpp::stanza::{attr, child_text, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
+
+/// XEP-0172 user nickname.
+const NICK: &str = "http://jabber.org/protocol/nick";
 
 pub(super) fn on_message(
     core: &Core,
@@ -31,7 +34,7 @@ pub(super) fn on_message(
     }
     match &who.target {
         LocalTarget::Service => {
-            commands::on_chat(core, store, stanza, who, out)?;
+            commands::on_chat(core, store, now, stanza, who, out)?;
             Ok(())
         }
         LocalTarget::User(handle) => {
@@ -48,6 +51,13 @@ pub(super) fn on_message(
             let peer = peer.to_string();
             if has_content(stanza) {
                 store.touch_session(&user.jid, &peer, now)?;
+            }
+            // Reading or answering in XMPP means nothing of this conversation needs forwarding.
+            let read = stanza
+                .children()
+                .any(|c| c.is("displayed", CHAT_MARKERS) || c.is("body", STANZA_NS));
+            if read {
+                email::cancel_pending(store, &user, &peer)?;
             }
             out.send(readdress(stanza, &core.reach_address(&user.handle), &peer));
             Ok(())
@@ -70,9 +80,31 @@ fn relay_to_user(
     let relayed = readdress(stanza, &core.session_jid(peer), &user.jid);
     let content = has_content(stanza);
     if content {
-        store.touch_session(&user.jid, peer, now)?;
+        remember_conversation(store, now, user, peer, stanza)?;
     }
-    if presence::global_presence(store, user)?.is_available() {
+    let global = presence::global_presence(store, user)?;
+    let body = child_text(stanza, "body")
+        .filter(|b| !b.trim().is_empty() && attr(stanza, "type") != "error");
+    let forward = body.filter(|_| email::can_forward(core, user));
+    let item = |stanza: &Element, on_xmpp: bool, text: String| PendingItem {
+        at: now,
+        id: stanza.attr("id").map(str::to_owned),
+        text,
+        stanza: String::from(stanza),
+        on_xmpp,
+    };
+    if global.is_available() {
+        if let (Some(text), false) = (&forward, global.is_attentive()) {
+            // Away, xa or dnd: the message goes to XMPP now, and by email if still unread later.
+            email::add_pending(
+                core,
+                store,
+                now,
+                user,
+                peer,
+                item(&relayed, true, text.clone()),
+            )?;
+        }
         out.send(relayed);
     } else if content && attr(stanza, "type") != "error" {
         let mut held = relayed;
@@ -82,20 +114,50 @@ fn relay_to_user(
                 .attr(an("stamp"), iso8601(now))
                 .build(),
         );
-        store.hold(
-            &user.jid,
-            &HeldMessage {
-                peer: peer.to_owned(),
-                stanza: String::from(&held),
-                held_at: now,
-            },
-        )?;
-        tracing::debug!(
-            handle = user.handle.as_str(),
-            "message held until the user is online"
-        );
+        match forward {
+            Some(text) => {
+                email::add_pending(core, store, now, user, peer, item(&held, false, text))?
+            }
+            None => {
+                store.hold(
+                    &user.jid,
+                    &HeldMessage {
+                        peer: peer.to_owned(),
+                        stanza: String::from(&held),
+                        held_at: now,
+                    },
+                )?;
+                tracing::debug!(
+                    handle = user.handle.as_str(),
+                    "message held until the user is online"
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// Records what other terminals need to join the conversation: its activity, XMPP thread and the
+/// buddy's nick (XEP-0172).
+fn remember_conversation(
+    store: &Store,
+    now: u64,
+    user: &User,
+    peer: &str,
+    stanza: &Element,
+) -> Result<(), StoreError> {
+    let mut session = store.touch_session(&user.jid, peer, now)?;
+    if let Some(thread) = child_text(stanza, "thread").filter(|t| !t.is_empty()) {
+        session.thread = Some(thread);
+    }
+    if let Some(nick) = stanza
+        .get_child("nick", NICK)
+        .map(|n| n.text())
+        .filter(|n| !n.trim().is_empty())
+    {
+        session.peer_name = Some(nick);
+    }
+    store.put_session(&user.jid, &session)
 }
 
 /// Delivers everything held for the user, oldest first.

@@ -3,6 +3,7 @@
 use minidom::Element;
 use xmpp_parsers::ns;
 
+use super::email::EmailSettings;
 use super::{Action, Core, Event, Settings};
 use crate::store::Store;
 use crate::xmpp::stanza::STANZA_NS;
@@ -12,18 +13,29 @@ pub const D: &str = "reach.example.org";
 pub struct Harness {
     pub core: Core,
     pub store: Store,
-    pub now: u64,
+    pub now: std::cell::Cell<u64>,
 }
 
 impl Harness {
     pub fn new() -> Harness {
         Harness {
-            core: Core::new(Settings {
-                domain: D.into(),
-                allowed_domains: vec!["example.org".into()],
-            }),
+            core: Core::with_seed(
+                Settings {
+                    domain: D.into(),
+                    allowed_domains: vec!["example.org".into()],
+                    grace_delay_secs: 120,
+                    email: Some(EmailSettings {
+                        from_address: "reach@reply.example.org".into(),
+                        from_name: "Reach".into(),
+                        reply_domain: "reply.example.org".into(),
+                        digest_window_secs: 30,
+                        alias_idle_secs: 30 * 86_400,
+                    }),
+                },
+                7,
+            ),
             store: Store::temporary().unwrap(),
-            now: 1_795_000_000,
+            now: std::cell::Cell::new(1_795_000_000),
         }
     }
 
@@ -42,13 +54,21 @@ impl Harness {
         self.event(Event::Stanza(stanza))
     }
 
+    /// Feeds an event and returns the stanzas sent (other actions: see [`Harness::actions`]).
     pub fn event(&self, event: Event) -> Vec<Element> {
-        self.core
-            .handle(&self.store, self.now, event)
-            .unwrap()
+        self.actions(event)
             .into_iter()
-            .map(|Action::SendStanza(s)| s)
+            .filter_map(|a| match a {
+                Action::SendStanza(s) => Some(s),
+                _ => None,
+            })
             .collect()
+    }
+
+    pub fn actions(&self, event: Event) -> Vec<Action> {
+        self.core
+            .handle(&self.store, self.now.get(), event)
+            .unwrap()
     }
 
     /// Feeds one stanza and expects exactly one stanza back.
@@ -61,6 +81,11 @@ impl Harness {
             out.iter().map(String::from).collect::<Vec<_>>()
         );
         out.remove(0)
+    }
+
+    /// Lets time pass.
+    pub fn advance(&self, secs: u64) {
+        self.now.set(self.now.get() + secs);
     }
 
     pub fn register(&self, jid: &str, handle: &str) {

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod component;
+pub mod mail;
 pub mod process;
 pub mod reach;
 pub mod server;

@@ -1,0 +1,1165 @@
+//! The email terminal's decisions: when a message is forwarded by email, what the email says,
+//! reply aliases, verification of email addresses, and whether an inbound reply is accepted.
+//!
+//! The email adapters (listener, relay, MIME) carry these decisions out; nothing here speaks SMTP
+//! or MIME, except the reply codes the listener gives back, which are decided here because this
+//! is where an alias or a sender is understood.
+
+use minidom::Element;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+use super::{presence, Core, Out};
+use crate::email::extract::{Automatic, Reply};
+use crate::email::outbound::OutgoingEmail;
+use crate::store::{
+    Alias, AliasPurpose, EmailJob, Pending, PendingItem, Store, StoreError, TerminalKind, User,
+    Verification,
+};
+use crate::xmpp::stanza::{chat, child_text, StanzaFault, STANZA_NS};
+
+/// How long a verification code is valid.
+pub const CODE_VALIDITY_SECS: u64 = 600;
+/// How many wrong codes end a verification.
+pub const CODE_TRIES: u8 = 5;
+
+/// The email terminal's settings (from `[email]` and `[routing]`).
+#[derive(Debug, Clone)]
+pub struct EmailSettings {
+    /// Envelope sender of every mail.
+    pub from_address: String,
+    /// "Bob via NAME".
+    pub from_name: String,
+    /// Domain of the reply aliases.
+    pub reply_domain: String,
+    pub digest_window_secs: u64,
+    pub alias_idle_secs: u64,
+}
+
+/// A decision on an SMTP command, as the listener will send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpAnswer {
+    pub code: u16,
+    pub enhanced: &'static str,
+    pub text: String,
+}
+
+impl SmtpAnswer {
+    fn new(code: u16, enhanced: &'static str, text: impl Into<String>) -> Self {
+        SmtpAnswer {
+            code,
+            enhanced,
+            text: text.into(),
+        }
+    }
+
+    fn accepted(text: impl Into<String>) -> Self {
+        Self::new(250, "2.0.0", text)
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+}
+
+/// A reply that reached the listener and was read.
+#[derive(Debug, Clone)]
+pub struct InboundMail {
+    /// The envelope sender (`""` for the null sender of bounces).
+    pub envelope_from: String,
+    /// The accepted recipient (a reply alias).
+    pub rcpt: String,
+    pub reply: Reply,
+}
+
+/// A fresh random token: 160 bits, lowercase base32 (no padding), 32 characters.
+fn new_token(core: &Core) -> String {
+    let bytes: [u8; 20] = core.rng().gen();
+    data_encoding::BASE32_NOPAD
+        .encode(&bytes)
+        .to_ascii_lowercase()
+}
+
+/// The stored form of a token: its SHA-256. A leaked store does not yield working aliases.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.to_ascii_lowercase().as_bytes()).into()
+}
+
+/// The token of an alias address `r-TOKEN@reply_domain`, if it is one.
+pub fn token_of(address: &str, reply_domain: &str) -> Option<String> {
+    let (local, domain) = address.rsplit_once('@')?;
+    if !domain.eq_ignore_ascii_case(reply_domain) {
+        return None;
+    }
+    let token = local
+        .strip_prefix("r-")
+        .or_else(|| local.strip_prefix("R-"))?;
+    let valid = token.len() == 32 && token.chars().all(|c| c.is_ascii_alphanumeric());
+    valid.then(|| token.to_ascii_lowercase())
+}
+
+fn settings(core: &Core) -> Option<&EmailSettings> {
+    core.settings.email.as_ref()
+}
+
+/// Whether Reach may forward to the user's email now.
+pub(super) fn can_forward(core: &Core, user: &User) -> bool {
+    settings(core).is_some() && user.email.as_ref().is_some_and(|t| t.usable())
+}
+
+/// Queues a message for the user's email: it joins the conversation's pending forward, due at the
+/// end of the digest window (user offline) or of the grace delay (user away, already delivered to
+/// XMPP).
+pub(super) fn add_pending(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    peer: &str,
+    item: PendingItem,
+) -> Result<(), StoreError> {
+    let Some(email) = settings(core) else {
+        return Ok(());
+    };
+    let delay = if item.on_xmpp {
+        core.settings.grace_delay_secs
+    } else {
+        email.digest_window_secs
+    };
+    let mut pending = store.pending_of(&user.jid, peer)?.unwrap_or(Pending {
+        peer: peer.to_owned(),
+        due_at: now + delay,
+        items: Vec::new(),
+    });
+    pending.items.push(item);
+    store.put_pending(&user.jid, &pending)
+}
+
+/// The user read or answered the conversation in XMPP: nothing of it needs forwarding any more.
+pub(super) fn cancel_pending(store: &Store, user: &User, peer: &str) -> Result<(), StoreError> {
+    if let Some(pending) = store.pending_of(&user.jid, peer)? {
+        if pending.items.iter().all(|i| i.on_xmpp) {
+            store.remove_pending(&user.jid, peer)?;
+        }
+    }
+    Ok(())
+}
+
+/// The user has an XMPP client again: what waited for email and never reached XMPP is delivered
+/// there now; if the user is attentive (not away), nothing is forwarded any more.
+pub(super) fn on_user_back(
+    store: &Store,
+    user: &User,
+    attentive: bool,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    for mut pending in store.pending_for(&user.jid)? {
+        for item in pending.items.iter_mut().filter(|i| !i.on_xmpp) {
+            match item.stanza.parse::<Element>() {
+                Ok(stanza) => out.send(stanza),
+                Err(e) => tracing::error!("unreadable pending message dropped: {e}"),
+            }
+            item.on_xmpp = true;
+        }
+        if attentive {
+            store.remove_pending(&user.jid, &pending.peer)?;
+        } else {
+            store.put_pending(&user.jid, &pending)?;
+        }
+    }
+    Ok(())
+}
+
+/// Forwards every conversation whose digest window or grace delay is over.
+pub(super) fn on_tick(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    for (jid, pending) in store.due_pending(now)? {
+        store.remove_pending(&jid, &pending.peer)?;
+        let Some(user) = store.user(&jid)? else {
+            continue;
+        };
+        if can_forward(core, &user) {
+            out.push(super::Action::SendEmail(Box::new(forward_job(
+                core, store, now, &user, pending,
+            )?)));
+        } else {
+            // The address went away or is unverified now: keep for XMPP what never reached it.
+            for item in pending.items.iter().filter(|i| !i.on_xmpp) {
+                store.hold_stanza(&jid, &pending.peer, &item.stanza, now)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The email carrying a conversation's pending messages, with a fresh reply alias.
+fn forward_job(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    pending: Pending,
+) -> Result<EmailJob, StoreError> {
+    let settings = settings(core).expect("checked by can_forward");
+    let to = user
+        .email
+        .as_ref()
+        .expect("checked by can_forward")
+        .address
+        .as_str()
+        .to_owned();
+    let peer = pending.peer.clone();
+    let alias = new_alias(
+        core,
+        store,
+        now,
+        AliasPurpose::Session {
+            user: user.jid.clone(),
+            peer: peer.clone(),
+        },
+    )?;
+    let message_id = format!("{}@{}", new_token(core), settings.reply_domain);
+
+    let mut session = store.touch_session(&user.jid, &peer, now)?;
+    let in_reply_to = session.email_last.clone();
+    let references: Vec<String> = session
+        .email_root
+        .iter()
+        .chain(session.email_last.iter())
+        .cloned()
+        .collect();
+    let mut references = references;
+    references.dedup();
+    session.email_root.get_or_insert_with(|| message_id.clone());
+    session.email_last = Some(message_id.clone());
+    store.put_session(&user.jid, &session)?;
+
+    let name = peer_name(session.peer_name.as_deref(), &peer);
+    let email = OutgoingEmail {
+        from_name: format!("{name} via {}", settings.from_name),
+        from_address: alias,
+        to,
+        subject: format!("IM from {name} ({peer})"),
+        message_id,
+        in_reply_to,
+        references,
+        paragraphs: pending.items.iter().map(|i| i.text.clone()).collect(),
+        footer: format!(
+            "Reply to this email to answer {name}: your reply reaches {peer} from {}. \
+             Only replies from this address are accepted.",
+            core.reach_address(&user.handle)
+        ),
+    };
+    Ok(EmailJob {
+        user: user.jid.clone(),
+        peer: Some(peer),
+        envelope_from: settings.from_address.clone(),
+        email,
+        items: pending.items,
+        attempts: 0,
+        next_attempt_at: now,
+        queued_at: now,
+    })
+}
+
+/// A buddy's display name: their nick, else the local part of their JID.
+fn peer_name(nick: Option<&str>, peer: &str) -> String {
+    let cleaned: Option<String> = nick.map(|n| {
+        n.chars()
+            .filter(|c| !c.is_control())
+            .collect::<String>()
+            .trim()
+            .to_owned()
+    });
+    match cleaned {
+        Some(n) if !n.is_empty() => n.chars().take(64).collect(),
+        _ => peer.split('@').next().unwrap_or(peer).to_owned(),
+    }
+}
+
+fn new_alias(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    purpose: AliasPurpose,
+) -> Result<String, StoreError> {
+    let settings = settings(core).expect("only called with email configured");
+    let token = new_token(core);
+    store.put_alias(
+        &token_hash(&token),
+        &Alias {
+            purpose,
+            created: now,
+            last_used: now,
+        },
+    )?;
+    Ok(format!("r-{token}@{}", settings.reply_domain))
+}
+
+/// Starts (or restarts) the verification of the user's email address: a code by email, which the
+/// user confirms with `verify CODE`, or by replying to that email. Returns what to tell the user.
+pub(super) fn start_verification(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    out: &mut Out,
+) -> Result<Option<String>, StoreError> {
+    let (Some(settings), Some(terminal)) = (settings(core), user.email.as_ref()) else {
+        return Ok(None);
+    };
+    if terminal.verified {
+        return Ok(None);
+    }
+    let address = terminal.address.as_str().to_owned();
+    let code = format!("{:06}", core.rng().gen_range(0..1_000_000u32));
+    store.put_verification(
+        &user.jid,
+        &Verification {
+            kind: TerminalKind::Email,
+            address: address.clone(),
+            code: code.clone(),
+            expires_at: now + CODE_VALIDITY_SECS,
+            tries_left: CODE_TRIES,
+        },
+    )?;
+    let alias = new_alias(
+        core,
+        store,
+        now,
+        AliasPurpose::Verify {
+            user: user.jid.clone(),
+            address: address.clone(),
+        },
+    )?;
+    let service = &core.settings.domain;
+    let email = OutgoingEmail {
+        from_name: settings.from_name.clone(),
+        from_address: alias,
+        to: address.clone(),
+        subject: format!("Your {} verification code is {code}", settings.from_name),
+        message_id: format!("{}@{}", new_token(core), settings.reply_domain),
+        in_reply_to: None,
+        references: Vec::new(),
+        paragraphs: vec![
+            format!(
+                "{} asked to receive the messages of the reach address {} at this email address while away from XMPP.",
+                user.jid,
+                core.reach_address(&user.handle)
+            ),
+            format!(
+                "To confirm, simply reply to this email, or send \"verify {code}\" in a chat with {service}. \
+                 The code is valid for {} minutes.",
+                CODE_VALIDITY_SECS / 60
+            ),
+        ],
+        footer: "If this was not you, ignore this email: nothing else will be sent to this address.".to_owned(),
+    };
+    out.push(super::Action::SendEmail(Box::new(EmailJob {
+        user: user.jid.clone(),
+        peer: None,
+        envelope_from: settings.from_address.clone(),
+        email,
+        items: Vec::new(),
+        attempts: 0,
+        next_attempt_at: now,
+        queued_at: now,
+    })));
+    Ok(Some(format!(
+        "A verification code is on its way to {address}. Reply to that email, or send \"verify CODE\" here."
+    )))
+}
+
+/// What `verify CODE` says.
+pub(super) fn verify_code(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    code: &str,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    let Some(v) = store.verification(&user.jid, TerminalKind::Email)? else {
+        return Ok("There is nothing to verify. Register an email address first.".to_owned());
+    };
+    if v.expires_at < now {
+        store.remove_verification(&user.jid, TerminalKind::Email)?;
+        return Ok("That code has expired. Send \"verify\" for a new one.".to_owned());
+    }
+    if v.code != code.trim() {
+        let tries_left = v.tries_left.saturating_sub(1);
+        if tries_left == 0 {
+            store.remove_verification(&user.jid, TerminalKind::Email)?;
+            return Ok(
+                "That code is wrong, and that was the last try. Send \"verify\" for a new code."
+                    .to_owned(),
+            );
+        }
+        store.put_verification(&user.jid, &Verification { tries_left, ..v })?;
+        return Ok(format!("That code is wrong ({tries_left} tries left)."));
+    }
+    confirm_email(core, store, now, user, &v.address, out)
+}
+
+/// The user proved they read `address`: it becomes their email terminal.
+fn confirm_email(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    address: &str,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    let mut user = user.clone();
+    let Some(terminal) = user
+        .email
+        .as_mut()
+        .filter(|t| t.address.as_str() == address)
+    else {
+        return Ok("That code was for an address you no longer use.".to_owned());
+    };
+    terminal.verified = true;
+    terminal.failing = false;
+    store.put_user(&user)?;
+    store.remove_verification(&user.jid, TerminalKind::Email)?;
+    tracing::info!(handle = user.handle.as_str(), "email terminal verified");
+    // What was held while there was no terminal goes out by email the usual way.
+    if !presence::global_presence(store, &user)?.is_available() {
+        for held in store.take_held(&user.jid)? {
+            let text = held
+                .stanza
+                .parse::<Element>()
+                .ok()
+                .and_then(|s| child_text(&s, "body"));
+            match text {
+                Some(text) => add_pending(
+                    core,
+                    store,
+                    now,
+                    &user,
+                    &held.peer,
+                    PendingItem {
+                        at: held.held_at,
+                        id: None,
+                        text,
+                        stanza: held.stanza,
+                        on_xmpp: false,
+                    },
+                )?,
+                None => store.hold(&user.jid, &held)?,
+            }
+        }
+    }
+    let _ = out;
+    Ok(format!(
+        "Your email address {address} is verified. Reach forwards messages there while you are away from XMPP."
+    ))
+}
+
+/// RCPT TO: is this a live alias, and may this envelope sender write to it?
+pub fn check_recipient(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    envelope_from: &str,
+    rcpt: &str,
+) -> Result<SmtpAnswer, StoreError> {
+    let unknown = || {
+        SmtpAnswer::new(
+            550,
+            "5.1.1",
+            "no such reply address here (it may have expired)",
+        )
+    };
+    let Some(settings) = settings(core) else {
+        return Ok(unknown());
+    };
+    let Some(token) = token_of(rcpt, &settings.reply_domain) else {
+        return Ok(unknown());
+    };
+    let Some((alias, user)) = live_alias(core, store, now, &token)? else {
+        return Ok(unknown());
+    };
+    if !envelope_from.is_empty() && !sender_may_use(&alias.purpose, &user, envelope_from) {
+        return Ok(SmtpAnswer::new(
+            550,
+            "5.7.1",
+            "this reply address takes mail from its owner's address only",
+        ));
+    }
+    Ok(SmtpAnswer::new(250, "2.1.5", "recipient ok"))
+}
+
+fn live_alias(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    token: &str,
+) -> Result<Option<(Alias, User)>, StoreError> {
+    let Some(settings) = settings(core) else {
+        return Ok(None);
+    };
+    let hash = token_hash(token);
+    let Some(alias) = store.alias(&hash)? else {
+        return Ok(None);
+    };
+    if alias.last_used + settings.alias_idle_secs < now {
+        store.remove_alias(&hash)?;
+        return Ok(None);
+    }
+    let Some(user) = store.user(alias.purpose.user())? else {
+        return Ok(None);
+    };
+    Ok(Some((alias, user)))
+}
+
+fn same_address(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
+fn sender_may_use(purpose: &AliasPurpose, user: &User, sender: &str) -> bool {
+    match purpose {
+        AliasPurpose::Verify { address, .. } => same_address(address, sender),
+        AliasPurpose::Session { .. } => user
+            .email
+            .as_ref()
+            .is_some_and(|t| t.verified && same_address(t.address.as_str(), sender)),
+    }
+}
+
+/// DATA: a read reply. Accepted (250) only once what it leads to is stored, which the caller
+/// guarantees by committing before it answers.
+pub(super) fn on_reply(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    mail: &InboundMail,
+    out: &mut Out,
+) -> Result<SmtpAnswer, StoreError> {
+    let unknown = SmtpAnswer::new(
+        550,
+        "5.1.1",
+        "no such reply address here (it may have expired)",
+    );
+    let Some(settings) = settings(core) else {
+        return Ok(unknown);
+    };
+    let Some(token) = token_of(&mail.rcpt, &settings.reply_domain) else {
+        return Ok(unknown);
+    };
+    let Some((alias, user)) = live_alias(core, store, now, &token)? else {
+        return Ok(unknown);
+    };
+
+    // Bounces and automatic replies never become messages.
+    let bounce = mail.envelope_from.is_empty()
+        || matches!(
+            mail.reply.automatic,
+            Some(Automatic::Bounce | Automatic::MailerDaemon)
+        );
+    if bounce {
+        if let Some(mut failing) = store.user(&user.jid)? {
+            if let Some(t) = failing.email.as_mut() {
+                t.failing = true;
+            }
+            store.put_user(&failing)?;
+        }
+        tracing::info!(
+            handle = user.handle.as_str(),
+            "a bounce came back: email terminal marked failing"
+        );
+        return Ok(SmtpAnswer::accepted("bounce noted"));
+    }
+    if mail.reply.automatic.is_some() {
+        tracing::debug!(handle = user.handle.as_str(), "automatic reply ignored");
+        return Ok(SmtpAnswer::accepted("automatic reply ignored"));
+    }
+    let from_ok = mail
+        .reply
+        .from
+        .as_deref()
+        .is_some_and(|f| same_address(f, &mail.envelope_from));
+    if !sender_may_use(&alias.purpose, &user, &mail.envelope_from) || !from_ok {
+        return Ok(SmtpAnswer::new(
+            550,
+            "5.7.1",
+            "this reply address takes mail from its owner's address only",
+        ));
+    }
+    if let Some(id) = &mail.reply.message_id {
+        if !store.first_sight_of_mail(id, now)? {
+            return Ok(SmtpAnswer::accepted("already delivered"));
+        }
+    }
+    let hash = token_hash(&token);
+    store.put_alias(
+        &hash,
+        &Alias {
+            last_used: now,
+            ..alias.clone()
+        },
+    )?;
+    match alias.purpose {
+        AliasPurpose::Verify { address, .. } => {
+            let said = confirm_email(core, store, now, &user, &address, out)?;
+            out.send(chat(&core.settings.domain, &user.jid, &said));
+            Ok(SmtpAnswer::accepted("address verified"))
+        }
+        AliasPurpose::Session { peer, .. } => {
+            let text = mail.reply.text.trim();
+            if text.is_empty() {
+                return Ok(SmtpAnswer::new(
+                    550,
+                    "5.6.0",
+                    "no reply text found above the quoted message",
+                ));
+            }
+            let mut session = store.touch_session(&user.jid, &peer, now)?;
+            let mut message = chat(&core.reach_address(&user.handle), &peer, text);
+            message.set_attr(
+                crate::xmpp::stanza::NONE,
+                crate::xmpp::stanza::an("id"),
+                new_token(core),
+            );
+            if let Some(thread) = &session.thread {
+                message.append_child(
+                    Element::builder("thread", STANZA_NS)
+                        .append(thread.as_str())
+                        .build(),
+                );
+            }
+            out.send(message);
+            if let Some(id) = &mail.reply.message_id {
+                session.email_last = Some(id.clone());
+            }
+            store.put_session(&user.jid, &session)?;
+            store.remove_pending(&user.jid, &peer)?;
+            if let Some(mut fresh) = store.user(&user.jid)? {
+                if let Some(t) = fresh.email.as_mut().filter(|t| t.failing) {
+                    t.failing = false;
+                    store.put_user(&fresh)?;
+                }
+            }
+            tracing::debug!(handle = user.handle.as_str(), "email reply relayed");
+            Ok(SmtpAnswer::accepted(format!("delivered to {peer}")))
+        }
+    }
+}
+
+/// The relay refused an email for good: the buddies hear that their messages did not go out by
+/// email, and those messages wait for the user's XMPP client instead.
+pub(super) fn on_failed(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    job: &EmailJob,
+    reason: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    tracing::warn!(reason, "an email could not be delivered");
+    let Some(user) = store.user(&job.user)? else {
+        return Ok(());
+    };
+    let Some(peer) = &job.peer else {
+        out.send(chat(
+            &core.settings.domain,
+            &user.jid,
+            "The verification email could not be delivered. Check the address and register it again.",
+        ));
+        return Ok(());
+    };
+    let address = core.reach_address(&user.handle);
+    for item in &job.items {
+        if !item.on_xmpp {
+            store.hold_stanza(&user.jid, peer, &item.stanza, now)?;
+        }
+        if let Some(id) = &item.id {
+            let mut notice = crate::xmpp::stanza::stanza("message", &address, peer);
+            notice.set_attr(
+                crate::xmpp::stanza::NONE,
+                crate::xmpp::stanza::an("id"),
+                id.as_str(),
+            );
+            notice.set_attr(
+                crate::xmpp::stanza::NONE,
+                crate::xmpp::stanza::an("type"),
+                "error",
+            );
+            let fault = StanzaFault::new(crate::xmpp::stanza::ErrorType::Wait, "recipient-unavailable").with_text(
+                format!(
+                    "This message could not be delivered by email; it waits for {} to come back to XMPP.",
+                    user.handle.as_str()
+                ),
+            );
+            notice.append_child(fault.to_element());
+            out.send(notice);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::core::testing::*;
+    use crate::core::{Action, Event};
+    use crate::store::Terminal;
+
+    const BOB: &str = "bob@example.net";
+    const ALICE: &str = "alice@example.org";
+    const ALICE_MAIL: &str = "alice@mail.example.org";
+
+    /// Alice registered with a verified email address.
+    fn alice_with_email(t: &Harness) {
+        t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
+        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        user.email = Some(Terminal {
+            verified: true,
+            ..Terminal::unverified(user.email.unwrap().address)
+        });
+        t.store.put_user(&user).unwrap();
+    }
+
+    fn from_bob(t: &Harness, id: &str, body: &str) -> Vec<Element> {
+        t.run(&format!("<message type='chat' id='{id}' from='{BOB}/pc' to='alice@{D}'><body>{body}</body><thread>th</thread><nick xmlns='http://jabber.org/protocol/nick'>Bobby</nick></message>"))
+    }
+
+    fn emails(actions: Vec<Action>) -> Vec<EmailJob> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::SendEmail(job) => Some(*job),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn tick(t: &Harness) -> Vec<EmailJob> {
+        emails(t.actions(Event::Tick))
+    }
+
+    fn reply(from: &str, text: &str, id: &str) -> Reply {
+        Reply {
+            message_id: Some(id.into()),
+            from: Some(from.into()),
+            subject: Some("Re: IM".into()),
+            in_reply_to: vec![],
+            references: vec![],
+            text: text.into(),
+            attachments: vec![],
+            automatic: None,
+        }
+    }
+
+    fn answer(
+        t: &Harness,
+        envelope_from: &str,
+        rcpt: &str,
+        reply: Reply,
+    ) -> (SmtpAnswer, Vec<Element>) {
+        let actions = t.actions(Event::EmailReply(InboundMail {
+            envelope_from: envelope_from.into(),
+            rcpt: rcpt.into(),
+            reply,
+        }));
+        let mut answer = None;
+        let mut stanzas = Vec::new();
+        for a in actions {
+            match a {
+                Action::AnswerMail(x) => answer = Some(x),
+                Action::SendStanza(s) => stanzas.push(s),
+                Action::SendEmail(_) => {}
+            }
+        }
+        (answer.expect("an SMTP answer"), stanzas)
+    }
+
+    #[test]
+    fn an_offline_users_messages_share_one_email_after_the_digest_window() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        assert!(from_bob(&t, "m1", "first").is_empty());
+        t.advance(10);
+        assert!(from_bob(&t, "m2", "second").is_empty());
+        assert!(tick(&t).is_empty(), "the window is still open");
+        t.advance(25);
+        let jobs = tick(&t);
+        assert_eq!(jobs.len(), 1);
+        let job = &jobs[0];
+        assert_eq!(job.email.to, ALICE_MAIL);
+        assert_eq!(job.email.paragraphs, vec!["first", "second"]);
+        assert_eq!(job.email.from_name, "Bobby via Reach");
+        assert_eq!(job.email.subject, format!("IM from Bobby ({BOB})"));
+        assert!(
+            job.email.from_address.starts_with("r-")
+                && job.email.from_address.ends_with("@reply.example.org")
+        );
+        assert_eq!(job.envelope_from, "reach@reply.example.org");
+        assert!(tick(&t).is_empty(), "nothing is forwarded twice");
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 0);
+        // The next email continues the thread.
+        from_bob(&t, "m3", "third");
+        t.advance(31);
+        let next = &tick(&t)[0];
+        assert_eq!(
+            next.email.in_reply_to.as_deref(),
+            Some(job.email.message_id.as_str())
+        );
+        assert_eq!(next.email.references, vec![job.email.message_id.clone()]);
+    }
+
+    #[test]
+    fn coming_online_before_the_forward_delivers_by_xmpp_instead() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        from_bob(&t, "m1", "hello");
+        let out = t.run(&format!("<presence from='{ALICE}/laptop' to='{D}'/>"));
+        let m = out
+            .iter()
+            .find(|s| s.name() == "message")
+            .expect("the message on XMPP");
+        assert_eq!(m.attr("id"), Some("m1"));
+        t.advance(60);
+        assert!(tick(&t).is_empty());
+    }
+
+    #[test]
+    fn an_away_user_gets_email_only_for_what_stays_unread_after_the_grace_delay() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        t.run(&format!(
+            "<presence from='{ALICE}/laptop' to='{D}'><show>away</show></presence>"
+        ));
+        let out = from_bob(&t, "m1", "one");
+        assert_eq!(out.len(), 1, "delivered to XMPP at once");
+        t.advance(119);
+        assert!(tick(&t).is_empty());
+        t.advance(1);
+        assert_eq!(tick(&t)[0].email.paragraphs, vec!["one"]);
+
+        // Read (displayed marker): cancelled.
+        from_bob(&t, "m2", "two");
+        t.run(&format!("<message from='{ALICE}/laptop' to='bob\\40example.net@{D}'><displayed xmlns='urn:xmpp:chat-markers:0' id='m2'/></message>"));
+        t.advance(200);
+        assert!(tick(&t).is_empty());
+        // Answered in XMPP: cancelled.
+        from_bob(&t, "m3", "three");
+        t.run(&format!("<message type='chat' from='{ALICE}/laptop' to='bob\\40example.net@{D}'><body>ok</body></message>"));
+        t.advance(200);
+        assert!(tick(&t).is_empty());
+        // Back to available: cancelled.
+        from_bob(&t, "m4", "four");
+        t.run(&format!("<presence from='{ALICE}/laptop' to='{D}'/>"));
+        t.advance(200);
+        assert!(tick(&t).is_empty());
+    }
+
+    #[test]
+    fn an_unverified_address_gets_a_code_and_nothing_else() {
+        let t = Harness::new();
+        let out = t.actions(Event::Stanza(
+            register_form(ALICE, "alice", ALICE_MAIL, "")
+                .replacen(
+                    "<iq ",
+                    &format!("<iq xmlns='{}' ", crate::xmpp::stanza::STANZA_NS),
+                    1,
+                )
+                .parse()
+                .unwrap(),
+        ));
+        let jobs = emails(out);
+        assert_eq!(jobs.len(), 1);
+        let code = t
+            .store
+            .verification(ALICE, TerminalKind::Email)
+            .unwrap()
+            .unwrap()
+            .code;
+        assert!(jobs[0].email.subject.contains(&code));
+        assert!(jobs[0]
+            .email
+            .paragraphs
+            .iter()
+            .any(|p| p.contains(&format!("verify {code}"))));
+        // Messages wait on XMPP hold, not in email.
+        from_bob(&t, "m1", "held");
+        t.advance(60);
+        assert!(tick(&t).is_empty());
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+
+        let say = |text: &str| {
+            let reply = t.one(&format!(
+                "<message type='chat' from='{ALICE}/x' to='{D}'><body>{text}</body></message>"
+            ));
+            child_text(&reply, "body").unwrap()
+        };
+        assert!(say("verify 000000x").contains("wrong (4 tries left)"));
+        assert!(say(&format!("verify {code}")).contains("is verified"));
+        assert!(
+            t.store
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .email
+                .unwrap()
+                .verified
+        );
+        // What was held goes out by email now.
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 0);
+        t.advance(31);
+        assert_eq!(tick(&t)[0].email.paragraphs, vec!["held"]);
+    }
+
+    #[test]
+    fn codes_expire_and_run_out_of_tries() {
+        let t = Harness::new();
+        t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
+        let say = |text: &str| {
+            let reply = t.one(&format!(
+                "<message type='chat' from='{ALICE}/x' to='{D}'><body>{text}</body></message>"
+            ));
+            child_text(&reply, "body").unwrap()
+        };
+        for _ in 0..4 {
+            say("verify 1");
+        }
+        assert!(say("verify 1").contains("last try"));
+        assert!(say("verify 1").contains("nothing to verify"));
+        say("verify");
+        t.advance(CODE_VALIDITY_SECS + 1);
+        let code = t
+            .store
+            .verification(ALICE, TerminalKind::Email)
+            .unwrap()
+            .unwrap()
+            .code;
+        assert!(say(&format!("verify {code}")).contains("expired"));
+        assert!(
+            !t.store
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .email
+                .unwrap()
+                .verified
+        );
+    }
+
+    #[test]
+    fn replying_to_the_verification_email_verifies() {
+        let t = Harness::new();
+        let jobs = emails(
+            t.actions(Event::Stanza(
+                register_form(ALICE, "alice", ALICE_MAIL, "")
+                    .replacen(
+                        "<iq ",
+                        &format!("<iq xmlns='{}' ", crate::xmpp::stanza::STANZA_NS),
+                        1,
+                    )
+                    .parse()
+                    .unwrap(),
+            )),
+        );
+        let alias = jobs[0].email.from_address.clone();
+        let (a, _) = answer(
+            &t,
+            "mallory@evil.example",
+            &alias,
+            reply("mallory@evil.example", "yes", "v0@x"),
+        );
+        assert_eq!(a.code, 550);
+        let (a, stanzas) = answer(&t, ALICE_MAIL, &alias, reply(ALICE_MAIL, "yes", "v1@x"));
+        assert_eq!(a.code, 250, "{a:?}");
+        assert!(
+            t.store
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .email
+                .unwrap()
+                .verified
+        );
+        assert!(child_text(&stanzas[0], "body")
+            .unwrap()
+            .contains("is verified"));
+    }
+
+    fn forwarded_alias(t: &Harness) -> String {
+        alice_with_email(t);
+        from_bob(t, "m1", "hello");
+        t.advance(31);
+        tick(t)[0].email.from_address.clone()
+    }
+
+    #[test]
+    fn a_reply_from_the_owner_reaches_the_buddy_in_the_same_thread() {
+        let t = Harness::new();
+        let alias = forwarded_alias(&t);
+        assert_eq!(
+            t.core
+                .check_mail_recipient(&t.store, t.now.get(), ALICE_MAIL, &alias)
+                .unwrap()
+                .code,
+            250
+        );
+        let (a, stanzas) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply(ALICE_MAIL, "Hi Bob", "r1@mail"),
+        );
+        assert_eq!(a.code, 250);
+        assert_eq!(stanzas.len(), 1);
+        let m = &stanzas[0];
+        assert_eq!(m.attr("from"), Some(&*format!("alice@{D}")));
+        assert_eq!(m.attr("to"), Some(BOB));
+        assert_eq!(child_text(m, "body").as_deref(), Some("Hi Bob"));
+        assert_eq!(child_text(m, "thread").as_deref(), Some("th"));
+        // The same Message-ID again: accepted, not delivered twice.
+        let (a, stanzas) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply(ALICE_MAIL, "Hi Bob", "r1@mail"),
+        );
+        assert_eq!(a.code, 250);
+        assert!(stanzas.is_empty());
+        // Bob's next message continues the email thread from Alice's reply.
+        from_bob(&t, "m2", "again");
+        t.advance(31);
+        assert_eq!(tick(&t)[0].email.in_reply_to.as_deref(), Some("r1@mail"));
+    }
+
+    #[test]
+    fn strangers_unknown_and_expired_aliases_bounces_and_auto_replies_make_no_message() {
+        let t = Harness::new();
+        let alias = forwarded_alias(&t);
+        let check = |from: &str, rcpt: &str| {
+            t.core
+                .check_mail_recipient(&t.store, t.now.get(), from, rcpt)
+                .unwrap()
+        };
+        assert_eq!(check("mallory@evil.example", &alias).enhanced, "5.7.1");
+        assert_eq!(
+            check(
+                ALICE_MAIL,
+                "r-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa@reply.example.org"
+            )
+            .enhanced,
+            "5.1.1"
+        );
+        assert_eq!(
+            check(ALICE_MAIL, "postmaster@reply.example.org").enhanced,
+            "5.1.1"
+        );
+        // A forged From with the right envelope is refused too.
+        let (a, s) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply("mallory@evil.example", "x", "f1@x"),
+        );
+        assert_eq!((a.code, s.len()), (550, 0));
+        // Bounces and automatic replies: accepted, no message.
+        let mut dsn = reply("mailer-daemon@mail.example.org", "delivery failed", "b1@x");
+        dsn.automatic = Some(Automatic::Bounce);
+        let (a, s) = answer(&t, "", &alias, dsn);
+        assert_eq!((a.code, s.len()), (250, 0));
+        assert!(t.store.user(ALICE).unwrap().unwrap().email.unwrap().failing);
+        let mut vacation = reply(ALICE_MAIL, "I am away", "a1@x");
+        vacation.automatic = Some(Automatic::AutoSubmitted("auto-replied".into()));
+        let (a, s) = answer(&t, ALICE_MAIL, &alias, vacation);
+        assert_eq!((a.code, s.len()), (250, 0));
+        // Empty text is refused so that the user hears of it.
+        let (a, _) = answer(&t, ALICE_MAIL, &alias, reply(ALICE_MAIL, "  ", "e1@x"));
+        assert_eq!(a.enhanced, "5.6.0");
+        // Idle for longer than the alias lives: gone.
+        t.advance(31 * 86_400);
+        assert_eq!(check(ALICE_MAIL, &alias).enhanced, "5.1.1");
+        let (a, _) = answer(&t, ALICE_MAIL, &alias, reply(ALICE_MAIL, "late", "l1@x"));
+        assert_eq!(a.code, 550);
+    }
+
+    #[test]
+    fn a_permanent_failure_tells_the_buddy_and_keeps_the_message_for_xmpp() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        from_bob(&t, "m1", "hello");
+        t.advance(31);
+        let job = tick(&t).remove(0);
+        let seq = t.store.enqueue_email(&job).unwrap();
+        let out = t.event(Event::EmailFailed {
+            seq,
+            job: Box::new(job),
+            reason: "550 no such user".into(),
+        });
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].attr("type"), Some("error"));
+        assert_eq!(out[0].attr("to"), Some(BOB));
+        assert_eq!(out[0].attr("id"), Some("m1"));
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+        assert_eq!(t.store.stats().unwrap().email_queue, 0);
+        let back = t.run(&format!("<presence from='{ALICE}/laptop' to='{D}'/>"));
+        assert!(back.iter().any(|s| s.attr("id") == Some("m1")));
+    }
+
+    #[test]
+    fn removing_the_registration_kills_its_aliases() {
+        let t = Harness::new();
+        let alias = forwarded_alias(&t);
+        t.run(&format!("<iq type='set' id='r' from='{ALICE}/x' to='{D}'><query xmlns='jabber:iq:register'><remove/></query></iq>"));
+        assert_eq!(
+            t.core
+                .check_mail_recipient(&t.store, t.now.get(), ALICE_MAIL, &alias)
+                .unwrap()
+                .enhanced,
+            "5.1.1"
+        );
+    }
+
+    #[test]
+    fn tokens_are_found_only_in_alias_addresses_of_the_reply_domain() {
+        let t = "abcdefghijklmnopqrstuvwxyz234567";
+        assert_eq!(
+            token_of(&format!("r-{t}@reply.example.org"), "reply.example.org").as_deref(),
+            Some(t)
+        );
+        assert_eq!(
+            token_of(
+                &format!("R-{}@Reply.Example.org", t.to_uppercase()),
+                "reply.example.org"
+            )
+            .as_deref(),
+            Some(t)
+        );
+        assert_eq!(
+            token_of(&format!("r-{t}@other.example.org"), "reply.example.org"),
+            None
+        );
+        assert_eq!(
+            token_of("r-short@reply.example.org", "reply.example.org"),
+            None
+        );
+        assert_eq!(
+            token_of(&format!("x-{t}@reply.example.org"), "reply.example.org"),
+            None
+        );
+        assert_eq!(token_of("no-at-sign", "reply.example.org"), None);
+        assert_eq!(token_hash(t), token_hash(&t.to_uppercase()));
+    }
+
+    #[test]
+    fn peer_names_never_carry_line_breaks() {
+        assert_eq!(
+            peer_name(Some("Bob\r\nBcc: x@y"), "bob@example.net"),
+            "BobBcc: x@y"
+        );
+        assert_eq!(peer_name(Some("  "), "bob@example.net"), "bob");
+        assert_eq!(peer_name(None, "bob@example.net"), "bob");
+    }
+}

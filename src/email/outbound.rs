@@ -1,0 +1,1210 @@
+//! Outbound email: renders one [`OutgoingEmail`] into RFC 5322 bytes and sends rendered bytes
+//! through the configured SMTP relay.
+//!
+//! Everything an email says (who it is from, its subject, its threading, its text) is decided by
+//! the caller; this module only renders and sends. It never decides whether to retry: [`Relay::send`]
+//! classifies a failure as [`SendError::Transient`] (retry later) or [`SendError::Permanent`]
+//! (give up and report), and the durable outbound queue acts on that.
+//!
+//! Text that ends up in a header (display name, subject) is sanitised here: control characters,
+//! CR and LF included, become spaces, so no caller-supplied text can start a header of its own.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use lettre::address::Envelope;
+use lettre::message::header::{Header, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::PoolConfig;
+use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+/// One email Reach sends: everything is decided by the caller; this module only renders and sends.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutgoingEmail {
+    /// Display name of the sender, e.g. "Bob via Reach". Any Unicode; control characters
+    /// (CR/LF included) are replaced by spaces.
+    pub from_name: String,
+    /// The per-session alias `r-TOKEN@reply.domain`: From and Reply-To.
+    pub from_address: String,
+    /// The user's verified address.
+    pub to: String,
+    /// E.g. "IM from Bob (bob@example.net)"; sanitised like `from_name`.
+    pub subject: String,
+    /// This email's Message-ID without angle brackets, e.g. "abc@reply.domain".
+    pub message_id: String,
+    /// The Message-ID (without brackets) this email answers, if any.
+    pub in_reply_to: Option<String>,
+    /// The thread's Message-IDs (without brackets), oldest first.
+    pub references: Vec<String>,
+    /// The body: one paragraph per message, multi-line allowed.
+    pub paragraphs: Vec<String>,
+    /// Text after the signature separator, e.g. "Reply to this email to answer Bob."
+    pub footer: String,
+}
+
+/// Why an email cannot be rendered or a relay cannot be set up. Not retryable: the input is wrong.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum OutboundError {
+    /// An address field is not a valid email address.
+    #[error("invalid {field} address {value:?}: {reason}")]
+    InvalidAddress {
+        /// Which field: "from", "to", ...
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The email's own Message-ID is not of the form `left@right` in plain ASCII.
+    #[error("invalid Message-ID {0:?}: expected left@right with no spaces, brackets or quotes")]
+    InvalidMessageId(String),
+    /// lettre refused to build the message.
+    #[error("cannot build the email: {0}")]
+    Build(String),
+    /// The relay URL cannot be understood.
+    #[error("invalid relay URL {url:?}: {reason}")]
+    InvalidRelayUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// TLS parameters for the relay cannot be set up.
+    #[error("cannot set up TLS for relay {host}: {reason}")]
+    Tls {
+        /// The relay host.
+        host: String,
+        /// lettre's explanation.
+        reason: String,
+    },
+}
+
+/// `Auto-Submitted: auto-generated` (RFC 3834): tells well-behaved responders not to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AutoSubmitted;
+
+impl Header for AutoSubmitted {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("Auto-Submitted")
+    }
+
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(AutoSubmitted)
+    }
+
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), "auto-generated".to_owned())
+    }
+}
+
+/// `X-Auto-Response-Suppress: All`: the same request for Exchange/Outlook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AutoResponseSuppress;
+
+impl Header for AutoResponseSuppress {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("X-Auto-Response-Suppress")
+    }
+
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(AutoResponseSuppress)
+    }
+
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), "All".to_owned())
+    }
+}
+
+/// Text safe for one header line: every control character (CR, LF, TAB, DEL, C1, and the Unicode
+/// line/paragraph separators) becomes a space, runs of whitespace collapse to one space, and the
+/// ends are trimmed. lettre then RFC 2047-encodes whatever is not printable ASCII.
+pub fn header_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let c = if c.is_control() || c.is_whitespace() {
+            ' '
+        } else {
+            c
+        };
+        if c == ' ' && (out.is_empty() || out.ends_with(' ')) {
+            continue;
+        }
+        out.push(c);
+    }
+    let trimmed = out.trim_end().len();
+    out.truncate(trimmed);
+    out
+}
+
+/// Body text with every line ending as `\n` (lettre writes CRLF on the wire).
+fn body_text(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+/// Is `id` (without brackets) a Message-ID we can write verbatim: `dot-atom-text@dot-atom-text`
+/// (RFC 5322 msg-id without the obsolete and no-fold-literal forms)?
+fn is_message_id(id: &str) -> bool {
+    fn atom_char(c: u8) -> bool {
+        c.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&c)
+    }
+    fn dot_atom(part: &str) -> bool {
+        !part.is_empty()
+            && part
+                .split('.')
+                .all(|atom| !atom.is_empty() && atom.bytes().all(atom_char))
+    }
+    match id.split_once('@') {
+        Some((left, right)) => dot_atom(left) && dot_atom(right),
+        None => false,
+    }
+}
+
+fn parse_address(field: &'static str, value: &str) -> Result<Address, OutboundError> {
+    value
+        .parse::<Address>()
+        .map_err(|err| OutboundError::InvalidAddress {
+            field,
+            value: value.to_owned(),
+            reason: err.to_string(),
+        })
+}
+
+/// HTML-escapes `text` (the five XML specials) for element content and attribute values.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One paragraph of HTML content: escaped lines joined by `<br>`.
+fn html_lines(text: &str) -> String {
+    body_text(text)
+        .split('\n')
+        .map(escape_html)
+        .collect::<Vec<_>>()
+        .join("<br>\n")
+}
+
+/// The text/plain part: paragraphs separated by a blank line, then the signature separator
+/// `-- ` and the footer.
+fn plain_body(email: &OutgoingEmail) -> String {
+    let mut text = email
+        .paragraphs
+        .iter()
+        .map(|p| body_text(p))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    if !text.is_empty() {
+        text.push_str("\n\n");
+    }
+    text.push_str("-- \n");
+    text.push_str(&body_text(&email.footer));
+    text.push('\n');
+    text
+}
+
+/// The text/html part: one `<p>` per paragraph, the footer in a small muted `<p>`.
+fn html_body(email: &OutgoingEmail) -> String {
+    let mut html =
+        String::from("<!DOCTYPE html>\n<html>\n<head><meta charset=\"utf-8\"></head>\n<body>\n");
+    for paragraph in &email.paragraphs {
+        html.push_str("<p>");
+        html.push_str(&html_lines(paragraph));
+        html.push_str("</p>\n");
+    }
+    html.push_str("<p style=\"color:#777777;font-size:small\">");
+    html.push_str(&html_lines(&email.footer));
+    html.push_str("</p>\n</body>\n</html>\n");
+    html
+}
+
+/// Renders `email` as RFC 5322 bytes (CRLF line endings), dated `now`.
+///
+/// Fails when an address or the email's own Message-ID is malformed. Malformed `in_reply_to` or
+/// `references` entries (they may come from other people's mail clients) are dropped with a
+/// warning rather than failing the email.
+pub fn render(email: &OutgoingEmail, now: SystemTime) -> Result<Vec<u8>, OutboundError> {
+    let from_address = parse_address("from", &email.from_address)?;
+    let to = parse_address("to", &email.to)?;
+    let name = header_text(&email.from_name);
+    let from = Mailbox::new((!name.is_empty()).then_some(name), from_address);
+    if !is_message_id(&email.message_id) {
+        return Err(OutboundError::InvalidMessageId(email.message_id.clone()));
+    }
+
+    let mut builder = Message::builder()
+        .from(from.clone())
+        .reply_to(from)
+        .to(Mailbox::new(None, to))
+        .subject(header_text(&email.subject))
+        .message_id(Some(format!("<{}>", email.message_id)))
+        .date(now)
+        .header(AutoSubmitted)
+        .header(AutoResponseSuppress);
+
+    if let Some(parent) = &email.in_reply_to {
+        if is_message_id(parent) {
+            builder = builder.in_reply_to(format!("<{parent}>"));
+        } else {
+            tracing::warn!(in_reply_to = %parent.escape_debug(), "dropping malformed In-Reply-To");
+        }
+    }
+    let references: Vec<String> = email
+        .references
+        .iter()
+        .filter(|id| {
+            let ok = is_message_id(id);
+            if !ok {
+                tracing::warn!(reference = %id.escape_debug(), "dropping malformed References entry");
+            }
+            ok
+        })
+        .map(|id| format!("<{id}>"))
+        .collect();
+    if !references.is_empty() {
+        builder = builder.references(references.join(" "));
+    }
+
+    let message = builder
+        .multipart(MultiPart::alternative_plain_html(
+            plain_body(email),
+            html_body(email),
+        ))
+        .map_err(|err| OutboundError::Build(err.to_string()))?;
+    Ok(message.formatted())
+}
+
+/// A temporary or permanent failure to hand a message to the relay.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// Try again later: 4xx replies, connection refused/reset, timeouts, TLS trouble, relay
+    /// authentication problems (a configuration problem the admin can fix).
+    #[error("temporary failure: {0}")]
+    Transient(String),
+    /// Do not retry: a 5xx reply (including a refused recipient) or an address the relay can
+    /// never accept.
+    #[error("permanent failure: {0}")]
+    Permanent(String),
+}
+
+/// How the connection to the relay is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelaySecurity {
+    /// No TLS at all (`smtp://`, default port 25). Only for a relay on loopback or a trusted LAN.
+    Plain,
+    /// Plain connect, then STARTTLS, which is required (`smtp+starttls://`, default port 587).
+    StartTls,
+    /// TLS from the first byte (`smtps://`, default port 465).
+    Tls,
+}
+
+impl RelaySecurity {
+    /// The usual port for this kind of connection.
+    pub fn default_port(self) -> u16 {
+        match self {
+            RelaySecurity::Plain => 25,
+            RelaySecurity::StartTls => 587,
+            RelaySecurity::Tls => 465,
+        }
+    }
+}
+
+/// Where and how to reach the SMTP relay.
+#[derive(Clone)]
+pub struct RelayConfig {
+    /// Host name (checked against the TLS certificate) or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Plain, STARTTLS or implicit TLS.
+    pub security: RelaySecurity,
+    /// SMTP AUTH user name, if the relay wants one.
+    pub username: Option<String>,
+    /// SMTP AUTH password (never shown in `Debug`).
+    pub password: Option<String>,
+    /// The name Reach gives in EHLO; empty means the machine's host name.
+    pub hello_name: String,
+    /// Limit for connecting and for each SMTP command.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("hello_name", &self.hello_name)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl RelayConfig {
+    /// Reads a relay URL: `smtp://host[:port]` (plain), `smtp+starttls://host[:port]` or
+    /// `smtps://host[:port]`; default ports 25 / 587 / 465. IPv6 literals go in brackets
+    /// (`smtp://[::1]:2525`). Credentials belong in `username`/`password`, not in the URL.
+    pub fn from_url(url: &str) -> Result<(String, u16, RelaySecurity), OutboundError> {
+        let bad = |reason: &str| OutboundError::InvalidRelayUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (scheme, rest) = url.trim().split_once("://").ok_or_else(|| {
+            bad("expected smtp://, smtp+starttls:// or smtps:// followed by a host")
+        })?;
+        let security = match scheme.to_ascii_lowercase().as_str() {
+            "smtp" => RelaySecurity::Plain,
+            "smtp+starttls" => RelaySecurity::StartTls,
+            "smtps" => RelaySecurity::Tls,
+            _ => {
+                return Err(bad(&format!(
+                    "unknown scheme {scheme:?}; use smtp, smtp+starttls or smtps"
+                )))
+            }
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains('@') {
+            return Err(bad(
+                "user name or password in the URL; set them as separate options",
+            ));
+        }
+        if authority.contains(['/', '?', '#']) {
+            return Err(bad("a relay URL has no path, query or fragment"));
+        }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| bad("IPv6 address without closing ']'"))?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad("invalid IPv6 address in brackets"));
+            }
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return Err(bad("unexpected text after ']'")),
+                },
+            }
+        } else {
+            match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        if !host.contains(':')
+            && !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(bad("host contains characters not allowed in a host name"));
+        }
+        let port = match port {
+            None => security.default_port(),
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => port,
+                _ => return Err(bad(&format!("invalid port {port:?}; expected 1-65535"))),
+            },
+        };
+        Ok((host.to_ascii_lowercase(), port, security))
+    }
+}
+
+/// The SMTP relay: a pooled lettre transport, so consecutive sends reuse a connection. Cheap to
+/// clone (clones share the pool).
+#[derive(Clone)]
+pub struct Relay {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    host: String,
+    port: u16,
+}
+
+impl fmt::Debug for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relay")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SMTP reply codes that mean the relay refused *our credentials* (or wants some): a
+/// configuration problem, so retried rather than bounced.
+const AUTH_CODES: [&str; 4] = ["530", "534", "535", "538"];
+
+/// lettre's split, kept: 5xx is permanent, 4xx transient; everything without a reply code
+/// (refused/reset connections, timeouts, TLS handshakes, unreadable replies) is transient, as is a
+/// 5xx about relay authentication.
+fn classify(err: &lettre::transport::smtp::Error) -> SendError {
+    let text = err.to_string();
+    if err.is_permanent() {
+        let code = err.status().map(|c| c.to_string()).unwrap_or_default();
+        if AUTH_CODES.contains(&code.as_str()) {
+            return SendError::Transient(format!(
+                "the relay refused Reach's credentials ({text}); check the relay user name and password"
+            ));
+        }
+        return SendError::Permanent(text);
+    }
+    if err.is_transient() {
+        return SendError::Transient(text);
+    }
+    let what = if err.is_timeout() {
+        "timed out talking to the relay"
+    } else if err.is_tls() {
+        "TLS with the relay failed"
+    } else {
+        "cannot talk to the relay"
+    };
+    SendError::Transient(format!("{what}: {text}"))
+}
+
+impl Relay {
+    /// Sets up the transport; connects lazily on the first send. Call it (and drop the relay)
+    /// inside the Tokio runtime: lettre's pool spawns its cleanup task at once.
+    pub fn new(config: &RelayConfig) -> Result<Relay, OutboundError> {
+        let tls_parameters = || {
+            TlsParameters::new(config.host.clone()).map_err(|err| OutboundError::Tls {
+                host: config.host.clone(),
+                reason: err.to_string(),
+            })
+        };
+        let tls = match config.security {
+            RelaySecurity::Plain => Tls::None,
+            RelaySecurity::StartTls => Tls::Required(tls_parameters()?),
+            RelaySecurity::Tls => Tls::Wrapper(tls_parameters()?),
+        };
+        let hello_name = if config.hello_name.trim().is_empty() {
+            ClientId::default()
+        } else {
+            ClientId::Domain(config.hello_name.trim().to_owned())
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
+            .port(config.port)
+            .tls(tls)
+            .hello_name(hello_name)
+            .timeout(Some(config.timeout))
+            .pool_config(
+                PoolConfig::new()
+                    .min_idle(0)
+                    .max_size(4)
+                    .idle_timeout(Duration::from_secs(60)),
+            );
+        if let Some(username) = &config.username {
+            builder =
+                builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+                    username.clone(),
+                    config.password.clone().unwrap_or_default(),
+                ));
+        }
+        Ok(Relay {
+            transport: builder.build(),
+            host: config.host.clone(),
+            port: config.port,
+        })
+    }
+
+    /// Sends the rendered bytes with this envelope. `envelope_from` may be empty for the null
+    /// reverse path. Transient = 4xx, connection refused/reset, timeouts, TLS handshake trouble;
+    /// Permanent = 5xx (and a refused recipient, or an address no relay could accept).
+    pub async fn send(
+        &self,
+        envelope_from: &str,
+        to: &str,
+        message: &[u8],
+    ) -> Result<(), SendError> {
+        let sender = if envelope_from.is_empty() {
+            None
+        } else {
+            Some(envelope_from.parse::<Address>().map_err(|err| {
+                SendError::Permanent(format!("invalid envelope sender {envelope_from:?}: {err}"))
+            })?)
+        };
+        let recipient = to
+            .parse::<Address>()
+            .map_err(|err| SendError::Permanent(format!("invalid recipient {to:?}: {err}")))?;
+        let envelope = Envelope::new(sender, vec![recipient])
+            .map_err(|err| SendError::Permanent(format!("invalid envelope: {err}")))?;
+        match self.transport.send_raw(&envelope, message).await {
+            Ok(response) => {
+                tracing::debug!(relay = %self.host, port = self.port, code = %response.code(), "relay accepted the message");
+                Ok(())
+            }
+            Err(err) => {
+                let outcome = classify(&err);
+                tracing::warn!(relay = %self.host, port = self.port, error = %outcome, "relay did not take the message");
+                Err(outcome)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mail_parser::{MessageParser, MimeHeaders};
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Instant, UNIX_EPOCH};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    fn sample() -> OutgoingEmail {
+        OutgoingEmail {
+            from_name: "Bob via Reach".into(),
+            from_address: "r-abcdef@reply.example.com".into(),
+            to: "alice@example.org".into(),
+            subject: "IM from Bob (bob@example.net)".into(),
+            message_id: "m1.xyz@reply.example.com".into(),
+            in_reply_to: None,
+            references: vec![],
+            paragraphs: vec![
+                "10:02 Bob: hi there".into(),
+                "10:03 Bob: two lines\nsecond <b>line</b> & more".into(),
+            ],
+            footer: "Reply to this email to answer Bob.".into(),
+        }
+    }
+
+    fn at() -> SystemTime {
+        // 2024-03-01T10:02:03Z
+        UNIX_EPOCH + Duration::from_secs(1_709_287_323)
+    }
+
+    fn header_section(raw: &[u8]) -> String {
+        let raw = String::from_utf8(raw.to_vec()).expect("rendered mail is ASCII/UTF-8");
+        let end = raw.find("\r\n\r\n").expect("header/body separator");
+        raw[..end].to_owned()
+    }
+
+    /// Top-level header names, in order, lower-cased (continuation lines are not headers).
+    fn header_names(raw: &[u8]) -> Vec<String> {
+        header_section(raw)
+            .split("\r\n")
+            .filter(|line| !line.starts_with([' ', '\t']))
+            .map(|line| line.split(':').next().unwrap_or("").to_ascii_lowercase())
+            .collect()
+    }
+
+    fn raw_header<'a>(msg: &'a mail_parser::Message<'a>, name: &'a str) -> Option<&'a str> {
+        msg.header_raw(name).map(str::trim)
+    }
+
+    /// Message-IDs of a parsed In-Reply-To/References header.
+    fn ids(value: &mail_parser::HeaderValue<'_>) -> Option<Vec<String>> {
+        value
+            .as_text_list()
+            .map(|list| list.iter().map(|id| id.to_string()).collect())
+            .or_else(|| value.as_text().map(|id| vec![id.to_owned()]))
+    }
+
+    #[test]
+    fn renders_every_header_and_both_parts() {
+        let raw = render(&sample(), at()).unwrap();
+        assert!(
+            raw.windows(2).all(|w| w[1] != b'\n' || w[0] == b'\r'),
+            "bare LF"
+        );
+        let msg = MessageParser::default().parse(&raw).unwrap();
+
+        let from = msg.from().unwrap().first().unwrap();
+        assert_eq!(from.name(), Some("Bob via Reach"));
+        assert_eq!(from.address(), Some("r-abcdef@reply.example.com"));
+        let reply_to = msg.reply_to().unwrap().first().unwrap();
+        assert_eq!(reply_to.name(), Some("Bob via Reach"));
+        assert_eq!(reply_to.address(), Some("r-abcdef@reply.example.com"));
+        let to = msg.to().unwrap();
+        assert_eq!(to.iter().count(), 1);
+        assert_eq!(to.first().unwrap().address(), Some("alice@example.org"));
+        assert_eq!(msg.subject(), Some("IM from Bob (bob@example.net)"));
+        assert_eq!(msg.message_id(), Some("m1.xyz@reply.example.com"));
+        assert_eq!(msg.date().unwrap().to_timestamp(), 1_709_287_323);
+        assert_eq!(raw_header(&msg, "Auto-Submitted"), Some("auto-generated"));
+        assert_eq!(raw_header(&msg, "X-Auto-Response-Suppress"), Some("All"));
+        assert!(msg.header("In-Reply-To").is_none());
+        assert!(msg.header("References").is_none());
+        assert!(msg.header("Bcc").is_none());
+        let ct = msg.content_type().unwrap();
+        assert_eq!(ct.ctype(), "multipart");
+        assert_eq!(ct.subtype(), Some("alternative"));
+
+        assert_eq!(msg.text_body.len(), 1);
+        assert_eq!(msg.html_body.len(), 1);
+        let text_part = msg.part(msg.text_body[0]).unwrap();
+        let text_ct = text_part.content_type().unwrap();
+        assert_eq!(
+            (text_ct.ctype(), text_ct.subtype()),
+            ("text", Some("plain"))
+        );
+        assert_eq!(
+            text_ct.attribute("charset").map(str::to_ascii_lowercase),
+            Some("utf-8".into())
+        );
+        let text = msg.body_text(0).unwrap().replace("\r\n", "\n");
+        assert_eq!(
+            text,
+            "10:02 Bob: hi there\n\n10:03 Bob: two lines\nsecond <b>line</b> & more\n\n\
+             -- \nReply to this email to answer Bob.\n"
+        );
+        let html_part = msg.part(msg.html_body[0]).unwrap();
+        let html_ct = html_part.content_type().unwrap();
+        assert_eq!((html_ct.ctype(), html_ct.subtype()), ("text", Some("html")));
+        let html = msg.body_html(0).unwrap().replace("\r\n", "\n");
+        assert!(html.contains("<p>10:02 Bob: hi there</p>"), "{html}");
+        assert!(
+            html.contains(
+                "<p>10:03 Bob: two lines<br>\nsecond &lt;b&gt;line&lt;/b&gt; &amp; more</p>"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains(
+                "<p style=\"color:#777777;font-size:small\">Reply to this email to answer Bob.</p>"
+            ),
+            "{html}"
+        );
+        assert!(!html.contains("<b>"), "unescaped markup: {html}");
+    }
+
+    #[test]
+    fn threading_headers_only_when_set() {
+        let mut email = sample();
+        email.in_reply_to = Some("m0@reply.example.com".into());
+        email.references = vec![
+            "root@reply.example.com".into(),
+            "m0@reply.example.com".into(),
+        ];
+        let raw = render(&email, at()).unwrap();
+        let msg = MessageParser::default().parse(&raw).unwrap();
+        assert_eq!(
+            ids(msg.in_reply_to()),
+            Some(vec!["m0@reply.example.com".to_owned()])
+        );
+        assert_eq!(
+            ids(msg.references()),
+            Some(vec![
+                "root@reply.example.com".to_owned(),
+                "m0@reply.example.com".to_owned()
+            ])
+        );
+
+        // Only In-Reply-To.
+        email.references.clear();
+        let raw = render(&email, at()).unwrap();
+        let names = header_names(&raw);
+        assert!(names.contains(&"in-reply-to".to_owned()));
+        assert!(!names.contains(&"references".to_owned()));
+    }
+
+    #[test]
+    fn malformed_thread_ids_are_dropped_but_own_id_must_be_valid() {
+        let mut email = sample();
+        email.in_reply_to = Some("not an id".into());
+        email.references = vec![
+            "ok@reply.example.com".into(),
+            "bad>\r\nBcc: evil@x".into(),
+            "".into(),
+        ];
+        let raw = render(&email, at()).unwrap();
+        let msg = MessageParser::default().parse(&raw).unwrap();
+        assert!(msg.header("In-Reply-To").is_none());
+        assert_eq!(
+            ids(msg.references()),
+            Some(vec!["ok@reply.example.com".to_owned()])
+        );
+        assert!(msg.header("Bcc").is_none());
+
+        for bad in [
+            "",
+            "no-at-sign",
+            "<x@y>",
+            "a b@c",
+            "x@y\r\nBcc: e@x",
+            "a@b@c",
+            "a..b@c",
+        ] {
+            let mut email = sample();
+            email.message_id = bad.into();
+            assert_eq!(
+                render(&email, at()),
+                Err(OutboundError::InvalidMessageId(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_injection_through_name_or_subject_creates_no_header() {
+        let clean_raw = render(&sample(), at()).unwrap();
+        let clean = header_names(&clean_raw);
+        let clean_count = MessageParser::default()
+            .parse(&clean_raw)
+            .unwrap()
+            .headers()
+            .len();
+        for evil in [
+            "Bob\r\nBcc: evil@x",
+            "Bob\nBcc: evil@x",
+            "Bob\rBcc: evil@x",
+            "Bob\r\n\r\nBcc: evil@x",
+            "Bob\u{85}Bcc: evil@x",
+            "Bob\u{2028}Bcc: evil@x",
+        ] {
+            let mut email = sample();
+            email.from_name = evil.into();
+            email.subject = format!("IM from {evil}");
+            let raw = render(&email, at()).unwrap();
+            assert_eq!(header_names(&raw), clean, "{evil:?}");
+            let msg = MessageParser::default().parse(&raw).unwrap();
+            assert!(msg.header("Bcc").is_none(), "{evil:?}");
+            assert!(msg.bcc().is_none(), "{evil:?}");
+            assert_eq!(msg.headers().len(), clean_count, "{evil:?}");
+            let from = msg.from().unwrap().first().unwrap();
+            assert_eq!(from.address(), Some("r-abcdef@reply.example.com"));
+            assert_eq!(from.name(), Some("Bob Bcc: evil@x"), "{evil:?}");
+            assert_eq!(msg.subject(), Some("IM from Bob Bcc: evil@x"), "{evil:?}");
+            assert_eq!(msg.to().unwrap().iter().count(), 1);
+        }
+    }
+
+    #[test]
+    fn non_ascii_name_and_subject_are_encoded_and_decode_back() {
+        let mut email = sample();
+        email.from_name = "Zoë \"the\" Ünïcødé 🦀 via Reach".into();
+        email.subject = "IM from Zoë (zoë@exämple.net) — «ça va?» ".repeat(3);
+        let raw = render(&email, at()).unwrap();
+        let headers = header_section(&raw);
+        assert!(headers.is_ascii(), "raw 8-bit header: {headers}");
+        assert!(
+            headers.to_ascii_lowercase().contains("=?utf-8?"),
+            "{headers}"
+        );
+        assert!(headers.split("\r\n").all(|l| l.len() <= 998));
+        let msg = MessageParser::default().parse(&raw).unwrap();
+        let from = msg.from().unwrap().first().unwrap();
+        assert_eq!(from.name(), Some("Zoë \"the\" Ünïcødé 🦀 via Reach"));
+        assert_eq!(from.address(), Some("r-abcdef@reply.example.com"));
+        assert_eq!(msg.subject(), Some(header_text(&email.subject).as_str()));
+        let mut body_email = sample();
+        body_email.paragraphs = vec!["10:02 Zoë: ça va? 🦀".into()];
+        let raw = render(&body_email, at()).unwrap();
+        let msg = MessageParser::default().parse(&raw).unwrap();
+        assert!(msg
+            .body_text(0)
+            .unwrap()
+            .starts_with("10:02 Zoë: ça va? 🦀"));
+        assert!(msg
+            .body_html(0)
+            .unwrap()
+            .contains("<p>10:02 Zoë: ça va? 🦀</p>"));
+    }
+
+    #[test]
+    fn ascii_specials_in_name_round_trip() {
+        let mut email = sample();
+        email.from_name = "O'Brien, Bob <boss> \\ (x) via Reach".into();
+        let raw = render(&email, at()).unwrap();
+        let msg = MessageParser::default().parse(&raw).unwrap();
+        let from = msg.from().unwrap();
+        assert_eq!(from.iter().count(), 1, "{}", header_section(&raw));
+        let from = from.first().unwrap();
+        assert_eq!(from.name(), Some("O'Brien, Bob <boss> \\ (x) via Reach"));
+        assert_eq!(from.address(), Some("r-abcdef@reply.example.com"));
+    }
+
+    #[test]
+    fn empty_name_gives_bare_address_and_empty_paragraphs_give_footer_only() {
+        let mut email = sample();
+        email.from_name = " \r\n ".into();
+        email.paragraphs.clear();
+        let raw = render(&email, at()).unwrap();
+        let msg = MessageParser::default().parse(&raw).unwrap();
+        let from = msg.from().unwrap().first().unwrap();
+        assert_eq!(from.name(), None);
+        assert_eq!(from.address(), Some("r-abcdef@reply.example.com"));
+        assert_eq!(
+            msg.body_text(0).unwrap().replace("\r\n", "\n"),
+            "-- \nReply to this email to answer Bob.\n"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        let mut email = sample();
+        email.to = "alice@example.org\r\nBcc: evil@x".into();
+        assert!(matches!(
+            render(&email, at()),
+            Err(OutboundError::InvalidAddress { field: "to", .. })
+        ));
+        let mut email = sample();
+        email.from_address = "not an address".into();
+        assert!(matches!(
+            render(&email, at()),
+            Err(OutboundError::InvalidAddress { field: "from", .. })
+        ));
+    }
+
+    #[test]
+    fn header_text_sanitises() {
+        assert_eq!(header_text("  a\r\n\tb \u{7f}c\u{2029}d  "), "a b c d");
+        assert_eq!(header_text("\r\n"), "");
+        assert_eq!(header_text("Zoë 🦀"), "Zoë 🦀");
+    }
+
+    #[test]
+    fn relay_urls() {
+        use RelaySecurity::*;
+        let ok = |url: &str| RelayConfig::from_url(url).unwrap();
+        assert_eq!(
+            ok("smtp://relay.example.com"),
+            ("relay.example.com".into(), 25, Plain)
+        );
+        assert_eq!(
+            ok("smtp+starttls://Relay.Example.com"),
+            ("relay.example.com".into(), 587, StartTls)
+        );
+        assert_eq!(
+            ok("smtps://relay.example.com"),
+            ("relay.example.com".into(), 465, Tls)
+        );
+        assert_eq!(
+            ok("smtp://127.0.0.1:2525/"),
+            ("127.0.0.1".into(), 2525, Plain)
+        );
+        assert_eq!(ok("SMTPS://[::1]:4650"), ("::1".into(), 4650, Tls));
+        assert_eq!(ok("smtp://[::1]"), ("::1".into(), 25, Plain));
+
+        let err = |url: &str| match RelayConfig::from_url(url) {
+            Err(OutboundError::InvalidRelayUrl { reason, .. }) => reason,
+            other => panic!("{url}: {other:?}"),
+        };
+        assert!(err("relay.example.com").contains("smtp://"));
+        assert!(err("http://relay").contains("unknown scheme"));
+        assert!(err("smtp://").contains("no host"));
+        assert!(err("smtp://:25").contains("no host"));
+        assert!(err("smtp://relay:0").contains("invalid port"));
+        assert!(err("smtp://relay:70000").contains("invalid port"));
+        assert!(err("smtp://relay:abc").contains("invalid port"));
+        assert!(err("smtp://user:pw@relay").contains("separate options"));
+        assert!(err("smtp://relay/path").contains("no path"));
+        assert!(err("smtp://[::1").contains("']'"));
+        assert!(err("smtp://re lay").contains("not allowed"));
+    }
+
+    #[test]
+    fn relay_config_debug_hides_password() {
+        let config = RelayConfig {
+            host: "relay".into(),
+            port: 25,
+            security: RelaySecurity::Plain,
+            username: Some("reach".into()),
+            password: Some("hunter2".into()),
+            hello_name: "reach.example.com".into(),
+            timeout: Duration::from_secs(5),
+        };
+        let text = format!("{config:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("<redacted>"));
+    }
+
+    // ---- against real SMTP servers ----
+
+    fn relay_to(port: u16) -> Relay {
+        Relay::new(&RelayConfig {
+            host: "127.0.0.1".into(),
+            port,
+            security: RelaySecurity::Plain,
+            username: None,
+            password: None,
+            hello_name: "reach.test".into(),
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// aiosmtpd's Mailbox handler on a free port, killed (by PID) when dropped.
+    struct Sink {
+        child: Child,
+        port: u16,
+        dir: tempfile::TempDir,
+    }
+
+    impl Sink {
+        fn start() -> Sink {
+            let dir = tempfile::tempdir().unwrap();
+            for sub in ["tmp", "new", "cur"] {
+                std::fs::create_dir_all(dir.path().join("mail").join(sub)).unwrap();
+            }
+            let port = free_port();
+            let child = Command::new("python3")
+                .args(["-m", "aiosmtpd", "-n", "-l"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-c", "aiosmtpd.handlers.Mailbox"])
+                .arg(dir.path().join("mail"))
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("python3 -m aiosmtpd (PyPI aiosmtpd) must be installed");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "aiosmtpd did not start on {port}"
+                );
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Sink { child, port, dir }
+        }
+
+        fn stored(&self) -> Vec<String> {
+            let new = self.dir.path().join("mail").join("new");
+            let mut files: Vec<_> = std::fs::read_dir(&new)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            files.iter().map(|p: &std::path::PathBuf| read(p)).collect()
+        }
+    }
+
+    fn read(path: &Path) -> String {
+        String::from_utf8(std::fs::read(path).unwrap()).unwrap()
+    }
+
+    impl Drop for Sink {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_through_a_real_smtp_server() {
+        let sink = Sink::start();
+        let relay = relay_to(sink.port);
+        let mut email = sample();
+        let raw = render(&email, at()).unwrap();
+        relay
+            .send("bounces@reply.example.com", "alice@example.org", &raw)
+            .await
+            .unwrap();
+        email.message_id = "m2.xyz@reply.example.com".into();
+        email.paragraphs = vec!["10:05 Bob: ça va? 🦀".into()];
+        let raw2 = render(&email, at()).unwrap();
+        relay.send("", "alice@example.org", &raw2).await.unwrap();
+
+        let stored = sink.stored();
+        assert_eq!(stored.len(), 2, "{stored:?}");
+        let find = |id: &str| {
+            stored
+                .iter()
+                .find(|m| m.contains(id))
+                .unwrap_or_else(|| panic!("{id} not stored: {stored:?}"))
+                .clone()
+        };
+        let first = find("<m1.xyz@reply.example.com>");
+        let parsed = MessageParser::default().parse(first.as_bytes()).unwrap();
+        assert_eq!(
+            raw_header(&parsed, "X-MailFrom"),
+            Some("bounces@reply.example.com")
+        );
+        assert_eq!(raw_header(&parsed, "X-RcptTo"), Some("alice@example.org"));
+        assert_eq!(parsed.subject(), Some("IM from Bob (bob@example.net)"));
+        assert!(parsed
+            .body_text(0)
+            .unwrap()
+            .starts_with("10:02 Bob: hi there"));
+        let second = find("<m2.xyz@reply.example.com>");
+        let parsed = MessageParser::default().parse(second.as_bytes()).unwrap();
+        assert_eq!(
+            raw_header(&parsed, "X-MailFrom"),
+            Some("<>"),
+            "null reverse path"
+        );
+        assert!(parsed
+            .body_text(0)
+            .unwrap()
+            .starts_with("10:05 Bob: ça va? 🦀"));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_transient() {
+        let relay = relay_to(free_port());
+        let raw = render(&sample(), at()).unwrap();
+        match relay
+            .send("b@reply.example.com", "alice@example.org", &raw)
+            .await
+        {
+            Err(SendError::Transient(why)) => assert!(!why.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_recipient_is_permanent_without_connecting() {
+        let relay = relay_to(free_port());
+        let raw = render(&sample(), at()).unwrap();
+        assert!(matches!(
+            relay.send("b@reply.example.com", "no at sign", &raw).await,
+            Err(SendError::Permanent(_))
+        ));
+    }
+
+    /// A tiny SMTP server answering RCPT TO with `rcpt_reply` and the end of DATA with
+    /// `data_reply`; counts the connections it accepted.
+    async fn scripted_server(
+        rcpt_reply: &'static str,
+        data_reply: &'static str,
+    ) -> (u16, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_scripted(stream, rcpt_reply, data_reply));
+            }
+        });
+        (port, connections)
+    }
+
+    async fn serve_scripted(
+        stream: tokio::net::TcpStream,
+        rcpt_reply: &'static str,
+        data_reply: &'static str,
+    ) {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        if write.write_all(b"220 test ESMTP\r\n").await.is_err() {
+            return;
+        }
+        let mut in_data = false;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if in_data {
+                if line == "." {
+                    in_data = false;
+                    if write.write_all(data_reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &str = match verb.as_str() {
+                "EHLO" | "HELO" => "250-test\r\n250 8BITMIME\r\n",
+                "MAIL" | "RSET" | "NOOP" => "250 2.0.0 ok\r\n",
+                "RCPT" => rcpt_reply,
+                "DATA" => {
+                    in_data = true;
+                    "354 go ahead\r\n"
+                }
+                "QUIT" => {
+                    let _ = write.write_all(b"221 bye\r\n").await;
+                    return;
+                }
+                _ => "502 5.5.1 what?\r\n",
+            };
+            if write.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn send_to_scripted(
+        rcpt_reply: &'static str,
+        data_reply: &'static str,
+    ) -> Result<(), SendError> {
+        let (port, _) = scripted_server(rcpt_reply, data_reply).await;
+        let raw = render(&sample(), at()).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            relay_to(port).send("b@reply.example.com", "alice@example.org", &raw),
+        )
+        .await
+        .expect("send finished")
+    }
+
+    #[tokio::test]
+    async fn consecutive_sends_reuse_one_connection() {
+        let (port, connections) = scripted_server("250 ok\r\n", "250 2.0.0 queued\r\n").await;
+        let relay = relay_to(port);
+        let raw = render(&sample(), at()).unwrap();
+        for _ in 0..3 {
+            relay
+                .send("b@reply.example.com", "alice@example.org", &raw)
+                .await
+                .unwrap();
+            // lettre parks a used connection from a spawned task: give it a moment.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn refused_recipient_is_permanent() {
+        match send_to_scripted("550 5.1.1 no such user\r\n", "250 ok\r\n").await {
+            Err(SendError::Permanent(why)) => assert!(why.contains("no such user"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn try_later_is_transient() {
+        match send_to_scripted("451 4.3.0 try later\r\n", "250 ok\r\n").await {
+            Err(SendError::Transient(why)) => assert!(why.contains("try later"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_after_data_are_classified_too() {
+        assert_eq!(
+            send_to_scripted("250 ok\r\n", "250 2.0.0 queued\r\n").await,
+            Ok(())
+        );
+        assert!(matches!(
+            send_to_scripted("250 ok\r\n", "554 5.7.1 rejected as spam\r\n").await,
+            Err(SendError::Permanent(_))
+        ));
+        assert!(matches!(
+            send_to_scripted("250 ok\r\n", "452 4.3.1 out of memory\r\n").await,
+            Err(SendError::Transient(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn relay_authentication_refusal_is_transient() {
+        assert!(matches!(
+            send_to_scripted("530 5.7.0 Authentication required\r\n", "250 ok\r\n").await,
+            Err(SendError::Transient(why)) if why.contains("credentials")
+        ));
+    }
+}
