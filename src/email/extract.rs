@@ -512,6 +512,7 @@ fn attachment_names(message: &Message<'_>, body_ids: &[usize]) -> Vec<String> {
         .parts
         .iter()
         .enumerate()
+        .filter(|(_, part)| !is_broken_container(part))
         .filter(|(id, part)| match part.body {
             PartType::Multipart(_) => false,
             PartType::Binary(_) | PartType::InlineBinary(_) | PartType::Message(_) => true,
@@ -519,6 +520,12 @@ fn attachment_names(message: &Message<'_>, body_ids: &[usize]) -> Vec<String> {
         })
         .map(|(_, part)| attachment_name(part))
         .collect()
+}
+
+/// A part declared multipart/* whose boundary never came: a broken container, not an attachment.
+fn is_broken_container(part: &MessagePart<'_>) -> bool {
+    part.content_type()
+        .is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("multipart"))
 }
 
 fn attachment_name(part: &MessagePart<'_>) -> String {
@@ -1604,6 +1611,14 @@ mod tests {
         let html = "<blockquote><script>".repeat(20_000) + &"<div class=\"x".repeat(20_000);
         let _ = html_to_text(&html);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_multipart_whose_boundary_never_comes_is_no_attachment() {
+        let raw = b"From: a@example.org\r\nMessage-ID: <x@y>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"never\"\r\n\r\nno boundary ever\r\n";
+        let reply = parse_reply(raw).unwrap();
+        assert!(reply.attachments.is_empty(), "{reply:?}");
+        assert!(!reply.text.contains("attachment"), "{reply:?}");
     }
 
     #[test]
