@@ -96,6 +96,158 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// `[email]`: the email terminal. Optional; without it Reach forwards nothing by email.
     pub email: Option<EmailConfig>,
+    /// `[sms]`: the SMS terminal. Optional; without it Reach sends no SMS.
+    pub sms: Option<SmsConfig>,
+}
+
+/// `[sms]`: SMS through Kannel, and the webhook Kannel calls with incoming SMS and delivery
+/// reports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmsConfig {
+    /// `sendsms_url` (required): Kannel smsbox's sendsms address, e.g.
+    /// `http://127.0.0.1:13013/cgi-bin/sendsms`.
+    pub sendsms_url: String,
+    /// `username` (required): the sendsms-user's name.
+    pub username: String,
+    /// `password` / `password_file` (exactly one): the sendsms-user's password. Never logged.
+    password: Option<Secret>,
+    password_file: Option<PathBuf>,
+    /// `from` (required): the sender number or short code SMS are sent from (users text it).
+    pub from: String,
+    /// `webhook_listen` (required): `host:port` where Reach takes Kannel's calls.
+    pub webhook_listen: String,
+    /// `webhook_url` (required): the base URL at which Kannel reaches that listener, e.g.
+    /// `http://127.0.0.1:8088`; Reach adds `/sms/dlr?...` for delivery reports.
+    pub webhook_url: String,
+    /// `webhook_secret` / `webhook_secret_file` (exactly one): the shared secret Kannel's
+    /// get-url and dlr-url carry (`secret=` parameter). Requests without it get 403.
+    webhook_secret: Option<Secret>,
+    webhook_secret_file: Option<PathBuf>,
+    /// `delivery_reports` (optional, default true): ask Kannel for delivery reports; a delivered
+    /// report becomes the XEP-0184 receipt the buddy asked for.
+    #[serde(default = "default_true")]
+    pub delivery_reports: bool,
+    /// `max_segments` (optional, default 3): longest SMS in segments; longer texts are shortened.
+    #[serde(default = "default_max_segments")]
+    pub max_segments: usize,
+    /// `daily_cap` (optional, default 50): SMS per user per day (UTC); past it, messages wait
+    /// for the user's XMPP client.
+    #[serde(default = "default_daily_cap")]
+    pub daily_cap: u32,
+    /// `rate_per_second` (optional, default 10): SMS per second towards the provider, all users.
+    #[serde(default = "default_rate_per_second")]
+    pub rate_per_second: u32,
+    /// `allowed_prefixes` (optional, default all): E.164 prefixes Reach may text, e.g.
+    /// `["+1", "+44"]`; registration refuses other numbers.
+    #[serde(default)]
+    pub allowed_prefixes: Vec<String>,
+    #[serde(skip)]
+    resolved_password: Secret,
+    #[serde(skip)]
+    resolved_webhook_secret: Secret,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_segments() -> usize {
+    3
+}
+fn default_daily_cap() -> u32 {
+    50
+}
+fn default_rate_per_second() -> u32 {
+    10
+}
+
+/// Exactly one of an inline secret and a secret file, resolved.
+fn one_secret(
+    origin: &Origin<'_>,
+    key: &'static str,
+    inline: Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<Secret, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            Err(origin.invalid(key, "give the value inline or in a file, not both"))
+        }
+        (Some(s), None) if !s.expose().is_empty() => Ok(s),
+        (None, Some(file)) => {
+            let file = origin.resolve(file);
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| origin.invalid(key, format!("cannot read {}: {e}", file.display())))?;
+            let value = text.trim_end_matches(['\r', '\n']);
+            if value.is_empty() {
+                return Err(origin.invalid(key, format!("{} is empty", file.display())));
+            }
+            Ok(Secret::new(value))
+        }
+        _ => Err(origin.invalid(
+            key,
+            "is required (inline, or in a file with the _file variant)",
+        )),
+    }
+}
+
+impl SmsConfig {
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        for (key, url) in [
+            ("sms.sendsms_url", &self.sendsms_url),
+            ("sms.webhook_url", &self.webhook_url),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+                return Err(origin.invalid(key, format!("'{url}' is not an http:// URL")));
+            }
+        }
+        if let Some(message) = host_port_problem(&self.webhook_listen) {
+            return Err(origin.invalid("sms.webhook_listen", message));
+        }
+        if self.username.is_empty() {
+            return Err(origin.invalid("sms.username", "is empty"));
+        }
+        if self.from.is_empty() {
+            return Err(origin.invalid("sms.from", "is empty"));
+        }
+        if self.max_segments == 0 || self.max_segments > 10 {
+            return Err(origin.invalid("sms.max_segments", "must be from 1 to 10"));
+        }
+        if self.rate_per_second == 0 {
+            return Err(origin.invalid("sms.rate_per_second", "must be at least 1"));
+        }
+        for prefix in &self.allowed_prefixes {
+            let digits = prefix.strip_prefix('+').unwrap_or("");
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return Err(origin.invalid(
+                    "sms.allowed_prefixes",
+                    format!("'{prefix}' is not a prefix like \"+44\""),
+                ));
+            }
+        }
+        self.resolved_password = one_secret(
+            origin,
+            "sms.password",
+            self.password.take(),
+            &self.password_file,
+        )?;
+        self.resolved_webhook_secret = one_secret(
+            origin,
+            "sms.webhook_secret",
+            self.webhook_secret.take(),
+            &self.webhook_secret_file,
+        )?;
+        Ok(())
+    }
+
+    /// The sendsms password. Never log it.
+    pub fn password(&self) -> &Secret {
+        &self.resolved_password
+    }
+
+    /// The webhook's shared secret. Never log it.
+    pub fn webhook_secret(&self) -> &Secret {
+        &self.resolved_webhook_secret
+    }
 }
 
 /// `[routing]`: the default routing timings.
@@ -440,6 +592,9 @@ impl Config {
         self.log.validate(origin)?;
         if let Some(email) = &mut self.email {
             email.validate(origin)?;
+        }
+        if let Some(sms) = &mut self.sms {
+            sms.validate(origin)?;
         }
         Ok(())
     }

@@ -11,5 +11,6 @@ pub mod config;
 pub mod core;
 pub mod email;
 pub mod runtime;
+pub mod sms;
 pub mod store;
 pub mod xmpp;

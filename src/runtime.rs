@@ -13,12 +13,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, EmailConfig};
+use crate::config::{Config, EmailConfig, SmsConfig};
 use crate::core::email::{EmailSettings, InboundMail, SmtpAnswer};
+use crate::core::sms::{SmsSettings, WebhookAnswer};
 use crate::core::{Action, Core, Event, Settings};
 use crate::email::outbound::{Relay, RelayConfig};
 use crate::email::smtp::{self, Envelope, Reply, SmtpConfig, SmtpHandler};
 use crate::email::{auth, extract, sender};
+use crate::sms::kannel::{Kannel, KannelConfig};
+use crate::sms::sender as sms_sender;
+use crate::sms::webhook::{self, WebhookConfig, WebhookHandler, WebhookRefusal};
+use crate::sms::{DeliveryReport, IncomingSms};
 use crate::store::Store;
 use crate::xmpp::link::{run_link, LinkConfig, LinkEvent, OutboundQueue};
 
@@ -35,7 +40,13 @@ pub fn now() -> u64 {
 /// One thing for the core to handle, with where to send the SMTP answer if it is a reply.
 struct Input {
     event: Event,
-    answer: Option<oneshot::Sender<SmtpAnswer>>,
+    answer: Option<Responder>,
+}
+
+/// Who waits for the outcome of an input: an SMTP client or the SMS provider's webhook call.
+enum Responder {
+    Mail(oneshot::Sender<SmtpAnswer>),
+    Webhook(oneshot::Sender<WebhookAnswer>),
 }
 
 /// Runs Reach until `shutdown` turns true.
@@ -51,6 +62,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             reply_domain: e.reply_domain.clone(),
             digest_window_secs: e.digest_window_secs,
             alias_idle_secs: e.alias_idle_days * 86_400,
+        }),
+        sms: config.sms.as_ref().map(|s| SmsSettings {
+            max_segments: s.max_segments,
+            daily_cap: s.daily_cap,
+            allowed_prefixes: s.allowed_prefixes.clone(),
         }),
     }));
     let (inputs_tx, mut inputs) = mpsc::channel::<Input>(4096);
@@ -96,6 +112,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     if let Some(email) = &config.email {
         start_email(email, &core, &store, &inputs_tx, &shutdown, &mut tasks).await?;
     }
+    if let Some(sms) = &config.sms {
+        start_sms(sms, &store, &inputs_tx, &shutdown, &mut tasks).await?;
+    }
+    if config.email.is_some() || config.sms.is_some() {
+        start_clock(&inputs_tx, &shutdown, &mut tasks);
+    }
     drop(inputs_tx);
     tracing::info!(domain = %config.component.domain, email = config.email.is_some(), "Reach started");
 
@@ -124,9 +146,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
 fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     let now = now();
     let mut answers = Vec::new();
-    let mut emails = false;
+    let (mut emails, mut texts) = (false, false);
     for Input { event, answer } in batch {
-        let mut said = None;
+        let (mut mail_said, mut webhook_said, mut failed) = (None, None, false);
         match core.handle(store, now, event) {
             Ok(actions) => {
                 for action in actions {
@@ -136,41 +158,69 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
                             emails = true;
                             store.enqueue_email(&job).map(|_| ())
                         }
+                        Action::SendSms(job) => {
+                            texts = true;
+                            store.enqueue_sms(&job).map(|_| ())
+                        }
                         Action::AnswerMail(answer) => {
-                            said = Some(answer);
+                            mail_said = Some(answer);
+                            Ok(())
+                        }
+                        Action::AnswerWebhook(answer) => {
+                            webhook_said = Some(answer);
                             Ok(())
                         }
                     };
                     if let Err(e) = queued {
                         tracing::error!("could not queue an outbound item: {e}");
-                        said = Some(temporary_failure());
+                        failed = true;
                     }
                 }
             }
             Err(e) => {
                 tracing::error!("store failure while handling an event: {e}");
-                said = Some(temporary_failure());
+                failed = true;
             }
         }
-        if let Some(tx) = answer {
-            answers.push((tx, said.unwrap_or_else(temporary_failure)));
+        if let Some(responder) = answer {
+            answers.push((
+                responder,
+                if failed {
+                    (None, None)
+                } else {
+                    (mail_said, webhook_said)
+                },
+            ));
         }
     }
     let flushed = store.flush();
     if let Err(e) = &flushed {
         tracing::error!("store flush failed; nothing of this batch is sent or acknowledged: {e}");
     }
-    for (tx, answer) in answers {
-        let _ = tx.send(if flushed.is_ok() {
-            answer
-        } else {
-            temporary_failure()
-        });
+    for (responder, (mail_said, webhook_said)) in answers {
+        match responder {
+            Responder::Mail(tx) => {
+                let _ = tx.send(
+                    mail_said
+                        .filter(|_| flushed.is_ok())
+                        .unwrap_or_else(temporary_failure),
+                );
+            }
+            Responder::Webhook(tx) => {
+                let _ =
+                    tx.send(webhook_said.filter(|_| flushed.is_ok()).unwrap_or_else(|| {
+                        WebhookAnswer::Temporary("temporary failure".to_owned())
+                    }));
+            }
+        }
     }
     if flushed.is_ok() {
         store.wake_outbox();
         if emails {
             store.wake_email();
+        }
+        if texts {
+            store.wake_sms();
         }
     }
 }
@@ -231,29 +281,6 @@ async fn start_email(
         }
     }));
 
-    // The clock: due digests and grace delays.
-    let ticks = inputs.clone();
-    let mut stop = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                _ = stop.changed() => break,
-            }
-            if ticks
-                .send(Input {
-                    event: Event::Tick,
-                    answer: None,
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    }));
-
     // Inbound: Reach's own SMTP listener.
     let tls = match (&email.tls_cert, &email.tls_key) {
         (Some(cert), Some(key)) => Some(smtp::load_tls(cert, key)?),
@@ -289,6 +316,145 @@ async fn start_email(
         shutdown.clone(),
     )));
     Ok(())
+}
+
+/// The clock: forwards whose digest window or grace delay is over fall due every second.
+fn start_clock(
+    inputs: &mpsc::Sender<Input>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    let ticks = inputs.clone();
+    let mut stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if ticks
+                .send(Input {
+                    event: Event::Tick,
+                    answer: None,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }));
+}
+
+/// SMS: the provider draining the durable SMS queue, and the webhook the provider calls.
+async fn start_sms(
+    sms: &SmsConfig,
+    store: &Arc<Store>,
+    inputs: &mpsc::Sender<Input>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let secret = sms.webhook_secret().expose().to_owned();
+    let dlr_url = sms.delivery_reports.then(|| {
+        format!(
+            "{}/sms/dlr?secret={}",
+            sms.webhook_url.trim_end_matches('/'),
+            percent_encoding::utf8_percent_encode(&secret, percent_encoding::NON_ALPHANUMERIC)
+        )
+    });
+    let provider = Kannel::new(KannelConfig {
+        sendsms_url: sms.sendsms_url.clone(),
+        username: sms.username.clone(),
+        password: sms.password().expose().to_owned(),
+        from: sms.from.clone(),
+        dlr_url,
+        timeout: Duration::from_secs(20),
+    })?;
+    let (failed_tx, mut failed) = mpsc::channel(256);
+    tasks.push(tokio::spawn(sms_sender::run_sender(
+        store.clone(),
+        provider,
+        sms.rate_per_second,
+        failed_tx,
+        shutdown.clone(),
+    )));
+    let forward = inputs.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Some(sms_sender::Failure { seq, job, reason }) = failed.recv().await {
+            let event = Event::SmsFailed {
+                seq,
+                job: Box::new(job),
+                reason,
+            };
+            if forward
+                .send(Input {
+                    event,
+                    answer: None,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind(&sms.webhook_listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for the SMS webhook on {}: {e}",
+                sms.webhook_listen
+            )
+        })?;
+    tracing::info!(listen = %sms.webhook_listen, "SMS webhook ready");
+    let handler = Arc::new(WebhookInputs {
+        inputs: inputs.clone(),
+    });
+    let config = WebhookConfig {
+        secret,
+        max_body_bytes: 64 * 1024,
+    };
+    tasks.push(tokio::spawn(webhook::serve(
+        listener,
+        config,
+        handler,
+        shutdown.clone(),
+    )));
+    Ok(())
+}
+
+/// The webhook's view of Reach: every call becomes a core input, answered after its commit.
+struct WebhookInputs {
+    inputs: mpsc::Sender<Input>,
+}
+
+impl WebhookInputs {
+    async fn submit(&self, event: Event) -> Result<(), WebhookRefusal> {
+        let (tx, rx) = oneshot::channel();
+        let input = Input {
+            event,
+            answer: Some(Responder::Webhook(tx)),
+        };
+        if self.inputs.send(input).await.is_err() {
+            return Err(WebhookRefusal::Temporary("shutting down".to_owned()));
+        }
+        match rx.await {
+            Ok(WebhookAnswer::Accepted) => Ok(()),
+            Ok(WebhookAnswer::Temporary(why)) => Err(WebhookRefusal::Temporary(why)),
+            Err(_) => Err(WebhookRefusal::Temporary("shutting down".to_owned())),
+        }
+    }
+}
+
+impl WebhookHandler for WebhookInputs {
+    async fn incoming(&self, sms: IncomingSms) -> Result<(), WebhookRefusal> {
+        self.submit(Event::SmsReceived(sms)).await
+    }
+
+    async fn delivery_report(&self, report: DeliveryReport) -> Result<(), WebhookRefusal> {
+        self.submit(Event::SmsDelivery(report)).await
+    }
 }
 
 /// The SMTP listener's view of Reach: aliases are checked by the core, accepted replies go
@@ -367,7 +533,7 @@ impl SmtpHandler for ReplyHandler {
                 .inputs
                 .send(Input {
                     event: Event::EmailReply(mail),
-                    answer: Some(tx),
+                    answer: Some(Responder::Mail(tx)),
                 })
                 .await
                 .is_err()

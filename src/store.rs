@@ -44,6 +44,22 @@ pub struct Terminal<A> {
     /// Mail to it bounced since it was last confirmed working.
     #[serde(default)]
     pub failing: bool,
+    /// The user texted STOP: nothing is sent to it until START.
+    #[serde(default)]
+    pub stopped: bool,
+    /// The state the user set from this terminal (`/away`, `/back`, `/dnd`).
+    #[serde(default)]
+    pub state: LocalState,
+}
+
+/// A terminal's local state, set by the user from that terminal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalState {
+    #[default]
+    Available,
+    Away,
+    Dnd,
 }
 
 impl<A> Terminal<A> {
@@ -53,12 +69,14 @@ impl<A> Terminal<A> {
             address,
             verified: false,
             failing: false,
+            stopped: false,
+            state: LocalState::Available,
         }
     }
 
-    /// Whether Reach may forward messages to it.
+    /// Whether Reach may forward messages to it: verified, not stopped, not do-not-disturb.
     pub fn usable(&self) -> bool {
-        self.verified
+        self.verified && !self.stopped && self.state != LocalState::Dnd
     }
 }
 
@@ -111,6 +129,8 @@ pub struct Session {
     pub email_root: Option<String>,
     /// Message-ID of the latest email either way, for In-Reply-To.
     pub email_last: Option<String>,
+    /// The first SMS of the conversation (which explains how to reply) was sent.
+    pub sms_hinted: bool,
 }
 
 /// What a reply alias `r-TOKEN@reply_domain` stands for. Stored under the token's SHA-256.
@@ -177,6 +197,9 @@ pub struct PendingItem {
     pub stanza: String,
     /// Already delivered to an XMPP client (the forward is a second chance, after the grace delay).
     pub on_xmpp: bool,
+    /// The buddy asked for an XEP-0184 receipt.
+    #[serde(default)]
+    pub receipt: bool,
 }
 
 /// What waits for one conversation's next forward.
@@ -216,6 +239,33 @@ pub struct HeldMessage {
     pub held_at: u64,
 }
 
+/// An SMS in the durable outbound queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmsJob {
+    pub user: String,
+    /// The conversation it forwards, if any (verification codes and command answers have none).
+    pub peer: Option<String>,
+    /// E.164 number.
+    pub to: String,
+    pub text: String,
+    /// Reach's reference, echoed by delivery reports.
+    pub reference: String,
+    /// The messages it carries: held again for XMPP if the SMS cannot be delivered.
+    pub items: Vec<PendingItem>,
+    pub attempts: u32,
+    pub next_attempt_at: u64,
+    pub queued_at: u64,
+}
+
+/// What a delivery report for an SMS refers to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentSms {
+    pub user: String,
+    pub peer: String,
+    pub items: Vec<PendingItem>,
+    pub sent_at: u64,
+}
+
 /// Counts for `reach stats` and logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -224,6 +274,7 @@ pub struct Stats {
     pub held: usize,
     pub outbox: usize,
     pub email_queue: usize,
+    pub sms_queue: usize,
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -242,7 +293,12 @@ pub struct Store {
     pending: sled::Tree,
     email_jobs: sled::Tree,
     seen_mail: sled::Tree,
+    phones: sled::Tree,
+    sms_jobs: sled::Tree,
+    sms_sent: sled::Tree,
+    sms_counts: sled::Tree,
     outbox_wake: Arc<Notify>,
+    sms_wake: Arc<Notify>,
     email_wake: Arc<Notify>,
 }
 
@@ -316,8 +372,13 @@ impl Store {
             pending: db.open_tree("pending")?,
             email_jobs: db.open_tree("email_jobs")?,
             seen_mail: db.open_tree("seen_mail")?,
+            phones: db.open_tree("phones")?,
+            sms_jobs: db.open_tree("sms_jobs")?,
+            sms_sent: db.open_tree("sms_sent")?,
+            sms_counts: db.open_tree("sms_counts")?,
             outbox_wake: Arc::new(Notify::new()),
             email_wake: Arc::new(Notify::new()),
+            sms_wake: Arc::new(Notify::new()),
             db,
         })
     }
@@ -358,13 +419,35 @@ impl Store {
                 return Err(StoreError::HandleTaken);
             }
         }
-        if let Some(previous) = previous {
+        let verified_phone = |u: &User| {
+            u.phone
+                .as_ref()
+                .filter(|t| t.verified)
+                .map(|t| t.address.as_str().to_owned())
+        };
+        if let Some(previous) = &previous {
             if previous.handle != user.handle {
                 self.handles.remove(previous.handle.as_str())?;
             }
+            if let Some(old) = verified_phone(previous) {
+                if verified_phone(user).as_deref() != Some(old.as_str()) {
+                    self.phones.remove(old.as_bytes())?;
+                }
+            }
+        }
+        if let Some(phone) = verified_phone(user) {
+            self.phones.insert(phone.as_bytes(), user.jid.as_bytes())?;
         }
         self.users.insert(user.jid.as_str(), encode(user))?;
         Ok(())
+    }
+
+    /// The user whose verified phone this is.
+    pub fn user_by_phone(&self, phone: &str) -> Result<Option<User>> {
+        match self.phones.get(phone.as_bytes())? {
+            Some(jid) => self.user(&String::from_utf8_lossy(&jid)),
+            None => Ok(None),
+        }
     }
 
     /// Deletes the user and everything that belongs to them. Returns the removed record and the
@@ -379,6 +462,9 @@ impl Store {
             .map(|(b, _)| b)
             .collect();
         self.handles.remove(user.handle.as_str())?;
+        if let Some(phone) = user.phone.as_ref().filter(|t| t.verified) {
+            self.phones.remove(phone.address.as_str().as_bytes())?;
+        }
         self.users.remove(jid)?;
         for k in self.user_aliases.scan_prefix(prefix(jid)).keys() {
             let k = k?;
@@ -402,6 +488,15 @@ impl Store {
             if decode::<EmailJob>("email_jobs", &v).is_ok_and(|job| job.user == jid) {
                 self.email_jobs.remove(k)?;
             }
+        }
+        for kv in self.sms_jobs.iter() {
+            let (k, v) = kv?;
+            if decode::<SmsJob>("sms_jobs", &v).is_ok_and(|job| job.user == jid) {
+                self.sms_jobs.remove(k)?;
+            }
+        }
+        for k in self.sms_counts.scan_prefix(prefix(jid)).keys() {
+            self.sms_counts.remove(k?)?;
         }
         Ok(Some((user, buddies)))
     }
@@ -591,6 +686,25 @@ impl Store {
             .transpose()
     }
 
+    /// The user waiting to verify `address` as a terminal of this kind, and the verification.
+    pub fn verification_for_address(
+        &self,
+        kind: TerminalKind,
+        address: &str,
+    ) -> Result<Option<(String, Verification)>> {
+        for kv in self.verifications.iter() {
+            let (k, v) = kv?;
+            let verification: Verification = decode("verifications", &v)?;
+            if verification.kind == kind && verification.address == address {
+                let jid = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
+                    String::from_utf8_lossy(&k[..p]).into_owned()
+                });
+                return Ok(Some((jid, verification)));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn remove_verification(&self, jid: &str, kind: TerminalKind) -> Result<()> {
         self.verifications.remove(key(jid, kind.key()))?;
         Ok(())
@@ -696,6 +810,96 @@ impl Store {
         self.email_wake.clone()
     }
 
+    // ---- the SMS queue ----
+
+    pub fn enqueue_sms(&self, job: &SmsJob) -> Result<u64> {
+        let seq = self.db.generate_id()?;
+        self.sms_jobs.insert(seq.to_be_bytes(), encode(job))?;
+        Ok(seq)
+    }
+
+    /// Jobs whose next attempt is due, oldest first.
+    pub fn due_sms_jobs(&self, now: u64, limit: usize) -> Result<Vec<(u64, SmsJob)>> {
+        let mut out = Vec::new();
+        for kv in self.sms_jobs.iter() {
+            let (k, v) = kv?;
+            let job: SmsJob = decode("sms_jobs", &v)?;
+            if job.next_attempt_at <= now {
+                let seq = <[u8; 8]>::try_from(k.as_ref())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or_default();
+                out.push((seq, job));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn next_sms_attempt(&self) -> Result<Option<u64>> {
+        let mut next: Option<u64> = None;
+        for v in self.sms_jobs.iter().values() {
+            let job: SmsJob = decode("sms_jobs", &v?)?;
+            next = Some(next.map_or(job.next_attempt_at, |n| n.min(job.next_attempt_at)));
+        }
+        Ok(next)
+    }
+
+    pub fn update_sms_job(&self, seq: u64, job: &SmsJob) -> Result<()> {
+        self.sms_jobs.insert(seq.to_be_bytes(), encode(job))?;
+        Ok(())
+    }
+
+    pub fn remove_sms_job(&self, seq: u64) -> Result<()> {
+        self.sms_jobs.remove(seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn wake_sms(&self) {
+        self.sms_wake.notify_one();
+    }
+
+    pub fn sms_wake(&self) -> Arc<Notify> {
+        self.sms_wake.clone()
+    }
+
+    /// Remembers what an SMS carried, for its delivery report.
+    pub fn put_sent_sms(&self, reference: &str, sent: &SentSms) -> Result<()> {
+        self.sms_sent.insert(reference.as_bytes(), encode(sent))?;
+        Ok(())
+    }
+
+    pub fn sent_sms(&self, reference: &str) -> Result<Option<SentSms>> {
+        self.sms_sent
+            .get(reference.as_bytes())?
+            .map(|v| decode("sms_sent", &v))
+            .transpose()
+    }
+
+    pub fn take_sent_sms(&self, reference: &str) -> Result<Option<SentSms>> {
+        self.sms_sent
+            .remove(reference.as_bytes())?
+            .map(|v| decode("sms_sent", &v))
+            .transpose()
+    }
+
+    /// SMS sent to the user on `day` (days since the Unix epoch).
+    pub fn sms_count(&self, jid: &str, day: u64) -> Result<u32> {
+        Ok(self
+            .sms_counts
+            .get(key(jid, &day.to_string()))?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map_or(0, u32::from_be_bytes))
+    }
+
+    pub fn count_sms(&self, jid: &str, day: u64) -> Result<u32> {
+        let count = self.sms_count(jid, day)? + 1;
+        self.sms_counts
+            .insert(key(jid, &day.to_string()), &count.to_be_bytes())?;
+        Ok(count)
+    }
+
     // ---- inbound mail already taken (duplicate Message-IDs) ----
 
     /// Records an inbound Message-ID; false if it was seen before.
@@ -729,6 +933,7 @@ impl Store {
             held: self.held.len(),
             outbox: self.outbox.len(),
             email_queue: self.email_jobs.len(),
+            sms_queue: self.sms_jobs.len(),
         })
     }
 }

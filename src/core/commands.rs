@@ -6,7 +6,7 @@
 use minidom::Element;
 
 use super::{Addressing, Core, Out};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TerminalKind, User};
 use crate::xmpp::stanza::{attr, chat, child_text};
 
 const HELP: &str = "Reach commands:\n\
@@ -27,14 +27,55 @@ fn verify(
         return Ok("You are not registered.".to_owned());
     };
     if code.is_empty() {
-        let waiting = user.email.as_ref().is_some_and(|t| !t.verified);
-        if !waiting {
-            return Ok("All your terminals are verified.".to_owned());
-        }
-        let said = super::email::start_verification(core, store, now, &user, out)?;
-        return Ok(said.unwrap_or_else(|| "Email is not available on this service.".to_owned()));
+        return resend_codes(core, store, now, &user, out);
     }
-    super::email::verify_code(core, store, now, &user, code, out)
+    verify_any(core, store, now, &user, code, out)
+}
+
+/// Checks a code against the terminals waiting for verification (the phone's if it matches, else
+/// the email's, which then counts the try). Shared by every door: chat, ad-hoc, SMS.
+pub(super) fn verify_any(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    code: &str,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    let phone_waits = store
+        .verification(&user.jid, TerminalKind::Phone)?
+        .is_some();
+    let email_waits = store
+        .verification(&user.jid, TerminalKind::Email)?
+        .is_some();
+    if phone_waits && (super::sms::is_phone_code(store, user, code)? || !email_waits) {
+        return Ok(super::sms::verify_code(core, store, now, user, code, out)?.unwrap_or_default());
+    }
+    super::email::verify_code(core, store, now, user, code, out)
+}
+
+/// Sends new codes to every terminal not verified yet.
+pub(super) fn resend_codes(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    let mut said = Vec::new();
+    if user.email.as_ref().is_some_and(|t| !t.verified) {
+        said.extend(super::email::start_verification(
+            core, store, now, user, out,
+        )?);
+    }
+    if user.phone.as_ref().is_some_and(|t| !t.verified) {
+        said.extend(super::sms::start_verification(core, store, now, user, out)?);
+    }
+    Ok(if said.is_empty() {
+        "All your terminals are verified.".to_owned()
+    } else {
+        said.join("\n")
+    })
 }
 
 pub(super) fn on_chat(

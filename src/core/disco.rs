@@ -1,12 +1,12 @@
 //! IQ requests: service discovery (XEP-0030), ping (XEP-0199), software version (XEP-0092), and
-//! dispatch of registration (XEP-0077) to its module.
+//! dispatch of registration (XEP-0077) and ad-hoc commands (XEP-0050) to their modules.
 
 use minidom::Element;
 
 use crate::xmpp::stanza::{an, NONE};
 use xmpp_parsers::ns;
 
-use super::{registration, Addressing, Core, Handled, Out};
+use super::{adhoc, registration, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
 use crate::store::Store;
 use crate::xmpp::stanza::{attr, iq_result, StanzaFault, COMMANDS};
@@ -50,13 +50,16 @@ pub(super) fn on_iq(
     let request = (type_, payload.name(), payload_ns.as_str());
     match &who.target {
         LocalTarget::Service => match request {
-            ("get", "query", ns::DISCO_INFO) if payload.attr("node").is_none() => {
-                out.send(iq_result(iq, Some(service_info())));
+            ("get", "query", ns::DISCO_INFO) => {
+                out.send(iq_result(iq, Some(service_info(payload.attr("node"))?)));
                 Ok(())
             }
             ("get", "query", ns::DISCO_ITEMS) => {
-                out.send(iq_result(iq, Some(items(payload.attr("node")))));
+                out.send(iq_result(iq, Some(items(core, payload.attr("node"))?)));
                 Ok(())
+            }
+            ("set", "command", COMMANDS) => {
+                adhoc::on_command(core, store, now, iq, payload, who, out)
             }
             ("get", "ping", ns::PING) => {
                 out.send(iq_result(iq, None));
@@ -111,11 +114,30 @@ fn address_iq(iq: &Element, request: (&str, &str, &str), name: &str, out: &mut O
     }
 }
 
-fn service_info() -> Element {
-    info(
-        &[("gateway", "smtp", "Reach"), ("gateway", "sms", "Reach")],
-        SERVICE_FEATURES,
-    )
+/// disco#info at `D`, or at one of its nodes: the command list and each command.
+fn service_info(node: Option<&str>) -> Result<Element, StanzaFault> {
+    let Some(node) = node else {
+        return Ok(info(
+            &[("gateway", "smtp", "Reach"), ("gateway", "sms", "Reach")],
+            SERVICE_FEATURES,
+        ));
+    };
+    let mut query = if node == COMMANDS {
+        info(&[("automation", "command-list", "Commands")], &[COMMANDS])
+    } else if let Some(command) = adhoc::find(node) {
+        info(
+            &[("automation", "command-node", command.name)],
+            &[COMMANDS, ns::DATA_FORMS],
+        )
+    } else {
+        return Err(unknown_node(node));
+    };
+    query.set_attr(NONE, an("node"), node);
+    Ok(query)
+}
+
+fn unknown_node(node: &str) -> StanzaFault {
+    StanzaFault::item_not_found(format!("there is no node '{node}' here"))
 }
 
 fn info(identities: &[(&str, &str, &str)], features: &[&str]) -> Element {
@@ -139,13 +161,17 @@ fn info(identities: &[(&str, &str, &str)], features: &[&str]) -> Element {
     query
 }
 
-/// Items of `D`: none yet at the root; the ad-hoc command list lives at node `commands`.
-fn items(node: Option<&str>) -> Element {
+/// Items of `D`: none at the root; the ad-hoc commands at node `COMMANDS` (XEP-0050 §2.2); a
+/// command node has no items.
+fn items(core: &Core, node: Option<&str>) -> Result<Element, StanzaFault> {
     let mut query = Element::builder("query", ns::DISCO_ITEMS).build();
-    if let Some(node) = node {
-        query.set_attr(NONE, an("node"), node);
+    match node {
+        None => {}
+        Some(COMMANDS) => return Ok(adhoc::command_items(&core.settings.domain)),
+        Some(node) if adhoc::find(node).is_some() => query.set_attr(NONE, an("node"), node),
+        Some(node) => return Err(unknown_node(node)),
     }
-    query
+    Ok(query)
 }
 
 fn version() -> Element {

@@ -13,10 +13,9 @@ use super::{presence, Core, Out};
 use crate::email::extract::{Automatic, Reply};
 use crate::email::outbound::OutgoingEmail;
 use crate::store::{
-    Alias, AliasPurpose, EmailJob, Pending, PendingItem, Store, StoreError, TerminalKind, User,
-    Verification,
+    Alias, AliasPurpose, EmailJob, Pending, Store, StoreError, TerminalKind, User, Verification,
 };
-use crate::xmpp::stanza::{chat, child_text, StanzaFault, STANZA_NS};
+use crate::xmpp::stanza::{chat, StanzaFault, STANZA_NS};
 
 /// How long a verification code is valid.
 pub const CODE_VALIDITY_SECS: u64 = 600;
@@ -107,97 +106,8 @@ pub(super) fn can_forward(core: &Core, user: &User) -> bool {
     settings(core).is_some() && user.email.as_ref().is_some_and(|t| t.usable())
 }
 
-/// Queues a message for the user's email: it joins the conversation's pending forward, due at the
-/// end of the digest window (user offline) or of the grace delay (user away, already delivered to
-/// XMPP).
-pub(super) fn add_pending(
-    core: &Core,
-    store: &Store,
-    now: u64,
-    user: &User,
-    peer: &str,
-    item: PendingItem,
-) -> Result<(), StoreError> {
-    let Some(email) = settings(core) else {
-        return Ok(());
-    };
-    let delay = if item.on_xmpp {
-        core.settings.grace_delay_secs
-    } else {
-        email.digest_window_secs
-    };
-    let mut pending = store.pending_of(&user.jid, peer)?.unwrap_or(Pending {
-        peer: peer.to_owned(),
-        due_at: now + delay,
-        items: Vec::new(),
-    });
-    pending.items.push(item);
-    store.put_pending(&user.jid, &pending)
-}
-
-/// The user read or answered the conversation in XMPP: nothing of it needs forwarding any more.
-pub(super) fn cancel_pending(store: &Store, user: &User, peer: &str) -> Result<(), StoreError> {
-    if let Some(pending) = store.pending_of(&user.jid, peer)? {
-        if pending.items.iter().all(|i| i.on_xmpp) {
-            store.remove_pending(&user.jid, peer)?;
-        }
-    }
-    Ok(())
-}
-
-/// The user has an XMPP client again: what waited for email and never reached XMPP is delivered
-/// there now; if the user is attentive (not away), nothing is forwarded any more.
-pub(super) fn on_user_back(
-    store: &Store,
-    user: &User,
-    attentive: bool,
-    out: &mut Out,
-) -> Result<(), StoreError> {
-    for mut pending in store.pending_for(&user.jid)? {
-        for item in pending.items.iter_mut().filter(|i| !i.on_xmpp) {
-            match item.stanza.parse::<Element>() {
-                Ok(stanza) => out.send(stanza),
-                Err(e) => tracing::error!("unreadable pending message dropped: {e}"),
-            }
-            item.on_xmpp = true;
-        }
-        if attentive {
-            store.remove_pending(&user.jid, &pending.peer)?;
-        } else {
-            store.put_pending(&user.jid, &pending)?;
-        }
-    }
-    Ok(())
-}
-
-/// Forwards every conversation whose digest window or grace delay is over.
-pub(super) fn on_tick(
-    core: &Core,
-    store: &Store,
-    now: u64,
-    out: &mut Out,
-) -> Result<(), StoreError> {
-    for (jid, pending) in store.due_pending(now)? {
-        store.remove_pending(&jid, &pending.peer)?;
-        let Some(user) = store.user(&jid)? else {
-            continue;
-        };
-        if can_forward(core, &user) {
-            out.push(super::Action::SendEmail(Box::new(forward_job(
-                core, store, now, &user, pending,
-            )?)));
-        } else {
-            // The address went away or is unverified now: keep for XMPP what never reached it.
-            for item in pending.items.iter().filter(|i| !i.on_xmpp) {
-                store.hold_stanza(&jid, &pending.peer, &item.stanza, now)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The email carrying a conversation's pending messages, with a fresh reply alias.
-fn forward_job(
+pub(super) fn forward_job(
     core: &Core,
     store: &Store,
     now: u64,
@@ -267,7 +177,7 @@ fn forward_job(
 }
 
 /// A buddy's display name: their nick, else the local part of their JID.
-fn peer_name(nick: Option<&str>, peer: &str) -> String {
+pub(super) fn peer_name(nick: Option<&str>, peer: &str) -> String {
     let cleaned: Option<String> = nick.map(|n| {
         n.chars()
             .filter(|c| !c.is_control())
@@ -427,32 +337,9 @@ fn confirm_email(
     store.put_user(&user)?;
     store.remove_verification(&user.jid, TerminalKind::Email)?;
     tracing::info!(handle = user.handle.as_str(), "email terminal verified");
-    // What was held while there was no terminal goes out by email the usual way.
+    // What was held while there was no terminal goes out the usual way.
     if !presence::global_presence(store, &user)?.is_available() {
-        for held in store.take_held(&user.jid)? {
-            let text = held
-                .stanza
-                .parse::<Element>()
-                .ok()
-                .and_then(|s| child_text(&s, "body"));
-            match text {
-                Some(text) => add_pending(
-                    core,
-                    store,
-                    now,
-                    &user,
-                    &held.peer,
-                    PendingItem {
-                        at: held.held_at,
-                        id: None,
-                        text,
-                        stanza: held.stanza,
-                        on_xmpp: false,
-                    },
-                )?,
-                None => store.hold(&user.jid, &held)?,
-            }
-        }
+        super::forward::forward_held(core, store, now, &user)?;
     }
     let _ = out;
     Ok(format!(
@@ -709,6 +596,7 @@ mod tests {
     use crate::core::testing::*;
     use crate::core::{Action, Event};
     use crate::store::Terminal;
+    use crate::xmpp::stanza::child_text;
 
     const BOB: &str = "bob@example.net";
     const ALICE: &str = "alice@example.org";
@@ -773,7 +661,7 @@ mod tests {
             match a {
                 Action::AnswerMail(x) => answer = Some(x),
                 Action::SendStanza(s) => stanzas.push(s),
-                Action::SendEmail(_) => {}
+                _ => {}
             }
         }
         (answer.expect("an SMTP answer"), stanzas)

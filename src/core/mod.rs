@@ -8,12 +8,15 @@
 //! (or *peer*) is anyone who talks to a user; a *per-session JID* stands for one user–peer
 //! conversation; a user's *resources* are their own XMPP clients.
 
+mod adhoc;
 mod commands;
 mod disco;
 pub mod email;
+mod forward;
 mod presence;
 mod registration;
 mod relay;
+pub mod sms;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -38,6 +41,16 @@ pub enum Event {
     Tick,
     /// A reply arrived at the SMTP listener and was read.
     EmailReply(email::InboundMail),
+    /// A text arrived from a phone.
+    SmsReceived(crate::sms::IncomingSms),
+    /// The SMS provider reported on an SMS.
+    SmsDelivery(crate::sms::DeliveryReport),
+    /// The SMS provider refused the queued SMS `seq` for good.
+    SmsFailed {
+        seq: u64,
+        job: Box<crate::store::SmsJob>,
+        reason: String,
+    },
     /// The relay refused the queued email `seq` for good.
     EmailFailed {
         seq: u64,
@@ -55,6 +68,10 @@ pub enum Action {
     SendEmail(Box<crate::store::EmailJob>),
     /// Answer the SMTP client that submitted an [`Event::EmailReply`].
     AnswerMail(email::SmtpAnswer),
+    /// Send this SMS through the provider (through the durable SMS queue).
+    SendSms(Box<crate::store::SmsJob>),
+    /// Answer the provider's webhook call that brought an SMS event.
+    AnswerWebhook(sms::WebhookAnswer),
 }
 
 /// The fixed facts the core decides with.
@@ -68,6 +85,8 @@ pub struct Settings {
     pub grace_delay_secs: u64,
     /// The email terminal, when configured.
     pub email: Option<email::EmailSettings>,
+    /// The SMS terminal, when configured.
+    pub sms: Option<sms::SmsSettings>,
 }
 
 /// The decision maker. Holds settings and a random source; all state is in the store.
@@ -148,10 +167,22 @@ impl Core {
         match event {
             Event::LinkUp => presence::on_link_up(self, store, &mut out)?,
             Event::Stanza(stanza) => self.on_stanza(store, now, &stanza, &mut out)?,
-            Event::Tick => email::on_tick(self, store, now, &mut out)?,
+            Event::Tick => forward::on_tick(self, store, now, &mut out)?,
             Event::EmailReply(mail) => {
                 let answer = email::on_reply(self, store, now, &mail, &mut out)?;
                 out.push(Action::AnswerMail(answer));
+            }
+            Event::SmsReceived(sms) => {
+                let answer = sms::on_incoming(self, store, now, &sms, &mut out)?;
+                out.push(Action::AnswerWebhook(answer));
+            }
+            Event::SmsDelivery(report) => {
+                let answer = sms::on_delivery(self, store, now, &report, &mut out)?;
+                out.push(Action::AnswerWebhook(answer));
+            }
+            Event::SmsFailed { seq, job, reason } => {
+                store.remove_sms_job(seq)?;
+                sms::on_failed(self, store, now, &job, &reason, &mut out)?
             }
             Event::EmailFailed { seq, job, reason } => {
                 store.remove_email_job(seq)?;

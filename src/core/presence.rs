@@ -233,7 +233,7 @@ fn on_service_presence(
             if after.is_available()
                 && (!before.is_available() || (after.is_attentive() && !before.is_attentive()))
             {
-                super::email::on_user_back(store, &user, after.is_attentive(), out)?;
+                super::forward::on_user_back(store, &user, after.is_attentive(), out)?;
             }
         }
         _ => {}

@@ -12,7 +12,7 @@ use minidom::Element;
 use crate::xmpp::stanza::an;
 use xmpp_parsers::ns;
 
-use super::{commands, email, presence, Addressing, Core, Handled, Out};
+use super::{commands, forward, presence, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
 use crate::store::{HeldMessage, PendingItem, Store, StoreError, User};
 use crate::xmpp::stanza::{attr, child_text, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
@@ -57,7 +57,7 @@ pub(super) fn on_message(
                 .children()
                 .any(|c| c.is("displayed", CHAT_MARKERS) || c.is("body", STANZA_NS));
             if read {
-                email::cancel_pending(store, &user, &peer)?;
+                forward::cancel_pending(store, &user, &peer)?;
             }
             out.send(readdress(stanza, &core.reach_address(&user.handle), &peer));
             Ok(())
@@ -85,18 +85,20 @@ fn relay_to_user(
     let global = presence::global_presence(store, user)?;
     let body = child_text(stanza, "body")
         .filter(|b| !b.trim().is_empty() && attr(stanza, "type") != "error");
-    let forward = body.filter(|_| email::can_forward(core, user));
+    let forward = body.filter(|_| forward::route(core, user).is_some());
     let item = |stanza: &Element, on_xmpp: bool, text: String| PendingItem {
         at: now,
         id: stanza.attr("id").map(str::to_owned),
         text,
         stanza: String::from(stanza),
         on_xmpp,
+        receipt: stanza.has_child("request", ns::RECEIPTS),
     };
     if global.is_available() {
         if let (Some(text), false) = (&forward, global.is_attentive()) {
-            // Away, xa or dnd: the message goes to XMPP now, and by email if still unread later.
-            email::add_pending(
+            // Away, xa or dnd: the message goes to XMPP now, and to another terminal if still
+            // unread after the grace delay.
+            forward::add_pending(
                 core,
                 store,
                 now,
@@ -114,11 +116,14 @@ fn relay_to_user(
                 .attr(an("stamp"), iso8601(now))
                 .build(),
         );
-        match forward {
+        let forwarded = match forward {
             Some(text) => {
-                email::add_pending(core, store, now, user, peer, item(&held, false, text))?
+                forward::add_pending(core, store, now, user, peer, item(&held, false, text))?
             }
-            None => {
+            None => false,
+        };
+        if !forwarded {
+            {
                 store.hold(
                     &user.jid,
                     &HeldMessage {

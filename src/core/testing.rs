@@ -4,6 +4,7 @@ use minidom::Element;
 use xmpp_parsers::ns;
 
 use super::email::EmailSettings;
+use super::sms::SmsSettings;
 use super::{Action, Core, Event, Settings};
 use crate::store::Store;
 use crate::xmpp::stanza::STANZA_NS;
@@ -30,6 +31,11 @@ impl Harness {
                         reply_domain: "reply.example.org".into(),
                         digest_window_secs: 30,
                         alias_idle_secs: 30 * 86_400,
+                    }),
+                    sms: Some(SmsSettings {
+                        max_segments: 3,
+                        daily_cap: 5,
+                        allowed_prefixes: vec!["+1".into(), "+44".into()],
                     }),
                 },
                 7,

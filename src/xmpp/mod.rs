@@ -1,4 +1,6 @@
 //! The XMPP side: the component link (XEP-0114) and the payloads Reach builds and reads.
 
+pub mod adhoc;
+pub mod forms;
 pub mod link;
 pub mod stanza;

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod component;
+pub mod kannel;
 pub mod mail;
 pub mod process;
 pub mod reach;

@@ -1,0 +1,603 @@
+//! Ad-hoc commands (XEP-0050) at the service `D`: the command list, and running one command.
+//!
+//! Commands are a table of nodes → handlers. The generic part here reads the request, checks the
+//! sender is a registered user, handles `cancel` and the session id, and turns a handler's
+//! [`Outcome`] (a form to fill in, or notes saying what was done) into the response. Handlers
+//! only decide; the same decisions back the chat commands (`commands.rs`), so both doors say the
+//! same sentences. Sessions are stateless: a one-page command needs no memory between the form
+//! and its submission, so the session id is only echoed back.
+//!
+//! This module must not parse XML by hand: the payloads are `xmpp::adhoc` and `xmpp::forms`.
+
+use std::collections::BTreeMap;
+
+use minidom::Element;
+use rand::Rng;
+use xmpp_parsers::ns;
+
+use super::{registration, Addressing, Core, Failure, Handled, Out};
+use crate::store::{Store, TerminalKind, User};
+use crate::xmpp::adhoc::{Action, Actions, Command, Note, Status, COMMANDS};
+use crate::xmpp::forms::{self, FieldSpec, FieldType, FormType};
+use crate::xmpp::stanza::{an, iq_result, StanzaFault, NONE};
+
+/// One command node: its disco name and what runs it.
+pub(super) struct CommandNode {
+    pub node: &'static str,
+    /// The human-readable name in the command list.
+    pub name: &'static str,
+    run: Handler,
+}
+
+/// A command's logic: given the stage the requester is at, what to show or what was done.
+type Handler = fn(&Context<'_>, Stage<'_>, &mut Out) -> Result<Outcome, Failure>;
+
+/// The commands at `D`, in the order clients list them.
+pub(super) const NODES: &[CommandNode] = &[CommandNode {
+    node: "verify",
+    name: "Verify a terminal",
+    run: verify,
+}];
+
+/// The command on `node`, if there is one.
+pub(super) fn find(node: &str) -> Option<&'static CommandNode> {
+    NODES.iter().find(|c| c.node == node)
+}
+
+/// What a handler works with.
+struct Context<'a> {
+    core: &'a Core,
+    store: &'a Store,
+    now: u64,
+    user: &'a User,
+}
+
+/// Where the requester is in a command.
+enum Stage<'a> {
+    /// Just executed: show the form (or say at once that there is nothing to do).
+    Start,
+    /// Submitted the form with these values.
+    Submit(&'a BTreeMap<String, Vec<String>>),
+}
+
+/// What a handler decided.
+enum Outcome {
+    /// A one-page form to fill in and complete.
+    Form(Element),
+    /// The command is over; these notes say how it went.
+    Completed(Vec<Note>),
+}
+
+/// The disco#items answer at node `COMMANDS`: every command, as an item of `service`.
+pub(super) fn command_items(service: &str) -> Element {
+    let mut query = Element::builder("query", ns::DISCO_ITEMS).build();
+    query.set_attr(NONE, an("node"), COMMANDS);
+    for command in NODES {
+        query.append_child(
+            Element::builder("item", ns::DISCO_ITEMS)
+                .attr(an("jid"), service)
+                .attr(an("node"), command.node)
+                .attr(an("name"), command.name)
+                .build(),
+        );
+    }
+    query
+}
+
+/// An iq set with a `<command/>` payload at `D`.
+pub(super) fn on_command(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    iq: &Element,
+    payload: &Element,
+    who: &Addressing,
+    out: &mut Out,
+) -> Handled {
+    let request =
+        Command::try_from(payload).map_err(|e| StanzaFault::bad_request(e.to_string()))?;
+    let Some(command) = find(&request.node) else {
+        return Err(StanzaFault::item_not_found(format!(
+            "there is no command '{}' here",
+            request.node
+        ))
+        .into());
+    };
+    let Some(user) = store.user(&who.from_bare)? else {
+        return Err(registration::registration_required().into());
+    };
+    let sessionid = request
+        .sessionid
+        .clone()
+        .unwrap_or_else(|| new_sessionid(core));
+    let mut response = Command {
+        sessionid: Some(sessionid),
+        ..Command::new(command.node)
+    };
+
+    let action = request.action.unwrap_or(Action::Execute);
+    let form = request.form.as_ref().map(|x| (forms::form_type(x), x));
+    if action == Action::Cancel || matches!(form, Some((Some(FormType::Cancel), _))) {
+        response.status = Some(Status::Canceled);
+        out.send(iq_result(iq, Some(response.into())));
+        return Ok(());
+    }
+    let values = match form {
+        None => None,
+        Some((Some(FormType::Submit), x)) => Some(forms::form_values(x)),
+        Some(_) => {
+            return Err(StanzaFault::bad_request(
+                "the command carries a data form that is not a submitted one (type='submit')",
+            )
+            .into())
+        }
+    };
+    let stage = match (action, &values) {
+        (Action::Prev | Action::Next, _) => {
+            return Err(StanzaFault::bad_request(format!(
+                "'{}' has a single page: use complete or cancel",
+                command.node
+            ))
+            .into())
+        }
+        (_, Some(values)) => Stage::Submit(values),
+        (Action::Complete, None) => {
+            return Err(StanzaFault::bad_request("complete needs the filled-in form").into())
+        }
+        // Execute without a form: (re)start, keeping the requester's session id if any.
+        (_, None) => Stage::Start,
+    };
+
+    let context = Context {
+        core,
+        store,
+        now,
+        user: &user,
+    };
+    match (command.run)(&context, stage, out)? {
+        Outcome::Form(form) => {
+            response.status = Some(Status::Executing);
+            response.actions = Some(Actions {
+                execute: Some(Action::Complete),
+                allowed: vec![Action::Complete],
+            });
+            response.form = Some(form);
+        }
+        Outcome::Completed(notes) => {
+            response.status = Some(Status::Completed);
+            response.notes = notes;
+        }
+    }
+    out.send(iq_result(iq, Some(response.into())));
+    Ok(())
+}
+
+/// A fresh session id: 64 random bits in hex.
+fn new_sessionid(core: &Core) -> String {
+    format!("{:016x}", core.rng().gen::<u64>())
+}
+
+/// `verify`: enter the code Reach sent to a terminal not verified yet; an empty code asks for a
+/// new one.
+fn verify(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+    let user = r.user;
+    if user.email.is_none() && user.phone.is_none() {
+        return Ok(done(Note::info(
+            "There is nothing to verify: you have registered no email address or phone number.",
+        )));
+    }
+    // Only email verification exists so far; the phone joins when SMS verification does.
+    let Some(email) = user.email.as_ref().filter(|t| !t.verified) else {
+        return Ok(done(Note::info("All your terminals are verified.")));
+    };
+    let address = email.address.as_str();
+    match stage {
+        Stage::Start => {
+            let live = r
+                .store
+                .verification(&user.jid, TerminalKind::Email)?
+                .is_some_and(|v| v.expires_at >= r.now && v.address == address);
+            let mut instructions = String::new();
+            if !live {
+                // No code to type (expired, tries used up): send one, since the user came for it.
+                if super::email::start_verification(r.core, r.store, r.now, user, out)?.is_some() {
+                    instructions.push_str(&format!("A new code is on its way to {address}.\n"));
+                }
+            }
+            instructions.push_str(&format!(
+                "Enter the 6-digit code Reach sent to your email address {address}.\n\
+                 Codes are valid for {} minutes: if yours has expired, run this command again \
+                 for a new one.",
+                super::email::CODE_VALIDITY_SECS / 60
+            ));
+            Ok(Outcome::Form(forms::form(
+                FormType::Form,
+                Some("Verify a terminal"),
+                Some(&instructions),
+                &[FieldSpec::new("code", FieldType::TextSingle)
+                    .label("Verification code")
+                    .required()],
+            )))
+        }
+        Stage::Submit(values) => {
+            let code = forms::first_value(values, "code").trim();
+            if code.is_empty() {
+                let said = super::email::start_verification(r.core, r.store, r.now, user, out)?;
+                return Ok(done(match said {
+                    Some(said) => Note::info(said),
+                    None => Note::error("Email is not available on this service."),
+                }));
+            }
+            let said = super::email::verify_code(r.core, r.store, r.now, user, code, out)?;
+            let verified = r
+                .store
+                .user(&user.jid)?
+                .and_then(|u| u.email)
+                .is_some_and(|t| t.verified);
+            Ok(done(if verified {
+                Note::info(said)
+            } else {
+                Note::error(said)
+            }))
+        }
+    }
+}
+
+fn done(note: Note) -> Outcome {
+    Outcome::Completed(vec![note])
+}
+
+#[cfg(test)]
+mod tests {
+    use minidom::Element;
+    use xmpp_parsers::ns;
+
+    use crate::core::testing::*;
+    use crate::store::{Terminal, TerminalKind};
+    use crate::xmpp::adhoc::{Action, Command, NoteType, Status, COMMANDS};
+    use crate::xmpp::stanza::STANZA_NS;
+
+    const ALICE: &str = "alice@example.org";
+    const ALICE_MAIL: &str = "alice@mail.example.org";
+
+    fn command(t: &Harness, from: &str, attrs: &str, inner: &str) -> Element {
+        t.one(&format!(
+            "<iq type='set' id='c1' from='{from}/pc' to='{D}'><command xmlns='{COMMANDS}' {attrs}>{inner}</command></iq>"
+        ))
+    }
+
+    /// The `<command/>` of a result, read back with the payload parser.
+    fn response(reply: &Element) -> Command {
+        assert_eq!(
+            reply.attr("type"),
+            Some("result"),
+            "{}",
+            String::from(reply)
+        );
+        assert_eq!(reply.attr("id"), Some("c1"));
+        Command::try_from(reply.get_child("command", COMMANDS).expect("a <command/>")).unwrap()
+    }
+
+    fn submit(code: &str) -> String {
+        format!(
+            "<x xmlns='{}' type='submit'><field var='code'><value>{code}</value></field></x>",
+            ns::DATA_FORMS
+        )
+    }
+
+    fn alice_with_email(t: &Harness) -> String {
+        t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
+        code(t)
+    }
+
+    fn code(t: &Harness) -> String {
+        t.store
+            .verification(ALICE, TerminalKind::Email)
+            .unwrap()
+            .expect("a pending verification")
+            .code
+    }
+
+    fn verified(t: &Harness) -> bool {
+        t.store
+            .user(ALICE)
+            .unwrap()
+            .unwrap()
+            .email
+            .unwrap()
+            .verified
+    }
+
+    fn only_note(c: &Command) -> (NoteType, &str) {
+        assert_eq!(c.notes.len(), 1, "{c:?}");
+        (c.notes[0].type_, c.notes[0].text.as_str())
+    }
+
+    #[test]
+    fn the_command_list_and_the_verify_node_are_discoverable() {
+        let t = Harness::new();
+        let reply = t.one(&format!(
+            "<iq type='get' id='i' from='bob@example.net/x' to='{D}'><query xmlns='{}' node='{COMMANDS}'/></iq>",
+            ns::DISCO_ITEMS
+        ));
+        let query = reply.get_child("query", ns::DISCO_ITEMS).unwrap();
+        assert_eq!(query.attr("node"), Some(COMMANDS));
+        let items: Vec<_> = query
+            .children()
+            .map(|i| {
+                format!(
+                    "{}|{}|{}",
+                    i.attr("jid").unwrap(),
+                    i.attr("node").unwrap(),
+                    i.attr("name").unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(items, vec![format!("{D}|verify|Verify a terminal")]);
+
+        let reply = t.one(&format!(
+            "<iq type='get' id='i' from='bob@example.net/x' to='{D}'><query xmlns='{}' node='verify'/></iq>",
+            ns::DISCO_INFO
+        ));
+        let query = reply.get_child("query", ns::DISCO_INFO).unwrap();
+        assert_eq!(query.attr("node"), Some("verify"));
+        let identity = query.get_child("identity", ns::DISCO_INFO).unwrap();
+        assert_eq!(
+            (identity.attr("category"), identity.attr("type")),
+            (Some("automation"), Some("command-node"))
+        );
+        let features: Vec<_> = query.children().filter_map(|c| c.attr("var")).collect();
+        assert_eq!(features, vec![COMMANDS, ns::DATA_FORMS]);
+
+        // The list itself has an identity, and a command node has no items.
+        let reply = t.one(&format!(
+            "<iq type='get' id='i' from='bob@example.net/x' to='{D}'><query xmlns='{}' node='{COMMANDS}'/></iq>",
+            ns::DISCO_INFO
+        ));
+        let query = reply.get_child("query", ns::DISCO_INFO).unwrap();
+        let identity = query.get_child("identity", ns::DISCO_INFO).unwrap();
+        assert_eq!(identity.attr("type"), Some("command-list"));
+        let reply = t.one(&format!(
+            "<iq type='get' id='i' from='bob@example.net/x' to='{D}'><query xmlns='{}' node='verify'/></iq>",
+            ns::DISCO_ITEMS
+        ));
+        let query = reply.get_child("query", ns::DISCO_ITEMS).unwrap();
+        assert_eq!(query.attr("node"), Some("verify"));
+        assert_eq!(query.children().count(), 0);
+
+        for q in [ns::DISCO_INFO, ns::DISCO_ITEMS] {
+            let reply = t.one(&format!(
+                "<iq type='get' id='i' from='bob@example.net/x' to='{D}'><query xmlns='{q}' node='nope'/></iq>"
+            ));
+            assert_error(&reply, "item-not-found");
+        }
+    }
+
+    #[test]
+    fn execute_shows_a_form_naming_the_address_waiting_for_its_code() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        for attrs in ["node='verify' action='execute'", "node='verify'"] {
+            let c = response(&command(&t, ALICE, attrs, ""));
+            assert_eq!(c.node, "verify");
+            assert_eq!(c.status, Some(Status::Executing));
+            assert_eq!(c.sessionid.as_ref().map(String::len), Some(16));
+            let actions = c.actions.as_ref().unwrap();
+            assert_eq!(actions.execute, Some(Action::Complete));
+            assert_eq!(actions.allowed, vec![Action::Complete]);
+            let form = c.form.as_ref().unwrap();
+            assert_eq!(form.attr("type"), Some("form"));
+            let instructions = form.get_child("instructions", ns::DATA_FORMS).unwrap();
+            assert!(
+                instructions.text().contains(ALICE_MAIL),
+                "{}",
+                instructions.text()
+            );
+            let field = form.get_child("field", ns::DATA_FORMS).unwrap();
+            assert_eq!(field.attr("var"), Some("code"));
+            assert_eq!(field.attr("type"), Some("text-single"));
+            assert!(field.has_child("required", ns::DATA_FORMS));
+        }
+        // Two executions, two sessions.
+        let a = response(&command(&t, ALICE, "node='verify'", "")).sessionid;
+        let b = response(&command(&t, ALICE, "node='verify'", "")).sessionid;
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_right_code_completes_and_verifies() {
+        let t = Harness::new();
+        let code = alice_with_email(&t);
+        let start = response(&command(&t, ALICE, "node='verify'", ""));
+        let sid = start.sessionid.unwrap();
+        let c = response(&command(
+            &t,
+            ALICE,
+            &format!("node='verify' sessionid='{sid}' action='complete'"),
+            &submit(&code),
+        ));
+        assert_eq!(c.status, Some(Status::Completed));
+        assert_eq!(c.sessionid.as_deref(), Some(sid.as_str()));
+        assert!(c.form.is_none() && c.actions.is_none());
+        let (type_, text) = only_note(&c);
+        assert_eq!(type_, NoteType::Info);
+        assert!(text.contains("is verified"), "{text}");
+        assert!(verified(&t));
+        // Nothing waits any more.
+        let c = response(&command(&t, ALICE, "node='verify'", ""));
+        assert_eq!(c.status, Some(Status::Completed));
+        assert_eq!(
+            only_note(&c),
+            (NoteType::Info, "All your terminals are verified.")
+        );
+    }
+
+    #[test]
+    fn a_wrong_code_is_an_error_note_and_verifies_nothing() {
+        let t = Harness::new();
+        let code = alice_with_email(&t);
+        let wrong = if code == "000000" { "111111" } else { "000000" };
+        // Submitted with execute (the default action) works too.
+        let c = response(&command(
+            &t,
+            ALICE,
+            "node='verify' sessionid='s1' action='execute'",
+            &submit(wrong),
+        ));
+        assert_eq!(c.status, Some(Status::Completed));
+        assert_eq!(
+            only_note(&c),
+            (NoteType::Error, "That code is wrong (4 tries left).")
+        );
+        assert!(!verified(&t));
+        assert_eq!(code, self::code(&t), "the same code still works");
+    }
+
+    #[test]
+    fn an_empty_code_sends_a_new_one() {
+        let t = Harness::new();
+        let first = alice_with_email(&t);
+        let actions = t.actions(crate::core::Event::Stanza(
+            format!(
+                "<iq xmlns='{STANZA_NS}' type='set' id='c1' from='{ALICE}/pc' to='{D}'>\
+                 <command xmlns='{COMMANDS}' node='verify' sessionid='s1'>{}</command></iq>",
+                submit("")
+            )
+            .parse()
+            .unwrap(),
+        ));
+        let mails = actions
+            .iter()
+            .filter(|a| matches!(a, crate::core::Action::SendEmail(_)))
+            .count();
+        assert_eq!(mails, 1);
+        let reply = actions
+            .into_iter()
+            .find_map(|a| match a {
+                crate::core::Action::SendStanza(s) => Some(s),
+                _ => None,
+            })
+            .unwrap();
+        let c = response(&reply);
+        let (type_, text) = only_note(&c);
+        assert_eq!(type_, NoteType::Info);
+        assert!(
+            text.starts_with("A verification code is on its way to"),
+            "{text}"
+        );
+        assert_ne!(code(&t), first, "a fresh code");
+    }
+
+    #[test]
+    fn executing_after_the_code_expired_sends_a_new_one() {
+        let t = Harness::new();
+        let first = alice_with_email(&t);
+        t.advance(crate::core::email::CODE_VALIDITY_SECS + 1);
+        let c = response(&command(&t, ALICE, "node='verify'", ""));
+        let form = c.form.unwrap();
+        let instructions: Vec<_> = form
+            .children()
+            .filter(|c| c.is("instructions", ns::DATA_FORMS))
+            .map(|c| c.text())
+            .collect();
+        assert_eq!(
+            instructions[0],
+            format!("A new code is on its way to {ALICE_MAIL}.")
+        );
+        assert_ne!(code(&t), first);
+    }
+
+    #[test]
+    fn cancel_ends_the_session() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        let c = response(&command(
+            &t,
+            ALICE,
+            "node='verify' sessionid='s1' action='cancel'",
+            "",
+        ));
+        assert_eq!(c.status, Some(Status::Canceled));
+        assert_eq!(c.sessionid.as_deref(), Some("s1"));
+        assert!(c.notes.is_empty() && c.form.is_none());
+        // A form of type cancel says the same.
+        let c = response(&command(
+            &t,
+            ALICE,
+            "node='verify' sessionid='s1'",
+            &format!("<x xmlns='{}' type='cancel'/>", ns::DATA_FORMS),
+        ));
+        assert_eq!(c.status, Some(Status::Canceled));
+        assert!(!verified(&t));
+    }
+
+    #[test]
+    fn a_user_with_no_terminal_has_nothing_to_verify() {
+        let t = Harness::new();
+        t.register(ALICE, "alice");
+        let c = response(&command(&t, ALICE, "node='verify'", ""));
+        assert_eq!(c.status, Some(Status::Completed));
+        let (type_, text) = only_note(&c);
+        assert_eq!(type_, NoteType::Info);
+        assert!(text.starts_with("There is nothing to verify"), "{text}");
+    }
+
+    #[test]
+    fn an_already_verified_user_is_told_so() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        user.email = Some(Terminal {
+            verified: true,
+            ..Terminal::unverified(user.email.unwrap().address)
+        });
+        t.store.put_user(&user).unwrap();
+        let c = response(&command(&t, ALICE, "node='verify'", ""));
+        assert_eq!(
+            only_note(&c),
+            (NoteType::Info, "All your terminals are verified.")
+        );
+    }
+
+    #[test]
+    fn unknown_nodes_strangers_and_bad_payloads_get_errors() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        let reply = command(&t, ALICE, "node='frobnicate'", "");
+        assert_error(&reply, "item-not-found");
+        assert_eq!(error_text(&reply), "there is no command 'frobnicate' here");
+
+        let reply = command(&t, "bob@example.net", "node='verify'", "");
+        assert_error(&reply, "registration-required");
+
+        let reply = command(&t, ALICE, "", "");
+        assert_error(&reply, "bad-request");
+        assert_eq!(error_text(&reply), "missing node attribute on command");
+        let reply = command(&t, ALICE, "node='verify' action='jump'", "");
+        assert_error(&reply, "bad-request");
+        assert_eq!(error_text(&reply), "unknown action 'jump'");
+        let reply = command(&t, ALICE, "node='verify' sessionid='s' action='next'", "");
+        assert_error(&reply, "bad-request");
+        let reply = command(
+            &t,
+            ALICE,
+            "node='verify' sessionid='s' action='complete'",
+            "",
+        );
+        assert_error(&reply, "bad-request");
+        assert_eq!(error_text(&reply), "complete needs the filled-in form");
+        let reply = command(
+            &t,
+            ALICE,
+            "node='verify' sessionid='s' action='complete'",
+            &format!("<x xmlns='{}' type='form'/>", ns::DATA_FORMS),
+        );
+        assert_error(&reply, "bad-request");
+        // A get is no command.
+        let reply = t.one(&format!(
+            "<iq type='get' id='c1' from='{ALICE}/pc' to='{D}'><command xmlns='{COMMANDS}' node='verify'/></iq>"
+        ));
+        assert_error(&reply, "service-unavailable");
+        assert!(!verified(&t));
+    }
+}

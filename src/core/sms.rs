@@ -1,0 +1,860 @@
+//! The SMS terminal's decisions: forwarding messages to the user's phone within the abuse limits,
+//! verifying the phone, and what a text from the phone means (keywords, commands, replies).
+//!
+//! The SMS adapters (provider, webhook) carry these decisions out; text formatting and parsing
+//! live in `crate::sms::{format, text}` as pure functions.
+
+use minidom::Element;
+use rand::Rng;
+
+use super::{forward, Action, Core, Out};
+use crate::sms::text::{self, Command, Conversation, Keyword, SmsInput, Target};
+use crate::sms::{format, DeliveryReport, DeliveryStatus, IncomingSms};
+use crate::store::{
+    LocalState, Pending, PendingItem, SentSms, SmsJob, Store, StoreError, TerminalKind, User,
+    Verification,
+};
+use crate::xmpp::stanza::{an, chat, StanzaFault, NONE, STANZA_NS};
+
+/// The SMS terminal's settings (from `[sms]`).
+#[derive(Debug, Clone)]
+pub struct SmsSettings {
+    /// Longest SMS, in segments; longer texts are shortened with an ellipsis.
+    pub max_segments: usize,
+    /// SMS per user per (UTC) day.
+    pub daily_cap: u32,
+    /// E.164 prefixes Reach may text (empty: all).
+    pub allowed_prefixes: Vec<String>,
+}
+
+/// What the webhook answers Kannel: accepted (200, after the commit) or refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookAnswer {
+    Accepted,
+    /// Kannel should retry later (e.g. the store failed).
+    Temporary(String),
+}
+
+const HELP: &str =
+    "Reach: reply to answer the last chat; @name text to pick a chat; /msg NAME text; \
+/who; /away /back /dnd; /status; STOP ends SMS, START resumes.";
+
+fn settings(core: &Core) -> Option<&SmsSettings> {
+    core.settings.sms.as_ref()
+}
+
+fn day(now: u64) -> u64 {
+    now / 86_400
+}
+
+/// Whether Reach may text this number at all (country allow-list).
+pub fn number_allowed(settings: &SmsSettings, number: &str) -> bool {
+    settings.allowed_prefixes.is_empty()
+        || settings
+            .allowed_prefixes
+            .iter()
+            .any(|p| number.starts_with(p.as_str()))
+}
+
+/// Whether Reach may forward to the user's phone now.
+pub(super) fn can_forward(core: &Core, user: &User) -> bool {
+    let (Some(settings), Some(phone)) = (settings(core), user.phone.as_ref()) else {
+        return false;
+    };
+    phone.usable() && number_allowed(settings, phone.address.as_str())
+}
+
+fn reference(core: &Core) -> String {
+    let bytes: [u8; 10] = core.rng().gen();
+    data_encoding::BASE32_NOPAD
+        .encode(&bytes)
+        .to_ascii_lowercase()
+}
+
+/// An SMS to the user that carries no buddy message (answers, confirmations, codes).
+fn notice(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    to: &str,
+    text: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let Some(settings) = settings(core) else {
+        return Ok(());
+    };
+    if !number_allowed(settings, to) {
+        return Ok(());
+    }
+    store.count_sms(&user.jid, day(now))?;
+    out.push(Action::SendSms(Box::new(SmsJob {
+        user: user.jid.clone(),
+        peer: None,
+        to: to.to_owned(),
+        text: format::fit(text, settings.max_segments),
+        reference: reference(core),
+        items: Vec::new(),
+        attempts: 0,
+        next_attempt_at: now,
+        queued_at: now,
+    })));
+    Ok(())
+}
+
+/// A due forward: one SMS per message, `Bob: text`, the first of a conversation with a hint on
+/// how to reply. Past the daily cap, messages wait for the user's XMPP client instead (the buddy
+/// is told nothing that would not be true).
+pub(super) fn forward(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    pending: Pending,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let settings = settings(core).expect("checked by can_forward");
+    let to = user
+        .phone
+        .as_ref()
+        .expect("checked by can_forward")
+        .address
+        .as_str()
+        .to_owned();
+    let mut session = store.touch_session(&user.jid, &pending.peer, now)?;
+    let name = super::email::peer_name(session.peer_name.as_deref(), &pending.peer);
+    for item in pending.items {
+        if store.sms_count(&user.jid, day(now))? >= settings.daily_cap {
+            tracing::info!(
+                handle = user.handle.as_str(),
+                "daily SMS cap reached: message kept for XMPP"
+            );
+            forward::hold_for_xmpp(
+                store,
+                now,
+                &user.jid,
+                &pending.peer,
+                std::slice::from_ref(&item),
+            )?;
+            continue;
+        }
+        let hint = (!session.sms_hinted).then(|| format::reply_hint(&name));
+        session.sms_hinted = true;
+        let reference = reference(core);
+        let text = format::format_mt(&name, &item.text, hint.as_deref(), settings.max_segments);
+        store.count_sms(&user.jid, day(now))?;
+        store.put_sent_sms(
+            &reference,
+            &SentSms {
+                user: user.jid.clone(),
+                peer: pending.peer.clone(),
+                items: vec![item.clone()],
+                sent_at: now,
+            },
+        )?;
+        out.push(Action::SendSms(Box::new(SmsJob {
+            user: user.jid.clone(),
+            peer: Some(pending.peer.clone()),
+            to: to.clone(),
+            text,
+            reference,
+            items: vec![item],
+            attempts: 0,
+            next_attempt_at: now,
+            queued_at: now,
+        })));
+    }
+    store.put_session(&user.jid, &session)
+}
+
+/// Starts (or restarts) the verification of the user's phone: a code by SMS, confirmed by texting
+/// it back, `verify CODE` to the service, or the ad-hoc command. Returns what to tell the user.
+pub(super) fn start_verification(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    out: &mut Out,
+) -> Result<Option<String>, StoreError> {
+    let (Some(settings), Some(phone)) = (settings(core), user.phone.as_ref()) else {
+        return Ok(None);
+    };
+    if phone.verified {
+        return Ok(None);
+    }
+    let number = phone.address.as_str().to_owned();
+    if !number_allowed(settings, &number) {
+        return Ok(Some(format!("Reach does not send SMS to {number}.")));
+    }
+    let code = format!("{:06}", core.rng().gen_range(0..1_000_000u32));
+    store.put_verification(
+        &user.jid,
+        &Verification {
+            kind: TerminalKind::Phone,
+            address: number.clone(),
+            code: code.clone(),
+            expires_at: now + super::email::CODE_VALIDITY_SECS,
+            tries_left: super::email::CODE_TRIES,
+        },
+    )?;
+    let text = format!(
+        "Your Reach code is {code}. Text it back, or send \"verify {code}\" to {}. Valid {} minutes.",
+        core.settings.domain,
+        super::email::CODE_VALIDITY_SECS / 60
+    );
+    notice(core, store, now, user, &number, &text, out)?;
+    Ok(Some(format!("A verification code is on its way to {number} by SMS. Text it back, or send \"verify CODE\" here.")))
+}
+
+/// `verify CODE` for the phone; `None` if no phone verification is waiting.
+pub(super) fn verify_code(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    code: &str,
+    out: &mut Out,
+) -> Result<Option<String>, StoreError> {
+    let Some(v) = store.verification(&user.jid, TerminalKind::Phone)? else {
+        return Ok(None);
+    };
+    if v.expires_at < now {
+        store.remove_verification(&user.jid, TerminalKind::Phone)?;
+        return Ok(Some(
+            "That code has expired. Send \"verify\" for a new one.".to_owned(),
+        ));
+    }
+    if v.code != code.trim() {
+        let tries_left = v.tries_left.saturating_sub(1);
+        if tries_left == 0 {
+            store.remove_verification(&user.jid, TerminalKind::Phone)?;
+            return Ok(Some(
+                "That code is wrong, and that was the last try. Send \"verify\" for a new code."
+                    .to_owned(),
+            ));
+        }
+        store.put_verification(&user.jid, &Verification { tries_left, ..v })?;
+        return Ok(Some(format!(
+            "That code is wrong ({tries_left} tries left)."
+        )));
+    }
+    confirm_phone(core, store, now, user, &v.address, out).map(Some)
+}
+
+/// Whether the code matches the waiting phone verification (without spending a try).
+pub(super) fn is_phone_code(store: &Store, user: &User, code: &str) -> Result<bool, StoreError> {
+    Ok(store
+        .verification(&user.jid, TerminalKind::Phone)?
+        .is_some_and(|v| v.code == code.trim()))
+}
+
+fn confirm_phone(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    number: &str,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    if let Some(other) = store.user_by_phone(number)? {
+        if other.jid != user.jid {
+            store.remove_verification(&user.jid, TerminalKind::Phone)?;
+            return Ok("This number is already verified by another user.".to_owned());
+        }
+    }
+    let mut user = user.clone();
+    let Some(phone) = user.phone.as_mut().filter(|t| t.address.as_str() == number) else {
+        return Ok("That code was for a number you no longer use.".to_owned());
+    };
+    phone.verified = true;
+    phone.stopped = false;
+    store.put_user(&user)?;
+    store.remove_verification(&user.jid, TerminalKind::Phone)?;
+    tracing::info!(handle = user.handle.as_str(), "phone terminal verified");
+    if !super::presence::global_presence(store, &user)?.is_available() {
+        super::forward::forward_held(core, store, now, &user)?;
+    }
+    let _ = out;
+    Ok(format!("Your phone {number} is verified. Reach forwards messages there while you are away from XMPP."))
+}
+
+/// A text from a phone. Accepted (and so acknowledged to the provider) once what it leads to is
+/// stored; texts from numbers no user has verified are ignored.
+pub(super) fn on_incoming(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    sms: &IncomingSms,
+    out: &mut Out,
+) -> Result<WebhookAnswer, StoreError> {
+    let Ok(number) = crate::address::Phone::parse(&sms.from) else {
+        tracing::debug!("SMS from an unreadable number ignored");
+        return Ok(WebhookAnswer::Accepted);
+    };
+    let number = number.as_str().to_owned();
+    let Some(user) = store.user_by_phone(&number)? else {
+        // Perhaps the code of a phone being verified.
+        if let Some((jid, v)) = store.verification_for_address(TerminalKind::Phone, &number)? {
+            if text::as_verification_code(&sms.text).is_some_and(|c| c == v.code) {
+                if let Some(user) = store.user(&jid)? {
+                    let said =
+                        verify_code(core, store, now, &user, &v.code, out)?.unwrap_or_default();
+                    notice(core, store, now, &user, &number, &said, out)?;
+                    out.send(chat(&core.settings.domain, &user.jid, &said));
+                }
+                return Ok(WebhookAnswer::Accepted);
+            }
+        }
+        tracing::debug!(from = %number, "SMS from an unknown number ignored");
+        return Ok(WebhookAnswer::Accepted);
+    };
+    let answer = |store: &Store, out: &mut Out, text: &str| {
+        notice(core, store, now, &user, &number, text, out)
+    };
+    let stopped = user.phone.as_ref().is_some_and(|t| t.stopped);
+    let input = match text::parse(&sms.text) {
+        // "Yes" answers a buddy unless the number is stopped; START itself always resumes.
+        SmsInput::Keyword(Keyword::Start)
+            if !stopped && !sms.text.trim().eq_ignore_ascii_case("start") =>
+        {
+            SmsInput::Reply(sms.text.trim().to_owned())
+        }
+        other => other,
+    };
+    match input {
+        SmsInput::Invalid(problem) => answer(store, out, &problem.to_string())?,
+        SmsInput::Keyword(Keyword::Stop) => {
+            set_phone(store, &user, |t| t.stopped = true)?;
+            answer(
+                store,
+                out,
+                "Reach: you will get no more SMS. Text START to resume.",
+            )?;
+        }
+        SmsInput::Keyword(Keyword::Start) => {
+            set_phone(store, &user, |t| t.stopped = false)?;
+            answer(store, out, "Reach: SMS resumed. Text HELP for help.")?;
+        }
+        SmsInput::Keyword(Keyword::Help) | SmsInput::Command(Command::Help) => {
+            answer(store, out, HELP)?
+        }
+        SmsInput::Command(command) => {
+            let said = on_command(core, store, now, &user, command, out)?;
+            if let Some(said) = said {
+                answer(store, out, &said)?;
+            }
+        }
+        SmsInput::Addressed { target, text } => {
+            let said = send_to_named(core, store, now, &user, &target, &text, out)?;
+            if let Some(said) = said {
+                answer(store, out, &said)?;
+            }
+        }
+        SmsInput::Reply(text) => {
+            let conversations = conversations(store, &user)?;
+            match text::most_recent(&conversations) {
+                Some(c) => {
+                    let peer = c.peer.clone();
+                    send_im(core, store, now, &user, &peer, &text, out)?;
+                }
+                None => answer(
+                    store,
+                    out,
+                    "Reach: no conversation yet. Use /msg NAME text.",
+                )?,
+            }
+        }
+    }
+    Ok(WebhookAnswer::Accepted)
+}
+
+fn set_phone(
+    store: &Store,
+    user: &User,
+    change: impl FnOnce(&mut crate::store::Terminal<crate::address::Phone>),
+) -> Result<(), StoreError> {
+    let mut user = user.clone();
+    if let Some(phone) = user.phone.as_mut() {
+        change(phone);
+    }
+    store.put_user(&user)
+}
+
+fn on_command(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    command: Command,
+    out: &mut Out,
+) -> Result<Option<String>, StoreError> {
+    Ok(Some(match command {
+        Command::Help => HELP.to_owned(),
+        Command::Who => {
+            let online: Vec<String> = store
+                .buddies(&user.handle)?
+                .into_iter()
+                .filter(|(_, b)| b.online)
+                .map(|(jid, _)| jid)
+                .collect();
+            if online.is_empty() {
+                "Reach: no buddies online.".to_owned()
+            } else {
+                format!("Online: {}", online.join(", "))
+            }
+        }
+        Command::Away(_) => {
+            set_phone(store, user, |t| t.state = LocalState::Away)?;
+            "Reach: phone set to away.".to_owned()
+        }
+        Command::Back => {
+            set_phone(store, user, |t| t.state = LocalState::Available)?;
+            "Reach: phone set to available.".to_owned()
+        }
+        Command::Dnd(_) => {
+            set_phone(store, user, |t| t.state = LocalState::Dnd)?;
+            "Reach: do not disturb. Nothing is forwarded to this phone until /back.".to_owned()
+        }
+        Command::Status => {
+            let state = user
+                .phone
+                .as_ref()
+                .map_or(LocalState::Available, |t| t.state);
+            format!(
+                "Reach: {} phone {:?}, {} held. {} SMS today.",
+                core.reach_address(&user.handle),
+                state,
+                store.held_count(&user.jid)?,
+                store.sms_count(&user.jid, day(now))?
+            )
+            .to_lowercase()
+        }
+        Command::Msg { peer, text } => {
+            return send_to_named(core, store, now, user, &peer, &text, out)
+        }
+        Command::Verify(code) => verify_code(core, store, now, user, &code, out)?
+            .unwrap_or_else(|| "Reach: nothing to verify.".to_owned()),
+        Command::Unknown(name) => format!("Reach: unknown command /{name}. Text /help."),
+    }))
+}
+
+/// The user's conversations and buddies, as candidates for `@name` and `/msg`.
+fn conversations(store: &Store, user: &User) -> Result<Vec<Conversation>, StoreError> {
+    let mut list: Vec<Conversation> = store
+        .sessions(&user.jid)?
+        .into_iter()
+        .map(|s| Conversation {
+            peer: s.peer,
+            name: s.peer_name,
+            last_active: s.last_active,
+        })
+        .collect();
+    for (buddy, _) in store.buddies(&user.handle)? {
+        if !list.iter().any(|c| c.peer == buddy) {
+            list.push(Conversation {
+                peer: buddy,
+                name: None,
+                last_active: 0,
+            });
+        }
+    }
+    Ok(list)
+}
+
+fn send_to_named(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    target: &str,
+    text: &str,
+    out: &mut Out,
+) -> Result<Option<String>, StoreError> {
+    let conversations = conversations(store, user)?;
+    let peer = match text::find_target(target, &conversations) {
+        Target::Found(c) => c.peer.clone(),
+        Target::Ambiguous(matches) => return Ok(Some(text::usage_for_ambiguous(&matches))),
+        Target::Unknown => match jid::BareJid::new(target) {
+            Ok(jid) if jid.node().is_some() => jid.to_string(),
+            _ => {
+                return Ok(Some(format!(
+                    "Reach: no chat with \"{target}\". Use @name or /msg user@server text."
+                )))
+            }
+        },
+    };
+    send_im(core, store, now, user, &peer, text, out)?;
+    Ok(None)
+}
+
+/// The user's text from the phone, to the peer from the reach address, in the conversation.
+fn send_im(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    peer: &str,
+    text: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let session = store.touch_session(&user.jid, peer, now)?;
+    let mut message = chat(&core.reach_address(&user.handle), peer, text);
+    message.set_attr(NONE, an("id"), reference(core));
+    if let Some(thread) = &session.thread {
+        message.append_child(
+            Element::builder("thread", STANZA_NS)
+                .append(thread.as_str())
+                .build(),
+        );
+    }
+    out.send(message);
+    store.remove_pending(&user.jid, peer)?;
+    tracing::debug!(handle = user.handle.as_str(), "SMS reply relayed");
+    Ok(())
+}
+
+/// A delivery report: delivered becomes the receipt the buddy asked for; failed tells the buddy
+/// and keeps the message for the user's XMPP client.
+pub(super) fn on_delivery(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    report: &DeliveryReport,
+    out: &mut Out,
+) -> Result<WebhookAnswer, StoreError> {
+    match &report.status {
+        DeliveryStatus::Pending => {}
+        DeliveryStatus::Delivered => {
+            if let Some(sent) = store.take_sent_sms(&report.reference)? {
+                let Some(user) = store.user(&sent.user)? else {
+                    return Ok(WebhookAnswer::Accepted);
+                };
+                for item in sent.items.iter().filter(|i| i.receipt) {
+                    if let Some(id) = &item.id {
+                        let mut receipt = crate::xmpp::stanza::stanza(
+                            "message",
+                            &core.reach_address(&user.handle),
+                            &sent.peer,
+                        );
+                        receipt.append_child(
+                            Element::builder("received", xmpp_parsers::ns::RECEIPTS)
+                                .attr(an("id"), id.as_str())
+                                .build(),
+                        );
+                        out.send(receipt);
+                    }
+                }
+            }
+        }
+        DeliveryStatus::Failed(reason) => {
+            if let Some(sent) = store.take_sent_sms(&report.reference)? {
+                undelivered(
+                    core,
+                    store,
+                    now,
+                    &sent.user,
+                    &sent.peer,
+                    &sent.items,
+                    reason,
+                    out,
+                )?;
+            }
+        }
+    }
+    Ok(WebhookAnswer::Accepted)
+}
+
+/// The provider refused an SMS for good.
+pub(super) fn on_failed(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    job: &SmsJob,
+    reason: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    store.take_sent_sms(&job.reference)?;
+    match &job.peer {
+        Some(peer) => undelivered(core, store, now, &job.user, peer, &job.items, reason, out),
+        None => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn undelivered(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    jid: &str,
+    peer: &str,
+    items: &[PendingItem],
+    reason: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    tracing::warn!(reason, "an SMS could not be delivered");
+    let Some(user) = store.user(jid)? else {
+        return Ok(());
+    };
+    forward::hold_for_xmpp(store, now, jid, peer, items)?;
+    let address = core.reach_address(&user.handle);
+    for id in items.iter().filter_map(|i| i.id.as_ref()) {
+        let mut notice = crate::xmpp::stanza::stanza("message", &address, peer);
+        notice.set_attr(NONE, an("id"), id.as_str());
+        notice.set_attr(NONE, an("type"), "error");
+        let fault = StanzaFault::new(
+            crate::xmpp::stanza::ErrorType::Wait,
+            "recipient-unavailable",
+        )
+        .with_text(format!(
+            "This message could not be delivered by SMS; it waits for {} to come back to XMPP.",
+            user.handle.as_str()
+        ));
+        notice.append_child(fault.to_element());
+        out.send(notice);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::*;
+    use crate::core::Event;
+    use crate::store::Terminal;
+    use crate::xmpp::stanza::child_text;
+
+    const BOB: &str = "bob@example.net";
+    const ALICE: &str = "alice@example.org";
+    const PHONE: &str = "+15551234567";
+
+    fn alice_with_phone(t: &Harness) {
+        t.run(&register_form(ALICE, "alice", "", PHONE));
+        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        user.phone = Some(Terminal {
+            verified: true,
+            ..Terminal::unverified(user.phone.unwrap().address)
+        });
+        t.store.put_user(&user).unwrap();
+    }
+
+    fn from_bob(t: &Harness, id: &str, body: &str) {
+        t.run(&format!(
+            "<message type='chat' id='{id}' from='{BOB}/pc' to='alice@{D}'><body>{body}</body><request xmlns='urn:xmpp:receipts'/></message>"
+        ));
+    }
+
+    fn texts(actions: Vec<Action>) -> Vec<SmsJob> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::SendSms(job) => Some(*job),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn tick(t: &Harness) -> Vec<SmsJob> {
+        texts(t.actions(Event::Tick))
+    }
+
+    fn text_in(t: &Harness, text: &str) -> (Vec<SmsJob>, Vec<Element>) {
+        let actions = t.actions(Event::SmsReceived(IncomingSms {
+            from: PHONE.into(),
+            to: "+15550000000".into(),
+            text: text.into(),
+            provider_id: None,
+        }));
+        let stanzas = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendStanza(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(actions.contains(&Action::AnswerWebhook(WebhookAnswer::Accepted)));
+        (texts(actions), stanzas)
+    }
+
+    #[test]
+    fn an_offline_users_messages_go_to_the_phone_one_sms_each_the_first_with_a_hint() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        from_bob(&t, "m1", "Hi Alice");
+        from_bob(&t, "m2", "Lunch?");
+        let sms = tick(&t);
+        assert_eq!(sms.len(), 2);
+        assert_eq!(sms[0].to, PHONE);
+        assert!(
+            sms[0].text.starts_with("bob: Hi Alice\n"),
+            "{}",
+            sms[0].text
+        );
+        assert!(sms[0].text.contains("Reply to answer bob"));
+        assert_eq!(sms[1].text, "bob: Lunch?");
+        assert!(tick(&t).is_empty());
+    }
+
+    #[test]
+    fn the_daily_cap_keeps_further_messages_for_xmpp() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        // The verification code sent at registration counts too.
+        let already = t.store.sms_count(ALICE, t.now.get() / 86_400).unwrap() as usize;
+        assert_eq!(already, 1);
+        for i in 0..7 {
+            from_bob(&t, &format!("m{i}"), "x");
+        }
+        assert_eq!(tick(&t).len(), 5 - already);
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 2 + already);
+        t.advance(86_400);
+        from_bob(&t, "next-day", "y");
+        assert_eq!(tick(&t).len(), 1);
+    }
+
+    #[test]
+    fn a_text_back_reaches_the_most_recent_conversation() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        t.run(&format!("<message type='chat' id='c1' from='carol@example.net/x' to='alice@{D}'><body>hey</body></message>"));
+        tick(&t);
+        t.advance(5);
+        from_bob(&t, "m1", "Hi");
+        tick(&t);
+        let (sms, im) = text_in(&t, "Sure, see you");
+        assert!(sms.is_empty());
+        assert_eq!(im.len(), 1);
+        assert_eq!(im[0].attr("to"), Some(BOB));
+        assert_eq!(im[0].attr("from"), Some(&*format!("alice@{D}")));
+        assert_eq!(child_text(&im[0], "body").as_deref(), Some("Sure, see you"));
+        let (_, im) = text_in(&t, "@carol hello you");
+        assert_eq!(im[0].attr("to"), Some("carol@example.net"));
+        let (_, im) = text_in(&t, "/msg bob again");
+        assert_eq!(im[0].attr("to"), Some(BOB));
+        assert_eq!(child_text(&im[0], "body").as_deref(), Some("again"));
+        let (sms, im) = text_in(&t, "@zed who?");
+        assert!(im.is_empty());
+        assert!(sms[0].text.contains("no chat with"), "{}", sms[0].text);
+    }
+
+    #[test]
+    fn stop_and_start_are_always_honoured() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        let (sms, _) = text_in(&t, "STOP");
+        assert!(sms[0].text.contains("no more SMS"));
+        assert!(t.store.user(ALICE).unwrap().unwrap().phone.unwrap().stopped);
+        from_bob(&t, "m1", "are you there?");
+        assert!(tick(&t).is_empty());
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+        let (sms, _) = text_in(&t, "start");
+        assert!(sms[0].text.contains("resumed"));
+        from_bob(&t, "m2", "now?");
+        assert_eq!(tick(&t).len(), 1);
+    }
+
+    #[test]
+    fn local_states_who_and_unknown_numbers() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        t.run(&format!(
+            "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        t.run(&format!("<presence from='{BOB}/pc' to='alice@{D}'/>"));
+        let (sms, _) = text_in(&t, "/who");
+        assert!(sms[0].text.contains(BOB), "{}", sms[0].text);
+        text_in(&t, "/dnd");
+        from_bob(&t, "m1", "psst");
+        assert!(tick(&t).is_empty(), "do not disturb");
+        text_in(&t, "/back");
+        from_bob(&t, "m2", "psst");
+        assert_eq!(tick(&t).len(), 1);
+        let actions = t.actions(Event::SmsReceived(IncomingSms {
+            from: "+15559999999".into(),
+            to: "+15550000000".into(),
+            text: "hello".into(),
+            provider_id: None,
+        }));
+        assert_eq!(
+            actions,
+            vec![Action::AnswerWebhook(WebhookAnswer::Accepted)]
+        );
+    }
+
+    #[test]
+    fn a_phone_is_verified_by_texting_the_code_back() {
+        let t = Harness::new();
+        let sms = texts(
+            t.actions(Event::Stanza(
+                register_form(ALICE, "alice", "", PHONE)
+                    .replacen(
+                        "<iq ",
+                        &format!("<iq xmlns='{}' ", crate::xmpp::stanza::STANZA_NS),
+                        1,
+                    )
+                    .parse()
+                    .unwrap(),
+            )),
+        );
+        assert_eq!(sms.len(), 1);
+        let code = t
+            .store
+            .verification(ALICE, TerminalKind::Phone)
+            .unwrap()
+            .unwrap()
+            .code;
+        assert!(sms[0].text.contains(&code));
+        // Not verified yet: a text that is not the code is ignored.
+        let (sms, im) = text_in(&t, "hello");
+        assert!(sms.is_empty() && im.is_empty());
+        let (sms, im) = text_in(&t, &code);
+        assert!(sms[0].text.contains("is verified"), "{}", sms[0].text);
+        assert!(child_text(&im[0], "body").unwrap().contains("is verified"));
+        assert!(
+            t.store
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .phone
+                .unwrap()
+                .verified
+        );
+    }
+
+    #[test]
+    fn numbers_outside_the_allowed_countries_are_refused_at_registration() {
+        let t = Harness::new();
+        let reply = t.one(&register_form(ALICE, "alice", "", "+33612345678"));
+        assert_error(&reply, "not-acceptable");
+        assert!(
+            error_text(&reply).starts_with("phone"),
+            "{}",
+            error_text(&reply)
+        );
+    }
+
+    #[test]
+    fn delivery_reports_become_receipts_or_errors() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        from_bob(&t, "m1", "one");
+        from_bob(&t, "m2", "two");
+        let sms = tick(&t);
+        let delivered = t.event(Event::SmsDelivery(DeliveryReport {
+            reference: sms[0].reference.clone(),
+            status: DeliveryStatus::Delivered,
+        }));
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].attr("to"), Some(BOB));
+        let received = delivered[0]
+            .get_child("received", xmpp_parsers::ns::RECEIPTS)
+            .unwrap();
+        assert_eq!(received.attr("id"), Some("m1"));
+        let failed = t.event(Event::SmsDelivery(DeliveryReport {
+            reference: sms[1].reference.clone(),
+            status: DeliveryStatus::Failed("rejected by the carrier".into()),
+        }));
+        assert_eq!(failed[0].attr("type"), Some("error"));
+        assert_eq!(failed[0].attr("id"), Some("m2"));
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+    }
+}

@@ -1,0 +1,229 @@
+//! Ad-hoc commands (XEP-0050) end to end: the built `reach` against a real Prosody, with the
+//! verification code read from the mail Reach sent to a real SMTP sink (aiosmtpd).
+//!
+//! Alice does what her client's "Commands" menu does: list the commands of the service, run
+//! `verify`, fill in the form.
+
+mod support;
+
+use std::time::Duration;
+
+use support::mail::MailSink;
+use support::{attr, body, Client, Element, Reach, Server, ServerKind};
+
+const D: &str = "reach.localhost";
+const T: Duration = Duration::from_secs(15);
+const ALICE_MAIL: &str = "alice@mail.example";
+const COMMANDS: &str = "http://jabber.org/protocol/commands";
+const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+const DATA_FORMS: &str = "jabber:x:data";
+
+struct World {
+    server: Server,
+    sink: MailSink,
+    reach: Reach,
+    _state: tempfile::TempDir,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- reach log ---\n{}", self.reach.log());
+        }
+    }
+}
+
+impl World {
+    async fn new() -> World {
+        let server = Server::start(ServerKind::Prosody).await;
+        server.register("alice", "alicepw").await;
+        let sink = MailSink::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let extra = format!(
+            "[email]\nrelay = \"smtp://127.0.0.1:{}\"\nfrom_address = \"reach@{D}\"\n\
+             reply_domain = \"{D}\"\nlisten = \"127.0.0.1:{}\"\n",
+            sink.port,
+            support::free_port()
+        );
+        let reach = Reach::start_with(&server, state.path(), &extra).await;
+        World {
+            server,
+            sink,
+            reach,
+            _state: state,
+        }
+    }
+
+    /// Alice online, registered with her email address; returns her and the code from the mail.
+    async fn alice_registered_with_email(&self) -> (Client, String) {
+        let mut alice = Client::connect(&self.server, "alice", "alicepw", "pc").await;
+        support::wait_for_component(&mut alice, D).await;
+        alice.presence("").await;
+        alice
+            .iq_ok(&format!(
+                "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'>\
+                 <username>alice</username><email>{ALICE_MAIL}</email></query></iq>"
+            ))
+            .await;
+        let mails = self.sink.wait_for(1, T).await;
+        let subject = mails[0].header("Subject").unwrap();
+        let code: String = subject.chars().filter(char::is_ascii_digit).collect();
+        assert_eq!(code.len(), 6, "subject: {subject}");
+        (alice, code)
+    }
+}
+
+/// Sends a command request and returns the `<command/>` of the result.
+async fn command(client: &mut Client, attrs: &str, inner: &str) -> Element {
+    let id = support::new_id();
+    let reply = client
+        .iq_ok(&format!(
+            "<iq type='set' id='{id}' to='{D}'><command xmlns='{COMMANDS}' {attrs}>{inner}</command></iq>"
+        ))
+        .await;
+    reply
+        .get_child("command", COMMANDS)
+        .unwrap_or_else(|| panic!("no <command/> in {}", support::to_xml(&reply)))
+        .clone()
+}
+
+fn submitted_code(code: &str) -> String {
+    format!(
+        "<x xmlns='{DATA_FORMS}' type='submit'><field var='code'><value>{code}</value></field></x>"
+    )
+}
+
+/// The (type, text) of each note.
+fn notes(command: &Element) -> Vec<(String, String)> {
+    command
+        .children()
+        .filter(|c| c.is("note", COMMANDS))
+        .map(|n| (attr(n, "type").to_owned(), n.text()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_verifies_her_email_address_with_the_verify_command() {
+    let w = World::new().await;
+    let (mut alice, code) = w.alice_registered_with_email().await;
+
+    // Her client lists the service's commands.
+    let items = alice
+        .iq_ok(&format!(
+            "<iq type='get' id='items' to='{D}'><query xmlns='{DISCO_ITEMS}' node='{COMMANDS}'/></iq>"
+        ))
+        .await;
+    let listed: Vec<(String, String)> = items
+        .get_child("query", DISCO_ITEMS)
+        .unwrap()
+        .children()
+        .map(|i| (attr(i, "node").to_owned(), attr(i, "name").to_owned()))
+        .collect();
+    assert!(
+        listed.contains(&("verify".into(), "Verify a terminal".into())),
+        "{listed:?}"
+    );
+
+    // She runs "Verify a terminal": a form asking for the code sent to her address.
+    let start = command(&mut alice, "node='verify' action='execute'", "").await;
+    assert_eq!(attr(&start, "status"), "executing");
+    let session = attr(&start, "sessionid").to_owned();
+    assert!(!session.is_empty());
+    let form = start.get_child("x", DATA_FORMS).expect("a form");
+    let instructions = form.get_child("instructions", DATA_FORMS).unwrap().text();
+    assert!(instructions.contains(ALICE_MAIL), "{instructions}");
+    assert!(form
+        .children()
+        .any(|f| f.is("field", DATA_FORMS) && attr(f, "var") == "code"));
+
+    // A typo: an error note, and she can try again.
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let typo = command(
+        &mut alice,
+        &format!("node='verify' sessionid='{session}' action='complete'"),
+        &submitted_code(wrong),
+    )
+    .await;
+    assert_eq!(attr(&typo, "status"), "completed");
+    assert_eq!(
+        notes(&typo),
+        vec![(
+            "error".to_owned(),
+            "That code is wrong (4 tries left).".to_owned()
+        )]
+    );
+
+    // The right code.
+    let again = command(&mut alice, "node='verify'", "").await;
+    let session = attr(&again, "sessionid").to_owned();
+    let done = command(
+        &mut alice,
+        &format!("node='verify' sessionid='{session}' action='complete'"),
+        &submitted_code(&code),
+    )
+    .await;
+    assert_eq!(attr(&done, "status"), "completed");
+    let said = notes(&done);
+    assert_eq!(said.len(), 1);
+    assert_eq!(said[0].0, "info");
+    assert!(
+        said[0].1.contains(&format!("{ALICE_MAIL} is verified")),
+        "{said:?}"
+    );
+
+    // The chat prompt agrees, and running the command again has nothing left to do.
+    alice
+        .send(&format!(
+            "<message type='chat' to='{D}'><body>status</body></message>"
+        ))
+        .await;
+    alice
+        .expect("status saying the address is verified", T, |s| {
+            body(s).is_some_and(|b| b.contains(&format!("Email: {ALICE_MAIL} (verified)")))
+        })
+        .await;
+    let after = command(&mut alice, "node='verify'", "").await;
+    assert_eq!(attr(&after, "status"), "completed");
+    assert_eq!(
+        notes(&after),
+        vec![(
+            "info".to_owned(),
+            "All your terminals are verified.".to_owned()
+        )]
+    );
+    assert_eq!(w.sink.mails().len(), 1, "no code was sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_answer_errors_a_client_can_show() {
+    let w = World::new().await;
+    let mut alice = Client::connect(&w.server, "alice", "alicepw", "pc").await;
+    support::wait_for_component(&mut alice, D).await;
+    alice.presence("").await;
+    let error_of = |reply: &Element| {
+        assert_eq!(attr(reply, "type"), "error", "{}", support::to_xml(reply));
+        reply
+            .get_child("error", support::NS_CLIENT)
+            .and_then(|e| e.children().next())
+            .map(|c| c.name().to_owned())
+            .unwrap_or_default()
+    };
+    let reply = alice
+        .iq(&format!(
+            "<iq type='set' id='unreg' to='{D}'><command xmlns='{COMMANDS}' node='verify' action='execute'/></iq>"
+        ))
+        .await;
+    assert_eq!(error_of(&reply), "registration-required");
+    let reply = alice
+        .iq(&format!(
+            "<iq type='set' id='nope' to='{D}'><command xmlns='{COMMANDS}' node='nope'/></iq>"
+        ))
+        .await;
+    assert_eq!(error_of(&reply), "item-not-found");
+    let reply = alice
+        .iq(&format!(
+            "<iq type='set' id='bad' to='{D}'><command xmlns='{COMMANDS}' node='verify' action='jump'/></iq>"
+        ))
+        .await;
+    assert_eq!(error_of(&reply), "bad-request");
+}
