@@ -33,10 +33,22 @@ enum Call {
 struct Recorder {
     calls: mpsc::UnboundedSender<Call>,
     count: Mutex<usize>,
+    /// How many incoming SMS to refuse with a temporary error (503) before taking them.
+    refuse: Mutex<usize>,
+    /// Kannel's ids of the SMS refused so far.
+    refused_ids: Mutex<Vec<Option<String>>>,
 }
 
 impl WebhookHandler for Recorder {
     async fn incoming(&self, sms: IncomingSms) -> Result<(), WebhookRefusal> {
+        {
+            let mut refuse = self.refuse.lock().unwrap();
+            if *refuse > 0 {
+                *refuse -= 1;
+                self.refused_ids.lock().unwrap().push(sms.provider_id);
+                return Err(WebhookRefusal::Temporary("store busy".into()));
+            }
+        }
         *self.count.lock().unwrap() += 1;
         let _ = self.calls.send(Call::Incoming(sms));
         Ok(())
@@ -58,12 +70,18 @@ struct Webhook {
 
 impl Webhook {
     async fn start() -> Webhook {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Webhook::start_on(0).await
+    }
+
+    async fn start_on(port: u16) -> Webhook {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, calls) = mpsc::unbounded_channel();
         let recorder = Arc::new(Recorder {
             calls: tx,
             count: Mutex::new(0),
+            refuse: Mutex::new(0),
+            refused_ids: Mutex::new(Vec::new()),
         });
         let (stop, shutdown) = watch::channel(false);
         let config = WebhookConfig {
@@ -261,6 +279,47 @@ async fn texts_from_the_phone_reach_the_webhook() {
     }
     assert!(webhook.calls.try_recv().is_err());
     assert_eq!(webhook.calls_seen(), seen, "the handler saw a forged call");
+}
+
+#[tokio::test]
+async fn texts_from_the_phone_wait_in_kannel_while_reach_is_down() {
+    // Reach is not listening yet: smsbox retries every second (http-queue-delay).
+    let port = support::free_port();
+    let mo_url = format!("http://127.0.0.1:{port}/sms/mo?secret={SECRET}");
+    let kannel = Kannel::start(&mo_url).await;
+    let mut handset = Handset::connect(&kannel).await;
+    handset
+        .send_mo("+15557654321", SHORT_CODE, "sent while Reach was down")
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut webhook = Webhook::start_on(port).await;
+    let up = Instant::now();
+    let first = webhook.incoming().await;
+    assert_eq!(first.text, "sent while Reach was down");
+    eprintln!(
+        "queued MO arrived {:?} after the webhook came up",
+        up.elapsed()
+    );
+
+    // A temporary refusal (503) is retried with the same Kannel id.
+    *webhook.recorder.refuse.lock().unwrap() = 2;
+    handset
+        .send_mo("+15557654321", SHORT_CODE, "store was busy")
+        .await;
+    let retried = Instant::now();
+    let sms = webhook.incoming().await;
+    assert_eq!(sms.text, "store was busy");
+    assert_eq!(
+        *webhook.recorder.refuse.lock().unwrap(),
+        0,
+        "both refusals were seen"
+    );
+    let refused = webhook.recorder.refused_ids.lock().unwrap().clone();
+    assert_eq!(
+        refused,
+        vec![sms.provider_id.clone(), sms.provider_id.clone()]
+    );
+    eprintln!("MO taken after two 503s in {:?}", retried.elapsed());
 }
 
 #[tokio::test]

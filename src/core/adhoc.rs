@@ -177,8 +177,9 @@ fn new_sessionid(core: &Core) -> String {
     format!("{:016x}", core.rng().gen::<u64>())
 }
 
-/// `verify`: enter the code Reach sent to a terminal not verified yet; an empty code asks for a
-/// new one.
+/// `verify`: enter the code Reach sent to a terminal not verified yet (email or phone); an empty
+/// code asks for new ones. The codes are checked by the same functions as `verify CODE` in the
+/// chat, so both doors say the same sentences.
 fn verify(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
     let user = r.user;
     if user.email.is_none() && user.phone.is_none() {
@@ -186,28 +187,46 @@ fn verify(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, F
             "There is nothing to verify: you have registered no email address or phone number.",
         )));
     }
-    // Only email verification exists so far; the phone joins when SMS verification does.
-    let Some(email) = user.email.as_ref().filter(|t| !t.verified) else {
+    let waiting = waiting_terminals(user);
+    if waiting.is_empty() {
         return Ok(done(Note::info("All your terminals are verified.")));
-    };
-    let address = email.address.as_str();
+    }
     match stage {
         Stage::Start => {
-            let live = r
-                .store
-                .verification(&user.jid, TerminalKind::Email)?
-                .is_some_and(|v| v.expires_at >= r.now && v.address == address);
             let mut instructions = String::new();
-            if !live {
+            for (kind, address) in &waiting {
+                let live = r
+                    .store
+                    .verification(&user.jid, *kind)?
+                    .is_some_and(|v| v.expires_at >= r.now && v.address == *address);
+                if live {
+                    continue;
+                }
                 // No code to type (expired, tries used up): send one, since the user came for it.
-                if super::email::start_verification(r.core, r.store, r.now, user, out)?.is_some() {
+                let sent = match kind {
+                    TerminalKind::Email => {
+                        super::email::start_verification(r.core, r.store, r.now, user, out)?
+                    }
+                    TerminalKind::Phone => {
+                        super::sms::start_verification(r.core, r.store, r.now, user, out)?
+                    }
+                };
+                if sent.is_some() {
                     instructions.push_str(&format!("A new code is on its way to {address}.\n"));
                 }
             }
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|(kind, address)| match kind {
+                    TerminalKind::Email => format!("your email address {address}"),
+                    TerminalKind::Phone => format!("your phone {address}"),
+                })
+                .collect();
             instructions.push_str(&format!(
-                "Enter the 6-digit code Reach sent to your email address {address}.\n\
+                "Enter the 6-digit code Reach sent to {}.\n\
                  Codes are valid for {} minutes: if yours has expired, run this command again \
                  for a new one.",
+                names.join(" or to "),
                 super::email::CODE_VALIDITY_SECS / 60
             ));
             Ok(Outcome::Form(forms::form(
@@ -222,25 +241,36 @@ fn verify(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, F
         Stage::Submit(values) => {
             let code = forms::first_value(values, "code").trim();
             if code.is_empty() {
-                let said = super::email::start_verification(r.core, r.store, r.now, user, out)?;
-                return Ok(done(match said {
-                    Some(said) => Note::info(said),
-                    None => Note::error("Email is not available on this service."),
-                }));
+                let said = super::commands::resend_codes(r.core, r.store, r.now, user, out)?;
+                return Ok(done(Note::info(said)));
             }
-            let said = super::email::verify_code(r.core, r.store, r.now, user, code, out)?;
-            let verified = r
-                .store
-                .user(&user.jid)?
-                .and_then(|u| u.email)
-                .is_some_and(|t| t.verified);
-            Ok(done(if verified {
+            let said = super::commands::verify_any(r.core, r.store, r.now, user, code, out)?;
+            let still_waiting = match r.store.user(&user.jid)? {
+                Some(now_user) => waiting_terminals(&now_user).len(),
+                None => 0,
+            };
+            Ok(done(if still_waiting < waiting.len() {
                 Note::info(said)
             } else {
                 Note::error(said)
             }))
         }
     }
+}
+
+/// The user's terminals not verified yet, with their addresses.
+fn waiting_terminals(user: &User) -> Vec<(TerminalKind, String)> {
+    let email = user
+        .email
+        .as_ref()
+        .filter(|t| !t.verified)
+        .map(|t| (TerminalKind::Email, t.address.as_str().to_owned()));
+    let phone = user
+        .phone
+        .as_ref()
+        .filter(|t| !t.verified)
+        .map(|t| (TerminalKind::Phone, t.address.as_str().to_owned()));
+    email.into_iter().chain(phone).collect()
 }
 
 fn done(note: Note) -> Outcome {
@@ -505,6 +535,53 @@ mod tests {
             format!("A new code is on its way to {ALICE_MAIL}.")
         );
         assert_ne!(code(&t), first);
+    }
+
+    #[test]
+    fn a_phone_waiting_for_its_code_is_verified_the_same_way() {
+        let t = Harness::new();
+        t.run(&register_form(ALICE, "alice", ALICE_MAIL, "+15551234567"));
+        let phone_code = t
+            .store
+            .verification(ALICE, TerminalKind::Phone)
+            .unwrap()
+            .expect("a pending phone verification")
+            .code;
+        let c = response(&command(&t, ALICE, "node='verify'", ""));
+        let first_line = c
+            .form
+            .unwrap()
+            .get_child("instructions", ns::DATA_FORMS)
+            .unwrap()
+            .text();
+        assert_eq!(
+            first_line,
+            format!(
+                "Enter the 6-digit code Reach sent to your email address {ALICE_MAIL} \
+                 or to your phone +15551234567."
+            )
+        );
+        let c = response(&command(
+            &t,
+            ALICE,
+            "node='verify' sessionid='s1' action='complete'",
+            &submit(&phone_code),
+        ));
+        let (type_, text) = only_note(&c);
+        assert_eq!(type_, NoteType::Info, "{text}");
+        let user = t.store.user(ALICE).unwrap().unwrap();
+        assert!(user.phone.unwrap().verified);
+        assert!(!user.email.unwrap().verified);
+        // Only the email address waits now.
+        let c = response(&command(&t, ALICE, "node='verify'", ""));
+        let first_line = c
+            .form
+            .unwrap()
+            .get_child("instructions", ns::DATA_FORMS)
+            .unwrap()
+            .text();
+        assert!(!first_line.contains("phone"), "{first_line}");
+        assert!(first_line.contains(ALICE_MAIL), "{first_line}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::future::Future;
 pub struct OutgoingSms {
     /// The user's number in E.164 form (`+15551234567`).
     pub to: String,
-    /// The text, already formatted and shortened to fit (see [`format`] and [`text`]).
+    /// The text, already formatted and shortened to fit (see [`format`](mod@format)).
     pub text: String,
     /// Reach's identifier for this SMS, echoed in delivery reports
     /// ([`DeliveryReport::reference`]). Printable ASCII, no spaces.
@@ -82,6 +82,10 @@ pub struct IncomingSms {
 ///
 /// Kannel's report types: 1 delivered to the phone and 2 not delivered (final), 4 buffered and
 /// 8 accepted by the SMSC (intermediate), 16 rejected by the SMSC (final).
+///
+/// Reports for one SMS can arrive out of order (Kannel makes its calls concurrently: a
+/// `Pending` may come after `Delivered`), and twice (Kannel retries until it gets a 200): a
+/// `Pending` must never replace a final status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliveryStatus {
     /// The phone has it.
