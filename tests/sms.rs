@@ -243,6 +243,7 @@ async fn long_and_non_latin_messages_arrive_segmented() {
     let mut w = World::new(20).await;
     w.alice_with_verified_phone().await;
     let mut bob = w.client("bob").await;
+    bob.presence("").await;
     let long = "word ".repeat(120);
     bob.send(&format!(
         "<message type='chat' id='l1' to='alice@{D}'><body>{long}</body></message>"
@@ -314,10 +315,9 @@ async fn a_forged_text_is_refused_and_changes_nothing() {
     ))
     .await;
     w.mt("Bob's message").await;
-    let forged = format!(
-        "/sms/mo?from=%2B15551234567&to=%2B15550000000&text=forged&coding=0&charset=UTF-8&id=1"
-    );
-    assert_eq!(http_get(w.webhook_port, &forged).await, 403);
+    let forged =
+        "/sms/mo?from=%2B15551234567&to=%2B15550000000&text=forged&coding=0&charset=UTF-8&id=1";
+    assert_eq!(http_get(w.webhook_port, forged).await, 403);
     assert_eq!(
         http_get(w.webhook_port, &format!("{forged}&secret=wrong")).await,
         403
