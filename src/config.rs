@@ -192,13 +192,19 @@ fn one_secret(
 
 impl SmsConfig {
     fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
-        for (key, url) in [
-            ("sms.sendsms_url", &self.sendsms_url),
-            ("sms.webhook_url", &self.webhook_url),
-        ] {
-            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
-                return Err(origin.invalid(key, format!("'{url}' is not an http:// URL")));
-            }
+        // Kannel's sendsms runs on loopback or the LAN and speaks plain HTTP to Reach.
+        if !self.sendsms_url.starts_with("http://") || self.sendsms_url.len() < 10 {
+            return Err(origin.invalid(
+                "sms.sendsms_url",
+                format!("'{}' is not an http:// URL", self.sendsms_url),
+            ));
+        }
+        let url = &self.webhook_url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+            return Err(origin.invalid(
+                "sms.webhook_url",
+                format!("'{url}' is not an http(s):// URL"),
+            ));
         }
         if let Some(message) = host_port_problem(&self.webhook_listen) {
             return Err(origin.invalid("sms.webhook_listen", message));

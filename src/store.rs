@@ -900,6 +900,14 @@ impl Store {
         Ok(count)
     }
 
+    /// Records an incoming SMS's provider id; false if it was seen before.
+    pub fn first_sight_of_sms(&self, provider_id: &str, now: u64) -> Result<bool> {
+        let previous = self
+            .seen_mail
+            .insert(key("sms", provider_id), &now.to_be_bytes())?;
+        Ok(previous.is_none())
+    }
+
     // ---- inbound mail already taken (duplicate Message-IDs) ----
 
     /// Records an inbound Message-ID; false if it was seen before.

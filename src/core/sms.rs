@@ -292,6 +292,12 @@ pub(super) fn on_incoming(
         return Ok(WebhookAnswer::Accepted);
     };
     let number = number.as_str().to_owned();
+    // The provider retries until it hears 200, with the same id: take each SMS once.
+    if let Some(id) = &sms.provider_id {
+        if !store.first_sight_of_sms(id, now)? {
+            return Ok(WebhookAnswer::Accepted);
+        }
+    }
     let Some(user) = store.user_by_phone(&number)? else {
         // Perhaps the code of a phone being verified.
         if let Some((jid, v)) = store.verification_for_address(TerminalKind::Phone, &number)? {
@@ -817,6 +823,27 @@ mod tests {
                 .phone
                 .unwrap()
                 .verified
+        );
+    }
+
+    #[test]
+    fn a_text_retried_by_the_provider_is_taken_once() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        from_bob(&t, "m1", "Hi");
+        tick(&t);
+        let sms = || {
+            Event::SmsReceived(IncomingSms {
+                from: PHONE.into(),
+                to: "+15550000000".into(),
+                text: "once".into(),
+                provider_id: Some("kannel-7".into()),
+            })
+        };
+        assert_eq!(t.event(sms()).len(), 1);
+        assert!(
+            t.event(sms()).is_empty(),
+            "the retry is accepted and dropped"
         );
     }
 
