@@ -50,6 +50,12 @@ pub struct Terminal<A> {
     /// The state the user set from this terminal (`/away`, `/back`, `/dnd`).
     #[serde(default)]
     pub state: LocalState,
+    /// What the user wants this terminal to get.
+    #[serde(default)]
+    pub prefs: crate::core::rules::Preferences,
+    /// Day (since the Unix epoch) Reach last asked the user for this terminal's local state.
+    #[serde(default)]
+    pub prompted_day: Option<u64>,
 }
 
 /// A terminal's local state, set by the user from that terminal.
@@ -71,6 +77,8 @@ impl<A> Terminal<A> {
             failing: false,
             stopped: false,
             state: LocalState::Available,
+            prefs: crate::core::rules::Preferences::default(),
+            prompted_day: None,
         }
     }
 
@@ -91,6 +99,15 @@ pub struct User {
     pub phone: Option<Terminal<Phone>>,
     /// Seconds since the Unix epoch.
     pub registered_at: u64,
+    /// The terminal that takes forwards first when several may.
+    #[serde(default)]
+    pub primary: Option<TerminalKind>,
+    /// Who may subscribe to the reach address.
+    #[serde(default)]
+    pub subscription_policy: crate::core::rules::SubscriptionPolicy,
+    /// The user's IANA time zone (for quiet hours), e.g. "Europe/Berlin"; UTC when unset.
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 /// The presence of one of the user's own XMPP resources, as last seen.
@@ -992,6 +1009,9 @@ mod tests {
             email: None,
             phone: None,
             registered_at: 1,
+            primary: None,
+            subscription_policy: Default::default(),
+            time_zone: None,
         }
     }
 

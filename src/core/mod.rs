@@ -16,6 +16,7 @@ mod forward;
 mod presence;
 mod registration;
 mod relay;
+pub mod rules;
 pub mod sms;
 
 use std::sync::{Mutex, MutexGuard};

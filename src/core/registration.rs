@@ -218,6 +218,9 @@ fn validate(
         email,
         phone,
         registered_at: existing.map_or(now, |u| u.registered_at),
+        primary: existing.and_then(|u| u.primary),
+        subscription_policy: existing.map(|u| u.subscription_policy).unwrap_or_default(),
+        time_zone: existing.and_then(|u| u.time_zone.clone()),
     })
 }
 
