@@ -96,6 +96,14 @@ pub(crate) fn global_presence(store: &Store, user: &User) -> Result<GlobalPresen
     Ok(best_presence(&store.resources(&user.jid)?))
 }
 
+/// Recomputes the reach address's global presence after one of its inputs changed (a terminal's
+/// local state, a terminal added or removed) and tells the buddies if it differs from what they
+/// last saw. Resource changes go through `on_service_presence`.
+pub(crate) fn refresh_global(_core: &Core, _store: &Store, _now: u64, _user: &User, _out: &mut Out) -> Result<(), StoreError> {
+    // Today the global presence is the XMPP presence alone, which terminals do not change.
+    Ok(())
+}
+
 /// After a (re)connect the resources Reach knew may be stale: forget them, tell buddies the
 /// truth as it is re-learnt, and probe every user.
 pub(super) fn on_link_up(core: &Core, store: &Store, out: &mut Out) -> Result<(), StoreError> {
