@@ -360,3 +360,30 @@ async fn the_daily_cap_keeps_the_rest_for_xmpp() {
             .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phones_delivery_report_becomes_the_buddys_receipt() {
+    let mut w = World::new(20).await;
+    w.alice_with_verified_phone().await;
+    let mut bob = w.client("bob").await;
+    bob.presence("").await;
+    bob.send(&format!(
+        "<message type='chat' id='r-1' to='alice@{D}'><body>did you get this?</body><request xmlns='urn:xmpp:receipts'/></message>"
+    ))
+    .await;
+    w.mt("the message").await;
+    // Kannel's fake SMSC acknowledges delivery; Reach turns the report into Bob's receipt.
+    let receipt = bob
+        .expect("the receipt", T, |s| {
+            s.has_child("received", "urn:xmpp:receipts")
+        })
+        .await;
+    assert_eq!(receipt.attr("from"), Some(&*format!("alice@{D}")));
+    assert_eq!(
+        receipt
+            .get_child("received", "urn:xmpp:receipts")
+            .unwrap()
+            .attr("id"),
+        Some("r-1")
+    );
+}
