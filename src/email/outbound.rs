@@ -547,7 +547,8 @@ impl Relay {
             }
             Err(err) => {
                 let outcome = classify(&err);
-                tracing::warn!(relay = %self.host, port = self.port, error = %outcome, "relay did not take the message");
+                tracing::warn!(relay = %self.host, port = self.port, permanent = matches!(outcome, SendError::Permanent(_)), "relay did not take the message");
+                tracing::debug!(relay = %self.host, error = %outcome, "relay's answer");
                 Err(outcome)
             }
         }

@@ -109,11 +109,13 @@ async fn attempt(store: &Store, relay: &Relay, seq: u64, mut job: EmailJob) -> O
         Err(SendError::Transient(reason)) if now().saturating_sub(job.queued_at) < GIVE_UP_SECS => {
             job.attempts += 1;
             job.next_attempt_at = now() + retry_delay(job.attempts);
+            // The relay's text may quote the recipient's address: only at debug.
             tracing::warn!(
                 seq,
                 attempts = job.attempts,
-                "email relay failed for now, will retry: {reason}"
+                "email relay failed for now, will retry"
             );
+            tracing::debug!(seq, "relay said: {reason}");
             if let Err(e) = store.update_email_job(seq, &job) {
                 tracing::error!("cannot reschedule an email: {e}");
             }
