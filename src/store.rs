@@ -129,6 +129,32 @@ pub struct Buddy {
     pub we_subscribed: bool,
     /// The buddy's last presence towards the reach address was available.
     pub online: bool,
+    /// The buddy's resources last seen available towards the reach address (`""` for presence
+    /// from the bare JID), so a second resource coming or going is not a change of `online`.
+    pub resources: Vec<String>,
+}
+
+/// A buddy's request to see a reach address's presence, waiting for the user's answer (under
+/// [`crate::core::rules::SubscriptionPolicy::Ask`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SubscriptionRequest {
+    /// Seconds since the Unix epoch when it (first) arrived.
+    pub requested_at: u64,
+}
+
+/// The last buddy presence alert told on one terminal about one buddy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuddyAlert {
+    /// The user's bare JID.
+    pub user: String,
+    pub terminal: TerminalKind,
+    /// The buddy's bare JID.
+    pub buddy: String,
+    /// Seconds since the Unix epoch when the last alert was sent.
+    pub sent_at: u64,
+    /// What the last alert said: online (true) or offline.
+    pub told_online: bool,
 }
 
 /// A conversation between a user and a peer.
@@ -217,13 +243,24 @@ pub struct PendingItem {
     /// The buddy asked for an XEP-0184 receipt.
     #[serde(default)]
     pub receipt: bool,
+    /// The terminal it goes to (`None`: recorded before terminals were chosen per item; the
+    /// best terminal at forwarding time takes it).
+    #[serde(default)]
+    pub terminal: Option<TerminalKind>,
+    /// When it is due (`None`: the conversation's [`Pending::due_at`]).
+    #[serde(default)]
+    pub due_at: Option<u64>,
+    /// Forwarded whatever happens on XMPP (the terminal's preference is `Always`): reading,
+    /// answering or coming back to XMPP does not cancel it.
+    #[serde(default)]
+    pub unconditional: bool,
 }
 
 /// What waits for one conversation's next forward.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
     pub peer: String,
-    /// When the forward is due (digest window or grace delay).
+    /// When the earliest of its items is due (digest window, grace delay or quiet hours).
     pub due_at: u64,
     pub items: Vec<PendingItem>,
 }
@@ -314,6 +351,11 @@ pub struct Store {
     sms_jobs: sled::Tree,
     sms_sent: sled::Tree,
     sms_counts: sled::Tree,
+    email_counts: sled::Tree,
+    published: sled::Tree,
+    subscription_requests: sled::Tree,
+    buddy_alerts: sled::Tree,
+    buddy_alert_rechecks: sled::Tree,
     outbox_wake: Arc<Notify>,
     sms_wake: Arc<Notify>,
     email_wake: Arc<Notify>,
@@ -393,6 +435,11 @@ impl Store {
             sms_jobs: db.open_tree("sms_jobs")?,
             sms_sent: db.open_tree("sms_sent")?,
             sms_counts: db.open_tree("sms_counts")?,
+            email_counts: db.open_tree("email_counts")?,
+            published: db.open_tree("published")?,
+            subscription_requests: db.open_tree("subscription_requests")?,
+            buddy_alerts: db.open_tree("buddy_alerts")?,
+            buddy_alert_rechecks: db.open_tree("buddy_alert_rechecks")?,
             outbox_wake: Arc::new(Notify::new()),
             email_wake: Arc::new(Notify::new()),
             sms_wake: Arc::new(Notify::new()),
@@ -487,8 +534,12 @@ impl Store {
             let k = k?;
             self.aliases.remove(&k[jid.len() + 1..])?;
         }
+        self.published.remove(jid)?;
         for (tree, owner) in [
             (&self.buddies, user.handle.as_str()),
+            (&self.subscription_requests, user.handle.as_str()),
+            (&self.buddy_alerts, jid),
+            (&self.buddy_alert_rechecks, jid),
             (&self.resources, jid),
             (&self.sessions, jid),
             (&self.held, jid),
@@ -512,8 +563,10 @@ impl Store {
                 self.sms_jobs.remove(k)?;
             }
         }
-        for k in self.sms_counts.scan_prefix(prefix(jid)).keys() {
-            self.sms_counts.remove(k?)?;
+        for counts in [&self.sms_counts, &self.email_counts] {
+            for k in counts.scan_prefix(prefix(jid)).keys() {
+                counts.remove(k?)?;
+            }
         }
         Ok(Some((user, buddies)))
     }
@@ -554,6 +607,124 @@ impl Store {
                 Ok((item_of(&k), decode("buddies", &v)?))
             })
             .collect()
+    }
+
+    // ---- what the reach address last showed, and who asks to see it ----
+
+    /// The global presence last sent to the reach address's buddies (`None`: never published).
+    pub fn published_presence(&self, jid: &str) -> Result<Option<crate::core::GlobalPresence>> {
+        self.published
+            .get(jid)?
+            .map(|v| decode("published", &v))
+            .transpose()
+    }
+
+    pub fn put_published_presence(
+        &self,
+        jid: &str,
+        presence: &crate::core::GlobalPresence,
+    ) -> Result<()> {
+        self.published.insert(jid, encode(presence))?;
+        Ok(())
+    }
+
+    pub fn subscription_request(
+        &self,
+        handle: &Handle,
+        buddy: &str,
+    ) -> Result<Option<SubscriptionRequest>> {
+        self.subscription_requests
+            .get(key(handle.as_str(), buddy))?
+            .map(|v| decode("subscription_requests", &v))
+            .transpose()
+    }
+
+    pub fn put_subscription_request(
+        &self,
+        handle: &Handle,
+        buddy: &str,
+        request: &SubscriptionRequest,
+    ) -> Result<()> {
+        self.subscription_requests
+            .insert(key(handle.as_str(), buddy), encode(request))?;
+        Ok(())
+    }
+
+    /// Removes a waiting request; returns it if there was one.
+    pub fn take_subscription_request(
+        &self,
+        handle: &Handle,
+        buddy: &str,
+    ) -> Result<Option<SubscriptionRequest>> {
+        self.subscription_requests
+            .remove(key(handle.as_str(), buddy))?
+            .map(|v| decode("subscription_requests", &v))
+            .transpose()
+    }
+
+    /// The waiting requests to a reach address, as (buddy, request).
+    pub fn subscription_requests(
+        &self,
+        handle: &Handle,
+    ) -> Result<Vec<(String, SubscriptionRequest)>> {
+        self.subscription_requests
+            .scan_prefix(prefix(handle.as_str()))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((item_of(&k), decode("subscription_requests", &v)?))
+            })
+            .collect()
+    }
+
+    // ---- buddy presence alerts ----
+
+    fn alert_key(jid: &str, terminal: TerminalKind, buddy: &str) -> Vec<u8> {
+        key(jid, &format!("{}\0{buddy}", terminal.key()))
+    }
+
+    pub fn buddy_alert(
+        &self,
+        jid: &str,
+        terminal: TerminalKind,
+        buddy: &str,
+    ) -> Result<Option<BuddyAlert>> {
+        self.buddy_alerts
+            .get(Self::alert_key(jid, terminal, buddy))?
+            .map(|v| decode("buddy_alerts", &v))
+            .transpose()
+    }
+
+    pub fn put_buddy_alert(&self, alert: &BuddyAlert) -> Result<()> {
+        self.buddy_alerts.insert(
+            Self::alert_key(&alert.user, alert.terminal, &alert.buddy),
+            encode(alert),
+        )?;
+        Ok(())
+    }
+
+    /// Asks for another look at this alert record at `due_at` (an alert was held back by the
+    /// rate limit, so the terminal may not know the buddy's latest state).
+    pub fn schedule_alert_recheck(&self, alert: &BuddyAlert, due_at: u64) -> Result<()> {
+        self.buddy_alert_rechecks.insert(
+            Self::alert_key(&alert.user, alert.terminal, &alert.buddy),
+            encode(&(due_at, &alert.user, alert.terminal, &alert.buddy)),
+        )?;
+        Ok(())
+    }
+
+    /// Removes and returns the rechecks due at `now`, as (user, terminal, buddy).
+    pub fn take_due_alert_rechecks(&self, now: u64) -> Result<Vec<(String, TerminalKind, String)>> {
+        let mut due = Vec::new();
+        for kv in self.buddy_alert_rechecks.iter() {
+            let (k, v) = kv?;
+            let (due_at, user, terminal, buddy): (u64, String, TerminalKind, String) =
+                decode("buddy_alert_rechecks", &v)?;
+            if due_at <= now {
+                self.buddy_alert_rechecks.remove(k)?;
+                due.push((user, terminal, buddy));
+            }
+        }
+        Ok(due)
     }
 
     // ---- the user's own XMPP resources ----
@@ -913,6 +1084,22 @@ impl Store {
     pub fn count_sms(&self, jid: &str, day: u64) -> Result<u32> {
         let count = self.sms_count(jid, day)? + 1;
         self.sms_counts
+            .insert(key(jid, &day.to_string()), &count.to_be_bytes())?;
+        Ok(count)
+    }
+
+    /// Forwarding emails sent to the user on `day` (days since the Unix epoch).
+    pub fn email_count(&self, jid: &str, day: u64) -> Result<u32> {
+        Ok(self
+            .email_counts
+            .get(key(jid, &day.to_string()))?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map_or(0, u32::from_be_bytes))
+    }
+
+    pub fn count_email(&self, jid: &str, day: u64) -> Result<u32> {
+        let count = self.email_count(jid, day)? + 1;
+        self.email_counts
             .insert(key(jid, &day.to_string()), &count.to_be_bytes())?;
         Ok(count)
     }

@@ -2,7 +2,8 @@
 //! verification code read from the mail Reach sent to a real SMTP sink (aiosmtpd).
 //!
 //! Alice does what her client's "Commands" menu does: list the commands of the service, run
-//! `verify`, fill in the form.
+//! `verify`, fill in the form; set her preferences with the `preferences` form (a typo first),
+//! read them back in a chat with the service, and set her email terminal away with `state`.
 
 mod support;
 
@@ -93,6 +94,63 @@ fn submitted_code(code: &str) -> String {
     )
 }
 
+/// What a client sends back for a form: every field but the fixed ones, with its values, and
+/// the user's `changes`.
+fn filled_in(form: &Element, changes: &[(&str, &[&str])]) -> String {
+    let mut x = format!("<x xmlns='{DATA_FORMS}' type='submit'>");
+    for field in form
+        .children()
+        .filter(|f| f.is("field", DATA_FORMS) && attr(f, "type") != "fixed")
+    {
+        let var = attr(field, "var");
+        let values: Vec<String> = match changes.iter().find(|(v, _)| *v == var) {
+            Some((_, values)) => values.iter().map(|v| v.to_string()).collect(),
+            None => field
+                .children()
+                .filter(|v| v.is("value", DATA_FORMS))
+                .map(|v| v.text())
+                .collect(),
+        };
+        x.push_str(&format!("<field var='{}'>", support::escape(var)));
+        for value in values {
+            x.push_str(&format!("<value>{}</value>", support::escape(&value)));
+        }
+        x.push_str("</field>");
+    }
+    x + "</x>"
+}
+
+/// The first value of a form field.
+fn value_of(form: &Element, var: &str) -> String {
+    form.children()
+        .find(|f| f.is("field", DATA_FORMS) && attr(f, "var") == var)
+        .unwrap_or_else(|| panic!("no field '{var}' in {}", support::to_xml(form)))
+        .get_child("value", DATA_FORMS)
+        .map(|v| v.text())
+        .unwrap_or_default()
+}
+
+/// Says `line` to the service and waits for the answer that satisfies `pred`.
+async fn chat_until(
+    client: &mut Client,
+    line: &str,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    client
+        .send(&format!(
+            "<message type='chat' to='{D}'><body>{}</body></message>",
+            support::escape(line)
+        ))
+        .await;
+    let answer = client
+        .expect(what, T, |s| {
+            attr(s, "from") == D && body(s).is_some_and(|b| pred(&b))
+        })
+        .await;
+    body(&answer).unwrap_or_default()
+}
+
 /// The (type, text) of each note.
 fn notes(command: &Element) -> Vec<(String, String)> {
     command
@@ -179,7 +237,8 @@ async fn alice_verifies_her_email_address_with_the_verify_command() {
         .await;
     alice
         .expect("status saying the address is verified", T, |s| {
-            body(s).is_some_and(|b| b.contains(&format!("Email: {ALICE_MAIL} (verified)")))
+            body(s)
+                .is_some_and(|b| b.contains(&format!("Email: {ALICE_MAIL} (verified, available)")))
         })
         .await;
     let after = command(&mut alice, "node='verify'", "").await;
@@ -226,4 +285,129 @@ async fn commands_answer_errors_a_client_can_show() {
         ))
         .await;
     assert_eq!(error_of(&reply), "bad-request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_sets_her_preferences_in_a_form_and_reads_them_in_the_chat() {
+    let w = World::new().await;
+    let (mut alice, code) = w.alice_registered_with_email().await;
+    chat_until(
+        &mut alice,
+        &format!("verify {code}"),
+        "the verification",
+        |b| b.contains("is verified"),
+    )
+    .await;
+
+    // She runs "Preferences": her only terminal's form, filled in with the defaults.
+    let start = command(&mut alice, "node='preferences' action='execute'", "").await;
+    assert_eq!(attr(&start, "status"), "executing");
+    let session = attr(&start, "sessionid").to_owned();
+    let form = start.get_child("x", DATA_FORMS).expect("a form").clone();
+    assert_eq!(value_of(&form, "when"), "away_or_offline");
+    assert_eq!(value_of(&form, "quiet_start"), "");
+    assert_eq!(value_of(&form, "subscription_policy"), "auto");
+
+    // A typo in the quiet hours: the form comes back with an error note and her input, and
+    // nothing was saved, not even the good values next to it.
+    let typo = command(
+        &mut alice,
+        &format!("node='preferences' sessionid='{session}' action='complete'"),
+        &filled_in(
+            &form,
+            &[
+                ("when", &["never"]),
+                ("quiet_start", &["25:00"]),
+                ("quiet_end", &["07:00"]),
+                ("time_zone", &["Europe/Berlin"]),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(attr(&typo, "status"), "executing");
+    assert_eq!(
+        notes(&typo),
+        vec![(
+            "error".to_owned(),
+            "quiet hours start: '25:00' is not a time like 22:30".to_owned()
+        )]
+    );
+    let again = typo
+        .get_child("x", DATA_FORMS)
+        .expect("the form again")
+        .clone();
+    assert_eq!(value_of(&again, "quiet_start"), "25:00");
+    assert_eq!(value_of(&again, "when"), "never");
+    let unchanged = chat_until(&mut alice, "prefs email", "her preferences", |b| {
+        b.starts_with(&format!("Email: {ALICE_MAIL}"))
+    })
+    .await;
+    assert!(unchanged.contains("  quiet: off"), "{unchanged}");
+    assert!(unchanged.contains("  when: away_or_offline"), "{unchanged}");
+    assert!(unchanged.contains("Time zone: UTC"), "{unchanged}");
+
+    // She fixes it and completes.
+    let done = command(
+        &mut alice,
+        &format!("node='preferences' sessionid='{session}' action='complete'"),
+        &filled_in(
+            &again,
+            &[
+                ("quiet_start", &["22:00"]),
+                ("alerts", &["bob@example.net"]),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(attr(&done, "status"), "completed");
+    let said = notes(&done);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert_eq!(said[0].0, "info");
+    assert!(said[0].1.starts_with("Saved."), "{said:?}");
+
+    // The chat shows what the form saved.
+    let prefs = chat_until(&mut alice, "prefs email", "her new preferences", |b| {
+        b.starts_with(&format!("Email: {ALICE_MAIL}")) && b.contains("when: never")
+    })
+    .await;
+    for line in [
+        "  when: never",
+        "  quiet: 22:00-07:00 hold (Europe/Berlin; messages wait until they end)",
+        "  alerts: bob@example.net",
+        "Time zone: Europe/Berlin",
+    ] {
+        assert!(prefs.contains(line), "'{line}' not in:\n{prefs}");
+    }
+
+    // She sets her email terminal away with "Set a terminal's state"; status says so.
+    let start = command(&mut alice, "node='state'", "").await;
+    let session = attr(&start, "sessionid").to_owned();
+    let form = start.get_child("x", DATA_FORMS).expect("a form").clone();
+    assert_eq!(value_of(&form, "terminal"), "email");
+    assert_eq!(value_of(&form, "state"), "available");
+    let away = command(
+        &mut alice,
+        &format!("node='state' sessionid='{session}' action='complete'"),
+        &filled_in(&form, &[("state", &["away"])]),
+    )
+    .await;
+    assert_eq!(attr(&away, "status"), "completed");
+    assert_eq!(
+        notes(&away),
+        vec![(
+            "info".to_owned(),
+            format!("Your email address {ALICE_MAIL} is away.")
+        )]
+    );
+    let status = chat_until(&mut alice, "status", "her status", |b| {
+        b.starts_with("Your reach address:")
+    })
+    .await;
+    assert!(
+        status.contains(&format!("Email: {ALICE_MAIL} (verified, away)")),
+        "{status}"
+    );
+    let by_command = command(&mut alice, "node='status'", "").await;
+    assert_eq!(attr(&by_command, "status"), "completed");
+    assert_eq!(notes(&by_command), vec![("info".to_owned(), status)]);
 }

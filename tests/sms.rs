@@ -81,6 +81,15 @@ impl World {
         }
     }
 
+    /// The first forward of the day is preceded by Reach's prompt for the phone's local state.
+    async fn prompt(&mut self) {
+        let prompt = self.mt("the prompt for a local state").await;
+        assert!(
+            prompt.text.contains("now forwarding to this phone"),
+            "{prompt:?}"
+        );
+    }
+
     async fn text(&mut self, text: &str) {
         self.phone.send_mo(PHONE, SERVICE_NUMBER, text).await;
     }
@@ -134,6 +143,7 @@ async fn a_message_reaches_the_phone_and_the_text_back_reaches_the_buddy() {
     bob.presence("").await;
 
     bob.send(&format!("<message type='chat' id='b1' to='alice@{D}'><body>Hi Alice, lunch?</body><thread>t-3</thread></message>")).await;
+    w.prompt().await;
     let sms = w.mt("Bob's message").await;
     assert_eq!(sms.to, PHONE);
     assert!(sms.text.starts_with("bob: Hi Alice, lunch?\n"), "{sms:?}");
@@ -220,6 +230,7 @@ async fn stop_start_and_commands_from_the_phone() {
         "<message type='chat' id='s2' to='alice@{D}'><body>after start</body></message>"
     ))
     .await;
+    w.prompt().await;
     assert!(w
         .mt("a message after START")
         .await
@@ -249,6 +260,7 @@ async fn long_and_non_latin_messages_arrive_segmented() {
         "<message type='chat' id='l1' to='alice@{D}'><body>{long}</body></message>"
     ))
     .await;
+    w.prompt().await;
     let sms = w.mt("the long message").await;
     assert_eq!(sms.parts, 3, "{sms:?}");
     // Shortened to 3 segments; the hint of the first SMS of the conversation is kept whole.
@@ -280,6 +292,7 @@ async fn nothing_is_lost_while_kannel_is_down() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     w.kannel.restart().await;
     w.phone.reconnect(&w.kannel).await;
+    w.prompt().await;
     let sms = w.mt("the message sent while Kannel was down").await;
     assert!(sms.text.contains("while Kannel is down"), "{sms:?}");
 }
@@ -314,6 +327,7 @@ async fn a_forged_text_is_refused_and_changes_nothing() {
         "<message type='chat' id='f1' to='alice@{D}'><body>hello</body></message>"
     ))
     .await;
+    w.prompt().await;
     w.mt("Bob's message").await;
     let forged =
         "/sms/mo?from=%2B15551234567&to=%2B15550000000&text=forged&coding=0&charset=UTF-8&id=1";
@@ -334,8 +348,8 @@ async fn a_forged_text_is_refused_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_cap_keeps_the_rest_for_xmpp() {
-    // The verification code and its confirmation count: 4 leaves room for 2 messages.
-    let mut w = World::new(4).await;
+    // The verification code, its confirmation and the prompt count: 5 leaves room for 2 messages.
+    let mut w = World::new(5).await;
     w.alice_with_verified_phone().await;
     let mut bob = w.client("bob").await;
     for i in 1..=4 {
@@ -344,6 +358,7 @@ async fn the_daily_cap_keeps_the_rest_for_xmpp() {
         ))
         .await;
     }
+    w.prompt().await;
     assert!(w.mt("message 1").await.text.contains("number 1"));
     assert!(w.mt("message 2").await.text.contains("number 2"));
     assert!(
@@ -371,6 +386,7 @@ async fn the_phones_delivery_report_becomes_the_buddys_receipt() {
         "<message type='chat' id='r-1' to='alice@{D}'><body>did you get this?</body><request xmlns='urn:xmpp:receipts'/></message>"
     ))
     .await;
+    w.prompt().await;
     w.mt("the message").await;
     // Kannel's fake SMSC acknowledges delivery; Reach turns the report into Bob's receipt.
     let receipt = bob

@@ -1,11 +1,17 @@
 //! Ad-hoc commands (XEP-0050) at the service `D`: the command list, and running one command.
 //!
 //! Commands are a table of nodes → handlers. The generic part here reads the request, checks the
-//! sender is a registered user, handles `cancel` and the session id, and turns a handler's
-//! [`Outcome`] (a form to fill in, or notes saying what was done) into the response. Handlers
-//! only decide; the same decisions back the chat commands (`commands.rs`), so both doors say the
-//! same sentences. Sessions are stateless: a one-page command needs no memory between the form
-//! and its submission, so the session id is only echoed back.
+//! sender is a registered user, handles `cancel`, `prev` and the session id, and turns a
+//! handler's [`Outcome`] (a page to fill in, perhaps with notes, or notes saying what was done)
+//! into the response. Handlers only decide; the settings they change are validated and applied by
+//! `settings.rs`, which the chat commands (`commands.rs`) use too, so both doors say the same
+//! sentences.
+//!
+//! Sessions are stateless: a command of two pages (choose, then fill in) carries what the first
+//! page chose in hidden fields of the second (XEP-0004 §3.3), so the session id is only echoed
+//! back and nothing is remembered between requests (several instances may serve one domain).
+//! `prev` goes back to the first page. A refused value shows the same page again, with what the
+//! user typed and an error note naming the field (status `executing`).
 //!
 //! This module must not parse XML by hand: the payloads are `xmpp::adhoc` and `xmpp::forms`.
 
@@ -15,6 +21,7 @@ use minidom::Element;
 use rand::Rng;
 use xmpp_parsers::ns;
 
+use super::settings::{self, field, Draft, Invalid};
 use super::{registration, Addressing, Core, Failure, Handled, Out};
 use crate::store::{Store, TerminalKind, User};
 use crate::xmpp::adhoc::{Action, Actions, Command, Note, Status, COMMANDS};
@@ -26,18 +33,53 @@ pub(super) struct CommandNode {
     pub node: &'static str,
     /// The human-readable name in the command list.
     pub name: &'static str,
+    /// Whether it may show a second page (so `prev` and `next` mean something).
+    pages: Pages,
     run: Handler,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pages {
+    One,
+    Two,
 }
 
 /// A command's logic: given the stage the requester is at, what to show or what was done.
 type Handler = fn(&Context<'_>, Stage<'_>, &mut Out) -> Result<Outcome, Failure>;
 
 /// The commands at `D`, in the order clients list them.
-pub(super) const NODES: &[CommandNode] = &[CommandNode {
-    node: "verify",
-    name: "Verify a terminal",
-    run: verify,
-}];
+pub(super) const NODES: &[CommandNode] = &[
+    CommandNode {
+        node: "terminals",
+        name: "Terminals (list, add, remove, primary)",
+        pages: Pages::Two,
+        run: terminals,
+    },
+    CommandNode {
+        node: "verify",
+        name: "Verify a terminal",
+        pages: Pages::One,
+        run: verify,
+    },
+    CommandNode {
+        node: "preferences",
+        name: "Preferences",
+        pages: Pages::Two,
+        run: preferences,
+    },
+    CommandNode {
+        node: "state",
+        name: "Set a terminal's state",
+        pages: Pages::One,
+        run: state,
+    },
+    CommandNode {
+        node: "status",
+        name: "Status",
+        pages: Pages::One,
+        run: status,
+    },
+];
 
 /// The command on `node`, if there is one.
 pub(super) fn find(node: &str) -> Option<&'static CommandNode> {
@@ -62,10 +104,62 @@ enum Stage<'a> {
 
 /// What a handler decided.
 enum Outcome {
-    /// A one-page form to fill in and complete.
-    Form(Element),
+    /// A page to fill in, with notes (e.g. why the last submission was refused).
+    Form {
+        page: Page,
+        form: Element,
+        notes: Vec<Note>,
+    },
     /// The command is over; these notes say how it went.
     Completed(Vec<Note>),
+}
+
+/// Where a page stands among the command's pages: what the requester may do with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Page {
+    /// The only page: complete it.
+    Only,
+    /// A first page: go on to the next.
+    First,
+    /// The second page: complete it, or go back.
+    Last,
+}
+
+impl Page {
+    fn actions(self) -> Actions {
+        match self {
+            Page::Only => Actions {
+                execute: Some(Action::Complete),
+                allowed: vec![Action::Complete],
+            },
+            Page::First => Actions {
+                execute: Some(Action::Next),
+                allowed: vec![Action::Next],
+            },
+            Page::Last => Actions {
+                execute: Some(Action::Complete),
+                allowed: vec![Action::Prev, Action::Complete],
+            },
+        }
+    }
+}
+
+/// A page with no notes.
+fn page(page: Page, form: Element) -> Outcome {
+    Outcome::Form {
+        page,
+        form,
+        notes: Vec::new(),
+    }
+}
+
+/// A page shown again because these values were refused.
+fn refused(page: Page, form: Element, refused: Vec<Invalid>) -> Outcome {
+    Outcome::Form {
+        page,
+        form,
+        notes: refused.iter().map(|e| Note::error(e.to_string())).collect(),
+    }
 }
 
 /// The disco#items answer at node `COMMANDS`: every command, as an item of `service`.
@@ -133,16 +227,22 @@ pub(super) fn on_command(
         }
     };
     let stage = match (action, &values) {
-        (Action::Prev | Action::Next, _) => {
+        (Action::Prev | Action::Next, _) if command.pages == Pages::One => {
             return Err(StanzaFault::bad_request(format!(
                 "'{}' has a single page: use complete or cancel",
                 command.node
             ))
             .into())
         }
+        // Back to the first page (there are at most two).
+        (Action::Prev, _) => Stage::Start,
         (_, Some(values)) => Stage::Submit(values),
-        (Action::Complete, None) => {
-            return Err(StanzaFault::bad_request("complete needs the filled-in form").into())
+        (Action::Complete | Action::Next, None) => {
+            return Err(StanzaFault::bad_request(format!(
+                "{} needs the filled-in form",
+                action.as_str()
+            ))
+            .into())
         }
         // Execute without a form: (re)start, keeping the requester's session id if any.
         (_, None) => Stage::Start,
@@ -155,12 +255,10 @@ pub(super) fn on_command(
         user: &user,
     };
     match (command.run)(&context, stage, out)? {
-        Outcome::Form(form) => {
+        Outcome::Form { page, form, notes } => {
             response.status = Some(Status::Executing);
-            response.actions = Some(Actions {
-                execute: Some(Action::Complete),
-                allowed: vec![Action::Complete],
-            });
+            response.actions = Some(page.actions());
+            response.notes = notes;
             response.form = Some(form);
         }
         Outcome::Completed(notes) => {
@@ -229,14 +327,17 @@ fn verify(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, F
                 names.join(" or to "),
                 super::email::CODE_VALIDITY_SECS / 60
             ));
-            Ok(Outcome::Form(forms::form(
-                FormType::Form,
-                Some("Verify a terminal"),
-                Some(&instructions),
-                &[FieldSpec::new("code", FieldType::TextSingle)
-                    .label("Verification code")
-                    .required()],
-            )))
+            Ok(page(
+                Page::Only,
+                forms::form(
+                    FormType::Form,
+                    Some("Verify a terminal"),
+                    Some(&instructions),
+                    &[FieldSpec::new("code", FieldType::TextSingle)
+                        .label("Verification code")
+                        .required()],
+                ),
+            ))
         }
         Stage::Submit(values) => {
             let code = forms::first_value(values, "code").trim();
@@ -275,6 +376,480 @@ fn waiting_terminals(user: &User) -> Vec<(TerminalKind, String)> {
 
 fn done(note: Note) -> Outcome {
     Outcome::Completed(vec![note])
+}
+
+/// The hidden field saying which second page a submission comes from.
+const PAGE: &str = "page";
+/// The field naming a terminal (`email` or `phone`).
+const TERMINAL: &str = "terminal";
+
+/// The terminal a form suggests: the primary one, else the first.
+fn default_kind(user: &User) -> Option<TerminalKind> {
+    let kinds: Vec<TerminalKind> = settings::terminals(user).iter().map(|t| t.kind).collect();
+    user.primary
+        .filter(|p| kinds.contains(p))
+        .or(kinds.first().copied())
+}
+
+/// A list-single field choosing one of the user's terminals.
+fn terminal_field(user: &User, chosen: &str) -> FieldSpec {
+    let mut spec = FieldSpec::new(TERMINAL, FieldType::ListSingle)
+        .label("Terminal")
+        .required()
+        .value(chosen);
+    for t in settings::terminals(user) {
+        let label = match t.kind {
+            TerminalKind::Email => format!("Email {}", t.address),
+            TerminalKind::Phone => format!("Phone {}", t.address),
+        };
+        spec = spec.option(label, settings::kind_word(t.kind));
+    }
+    spec
+}
+
+fn list_single(var: &str, label: &str, value: &str, choices: &[(&str, &str)]) -> FieldSpec {
+    choices.iter().fold(
+        FieldSpec::new(var, FieldType::ListSingle)
+            .label(label)
+            .required()
+            .value(value),
+        |spec, (value, label)| spec.option(*label, *value),
+    )
+}
+
+// ---- terminals ----
+
+/// `terminals`: first the action (list, add, remove, primary), then what it needs.
+fn terminals(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+    let user = r.user;
+    let Stage::Submit(values) = stage else {
+        return Ok(page(Page::First, terminals_first_page(user, "list")));
+    };
+    let chosen = forms::first_value(values, TERMINAL);
+    match forms::first_value(values, PAGE) {
+        "add" => {
+            let kind = forms::first_value(values, "kind");
+            let address = forms::first_value(values, "address");
+            let decision = match settings::parse_kind(kind) {
+                Err(e) => Err(vec![e]),
+                Ok(kind) => {
+                    settings::add_terminal(r.core, r.store, r.now, user, kind, address, out)?
+                }
+            };
+            Ok(match decision {
+                Ok(said) => done(Note::info(said)),
+                Err(e) => refused(Page::Last, add_page(r.core, kind, address), e),
+            })
+        }
+        action @ ("remove" | "primary") => {
+            let decision = match settings::parse_kind(chosen) {
+                Err(e) => Err(vec![e]),
+                Ok(kind) if action == "remove" => {
+                    settings::remove_terminal(r.core, r.store, r.now, user, kind, out)?
+                }
+                Ok(kind) => settings::set_primary(r.store, user, kind)?,
+            };
+            Ok(match decision {
+                Ok(said) => done(Note::info(said)),
+                Err(e) => refused(Page::Last, choose_page(user, action, chosen), e),
+            })
+        }
+        // The first page.
+        _ => {
+            let action = forms::first_value(values, "action").trim();
+            let first_again = |problem: &str| {
+                refused(
+                    Page::First,
+                    terminals_first_page(user, action),
+                    vec![Invalid::new(field::ACTION, problem)],
+                )
+            };
+            let suggested = default_kind(user).map_or("", settings::kind_word);
+            Ok(match action {
+                "list" => done(Note::info(settings::terminals_text(user))),
+                "add" => match settings::offered_kinds(r.core).first() {
+                    None => first_again("this service forwards to no email or phone"),
+                    Some(kind) => {
+                        // Suggest the kind the user does not have yet.
+                        let kinds = settings::offered_kinds(r.core);
+                        let missing = kinds
+                            .iter()
+                            .find(|k| settings::terminal(user, **k).is_none())
+                            .unwrap_or(kind);
+                        page(
+                            Page::Last,
+                            add_page(r.core, settings::kind_word(*missing), ""),
+                        )
+                    }
+                },
+                "remove" | "primary" if settings::terminals(user).is_empty() => {
+                    first_again("you have no terminal yet: add one first")
+                }
+                "remove" | "primary" => page(Page::Last, choose_page(user, action, suggested)),
+                other => first_again(&format!(
+                    "'{other}' is not one of list, add, remove, primary"
+                )),
+            })
+        }
+    }
+}
+
+fn terminals_first_page(user: &User, action: &str) -> Element {
+    forms::form(
+        FormType::Form,
+        Some("Terminals"),
+        Some(&format!(
+            "Your terminals:\n{}\nChoose what to do.",
+            settings::terminals_text(user)
+        )),
+        &[FieldSpec::new("action", FieldType::ListSingle)
+            .label("Action")
+            .required()
+            .value(action)
+            .option("List my terminals", "list")
+            .option("Add (or replace) a terminal", "add")
+            .option("Remove a terminal", "remove")
+            .option("Make a terminal primary", "primary")],
+    )
+}
+
+fn add_page(core: &Core, kind: &str, address: &str) -> Element {
+    let mut kinds = FieldSpec::new("kind", FieldType::ListSingle)
+        .label("Kind")
+        .required()
+        .value(kind);
+    for offered in settings::offered_kinds(core) {
+        kinds = match offered {
+            TerminalKind::Email => kinds.option("Email address", "email"),
+            TerminalKind::Phone => kinds.option("Phone (SMS)", "phone"),
+        };
+    }
+    forms::form(
+        FormType::Form,
+        Some("Add a terminal"),
+        Some(
+            "Reach sends the new terminal a code: confirm it with the Verify command.\n\
+             A terminal of a kind you already have is replaced (its preferences are kept).",
+        ),
+        &[
+            FieldSpec::hidden(PAGE, "add"),
+            kinds,
+            FieldSpec::new("address", FieldType::TextSingle)
+                .label("Email address or phone number")
+                .desc("A phone number in international form, like +15551234567.")
+                .required()
+                .value(address),
+        ],
+    )
+}
+
+fn choose_page(user: &User, action: &str, chosen: &str) -> Element {
+    let (title, instructions) = if action == "remove" {
+        (
+            "Remove a terminal",
+            "Reach forwards nothing to a removed terminal.",
+        )
+    } else {
+        (
+            "Primary terminal",
+            "The primary terminal takes forwards first when several may.",
+        )
+    };
+    forms::form(
+        FormType::Form,
+        Some(title),
+        Some(instructions),
+        &[
+            FieldSpec::hidden(PAGE, action),
+            terminal_field(user, chosen),
+        ],
+    )
+}
+
+// ---- preferences ----
+
+/// The fields of the preferences form.
+mod var {
+    pub const WHEN: &str = "when";
+    pub const GRACE: &str = "grace";
+    pub const SENDERS: &str = "senders";
+    pub const SENDER_LIST: &str = "senders_list";
+    pub const QUIET_START: &str = "quiet_start";
+    pub const QUIET_END: &str = "quiet_end";
+    pub const QUIET_ACTION: &str = "quiet_action";
+    pub const TIME_ZONE: &str = "time_zone";
+    pub const SUBSCRIPTIONS: &str = "forward_subscriptions";
+    pub const ALERTS: &str = "alerts";
+    pub const DAILY_CAP: &str = "daily_cap";
+    pub const POLICY: &str = "subscription_policy";
+}
+
+/// `preferences`: with two terminals, first which one; then its preferences and the account's
+/// time zone and subscription policy, filled in with the current values.
+fn preferences(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+    let user = r.user;
+    let kinds: Vec<TerminalKind> = settings::terminals(user).iter().map(|t| t.kind).collect();
+    // With one terminal (or none) there is nothing to choose: the form is the only page.
+    let form_page = if kinds.len() > 1 {
+        Page::Last
+    } else {
+        Page::Only
+    };
+    let chosen = default_kind(user);
+    let suggested = chosen.map_or("", settings::kind_word);
+    let form_of = |kind: Option<TerminalKind>, draft: Draft| {
+        preferences_form(r.core, user, kind, &draft.over(Draft::current(user, kind)))
+    };
+    let values = match stage {
+        Stage::Start if form_page == Page::Last => {
+            return Ok(page(Page::First, choose_preferences_page(user, suggested)))
+        }
+        Stage::Start => return Ok(page(Page::Only, form_of(chosen, Draft::default()))),
+        Stage::Submit(values) => values,
+    };
+    let terminal = forms::first_value(values, TERMINAL).trim();
+    if forms::first_value(values, PAGE) != "preferences" {
+        // The first page: which terminal.
+        let kind =
+            settings::parse_kind(terminal).and_then(|kind| match settings::terminal(user, kind) {
+                Some(_) => Ok(kind),
+                None => Err(settings::no_terminal(kind)),
+            });
+        return Ok(match kind {
+            Ok(kind) => page(form_page, form_of(Some(kind), Draft::default())),
+            Err(e) => refused(
+                Page::First,
+                choose_preferences_page(user, terminal),
+                vec![e],
+            ),
+        });
+    }
+    let kind = match terminal {
+        "" => None,
+        text => match settings::parse_kind(text) {
+            Ok(kind) => Some(kind),
+            Err(e) => return Ok(Outcome::Completed(vec![Note::error(e.to_string())])),
+        },
+    };
+    let draft = draft_from(values);
+    Ok(
+        match settings::save_preferences(r.core, r.store, r.now, user, kind, &draft, out)? {
+            Ok(said) => done(Note::info(said)),
+            Err(e) => refused(form_page, form_of(kind, draft), e),
+        },
+    )
+}
+
+fn choose_preferences_page(user: &User, chosen: &str) -> Element {
+    forms::form(
+        FormType::Form,
+        Some("Preferences"),
+        Some("Choose the terminal whose preferences you want to see or change."),
+        &[terminal_field(user, chosen)],
+    )
+}
+
+/// What the preferences form submitted, field by field; a field left out changes nothing.
+fn draft_from(values: &std::collections::BTreeMap<String, Vec<String>>) -> Draft {
+    let one = |var: &str| {
+        values
+            .get(var)
+            .map(|v| v.first().cloned().unwrap_or_default())
+    };
+    let many = |var: &str| values.get(var).cloned();
+    Draft {
+        when: one(var::WHEN),
+        grace: one(var::GRACE),
+        senders: one(var::SENDERS),
+        sender_list: many(var::SENDER_LIST),
+        quiet_start: one(var::QUIET_START),
+        quiet_end: one(var::QUIET_END),
+        quiet_action: one(var::QUIET_ACTION),
+        time_zone: one(var::TIME_ZONE),
+        forward_subscriptions: one(var::SUBSCRIPTIONS),
+        alerts: many(var::ALERTS),
+        daily_cap: one(var::DAILY_CAP),
+        policy: one(var::POLICY),
+    }
+}
+
+/// The preferences form, filled in with `draft` (the current values, or what the user typed).
+fn preferences_form(
+    core: &Core,
+    user: &User,
+    kind: Option<TerminalKind>,
+    draft: &Draft,
+) -> Element {
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let list = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
+    let view = kind.and_then(|kind| settings::terminal(user, kind));
+    // Only a terminal the user has: one removed meanwhile leaves the account's fields.
+    let mut fields = vec![
+        FieldSpec::hidden(PAGE, "preferences"),
+        FieldSpec::hidden(
+            TERMINAL,
+            view.as_ref().map_or("", |t| settings::kind_word(t.kind)),
+        ),
+    ];
+    let instructions = match view {
+        None => "You have no email or phone terminal yet: add one with the Terminals command.\n\
+                 These settings are for your whole account."
+            .to_owned(),
+        Some(t) => {
+            let service_cap = match (t.kind, &core.settings.sms) {
+                (TerminalKind::Phone, Some(sms)) => format!("{} SMS", sms.daily_cap),
+                _ => "no limit".to_owned(),
+            };
+            let quiet_actions: &[(&str, &str)] = match t.kind {
+                // The email terminal cannot send itself its messages by email.
+                TerminalKind::Email => &settings::QUIET_ACTION_CHOICES[..1],
+                TerminalKind::Phone => settings::QUIET_ACTION_CHOICES,
+            };
+            fields.extend([
+                list_single(
+                    var::WHEN,
+                    "Forward messages here",
+                    &text(&draft.when),
+                    settings::WHEN_CHOICES,
+                ),
+                FieldSpec::new(var::GRACE, FieldType::TextSingle)
+                    .label("Grace delay (seconds)")
+                    .desc(format!(
+                        "How long an away XMPP client has to read a message before it is \
+                         forwarded. Empty: the service's default ({} s).",
+                        core.settings.grace_delay_secs
+                    ))
+                    .value(text(&draft.grace)),
+                list_single(
+                    var::SENDERS,
+                    "Forward messages from",
+                    &text(&draft.senders),
+                    settings::SENDER_CHOICES,
+                ),
+                FieldSpec::new(var::SENDER_LIST, FieldType::JidMulti)
+                    .label("Only these JIDs")
+                    .desc("Used when messages are forwarded only from listed JIDs.")
+                    .values(list(&draft.sender_list)),
+                FieldSpec::new(var::QUIET_START, FieldType::TextSingle)
+                    .label("Quiet hours start (HH:MM)")
+                    .desc("In your time zone. Leave start and end empty for no quiet hours.")
+                    .value(text(&draft.quiet_start)),
+                FieldSpec::new(var::QUIET_END, FieldType::TextSingle)
+                    .label("Quiet hours end (HH:MM)")
+                    .value(text(&draft.quiet_end)),
+                list_single(
+                    var::QUIET_ACTION,
+                    "During quiet hours",
+                    &text(&draft.quiet_action),
+                    quiet_actions,
+                ),
+                FieldSpec::new(var::SUBSCRIPTIONS, FieldType::Boolean)
+                    .label("Forward subscription requests here")
+                    .desc("When your subscription policy is to ask you.")
+                    .value(text(&draft.forward_subscriptions)),
+                FieldSpec::new(var::ALERTS, FieldType::JidMulti)
+                    .label("Buddy alerts")
+                    .desc("Tell me here when these buddies come online or go offline.")
+                    .values(list(&draft.alerts)),
+                FieldSpec::new(var::DAILY_CAP, FieldType::TextSingle)
+                    .label("Most forwards a day")
+                    .desc(format!("Empty: the service's default ({service_cap})."))
+                    .value(text(&draft.daily_cap)),
+            ]);
+            match t.kind {
+                TerminalKind::Email => format!("Preferences of your email address {}.", t.address),
+                TerminalKind::Phone => format!("Preferences of your phone {}.", t.address),
+            }
+        }
+    };
+    fields.extend([
+        FieldSpec::new(var::TIME_ZONE, FieldType::TextSingle)
+            .label("Time zone")
+            .desc("An IANA name like Europe/Berlin, for quiet hours. Empty: UTC. For your whole account.")
+            .value(text(&draft.time_zone)),
+        list_single(
+            var::POLICY,
+            "Who may subscribe to your reach address",
+            &text(&draft.policy),
+            settings::POLICY_CHOICES,
+        ),
+    ]);
+    forms::form(
+        FormType::Form,
+        Some("Preferences"),
+        Some(&instructions),
+        &fields,
+    )
+}
+
+// ---- state and status ----
+
+/// `state`: set one terminal's local state (what `/away`, `/back`, `/dnd` do from the phone).
+fn state(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+    let user = r.user;
+    let Some(chosen) = default_kind(user) else {
+        return Ok(done(Note::info(
+            "You have no email or phone terminal: add one with the Terminals command.",
+        )));
+    };
+    let Stage::Submit(values) = stage else {
+        let state = settings::terminal(user, chosen).map_or(Default::default(), |t| t.state);
+        return Ok(page(
+            Page::Only,
+            state_form(
+                user,
+                settings::kind_word(chosen),
+                settings::state_word(state),
+            ),
+        ));
+    };
+    let terminal = forms::first_value(values, TERMINAL);
+    let state = forms::first_value(values, "state");
+    let mut errors = Vec::new();
+    let kind = settings::parse_kind(terminal)
+        .map_err(|e| errors.push(e))
+        .ok();
+    let new_state = settings::parse_state(state)
+        .map_err(|e| errors.push(e))
+        .ok();
+    let decision = match (kind, new_state) {
+        (Some(kind), Some(new_state)) => {
+            settings::set_state(r.core, r.store, r.now, user, kind, new_state, out)?
+        }
+        _ => Err(errors),
+    };
+    Ok(match decision {
+        Ok(said) => done(Note::info(said)),
+        Err(e) => refused(Page::Only, state_form(user, terminal, state), e),
+    })
+}
+
+fn state_form(user: &User, terminal: &str, state: &str) -> Element {
+    forms::form(
+        FormType::Form,
+        Some("Set a terminal's state"),
+        Some(&format!(
+            "{}\nReach forwards nothing to a terminal on do not disturb.",
+            settings::terminals_text(user)
+        )),
+        &[
+            terminal_field(user, terminal),
+            FieldSpec::new("state", FieldType::ListSingle)
+                .label("State")
+                .required()
+                .value(state)
+                .option("Available", "available")
+                .option("Away", "away")
+                .option("Do not disturb", "dnd"),
+        ],
+    )
+}
+
+/// `status`: everything at once, in words.
+fn status(r: &Context<'_>, _stage: Stage<'_>, _out: &mut Out) -> Result<Outcome, Failure> {
+    Ok(done(Note::info(settings::status_text(
+        r.core, r.store, r.user,
+    )?)))
 }
 
 #[cfg(test)]
@@ -363,7 +938,16 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(items, vec![format!("{D}|verify|Verify a terminal")]);
+        assert_eq!(
+            items,
+            vec![
+                format!("{D}|terminals|Terminals (list, add, remove, primary)"),
+                format!("{D}|verify|Verify a terminal"),
+                format!("{D}|preferences|Preferences"),
+                format!("{D}|state|Set a terminal's state"),
+                format!("{D}|status|Status"),
+            ]
+        );
 
         let reply = t.one(&format!(
             "<iq type='get' id='i' from='bob@example.net/x' to='{D}'><query xmlns='{}' node='verify'/></iq>",

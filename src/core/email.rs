@@ -160,8 +160,9 @@ pub(super) fn forward_job(
         paragraphs: pending.items.iter().map(|i| i.text.clone()).collect(),
         footer: format!(
             "Reply to this email to answer {name}: your reply reaches {peer} from {}. \
-             Only replies from this address are accepted.",
-            core.reach_address(&user.handle)
+             Only replies from this address are accepted.{}",
+            core.reach_address(&user.handle),
+            presence::email_prompt(core, store, now, user)?
         ),
     };
     Ok(EmailJob {
@@ -341,7 +342,7 @@ fn confirm_email(
     if !presence::global_presence(store, &user)?.is_available() {
         super::forward::forward_held(core, store, now, &user)?;
     }
-    let _ = out;
+    presence::refresh_global(core, store, now, &user, out)?;
     Ok(format!(
         "Your email address {address} is verified. Reach forwards messages there while you are away from XMPP."
     ))
@@ -547,7 +548,8 @@ pub(super) fn on_failed(
     reason: &str,
     out: &mut Out,
 ) -> Result<(), StoreError> {
-    tracing::warn!(reason, "an email could not be delivered");
+    tracing::warn!("an email could not be delivered; its messages wait for XMPP");
+    tracing::debug!(reason, "relay's answer");
     let Some(user) = store.user(&job.user)? else {
         return Ok(());
     };

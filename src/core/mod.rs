@@ -9,6 +9,7 @@
 //! conversation; a user's *resources* are their own XMPP clients.
 
 mod adhoc;
+mod alerts;
 mod commands;
 mod disco;
 pub mod email;
@@ -17,6 +18,7 @@ mod presence;
 mod registration;
 mod relay;
 pub mod rules;
+mod settings;
 pub mod sms;
 
 use std::sync::{Mutex, MutexGuard};
@@ -166,9 +168,12 @@ impl Core {
     pub fn handle(&self, store: &Store, now: u64, event: Event) -> Result<Vec<Action>, StoreError> {
         let mut out = Out::default();
         match event {
-            Event::LinkUp => presence::on_link_up(self, store, &mut out)?,
+            Event::LinkUp => presence::on_link_up(self, store, now, &mut out)?,
             Event::Stanza(stanza) => self.on_stanza(store, now, &stanza, &mut out)?,
-            Event::Tick => forward::on_tick(self, store, now, &mut out)?,
+            Event::Tick => {
+                forward::on_tick(self, store, now, &mut out)?;
+                alerts::on_tick(self, store, now, &mut out)?;
+            }
             Event::EmailReply(mail) => {
                 let answer = email::on_reply(self, store, now, &mail, &mut out)?;
                 out.push(Action::AnswerMail(answer));

@@ -1,20 +1,43 @@
-//! Presence: the user's own resources, buddies' subscriptions to reach addresses, and the global
-//! presence Reach publishes for each reach address.
+//! Presence: the user's own resources, buddies' subscriptions to reach addresses, the presence
+//! Reach publishes for each reach address, and the buddies' presence Reach receives.
 //!
-//! Reach is subscribed to each user's bare JID, so the server sends it the presence of every
-//! resource. The reach address shows the best of them (unavailable when none); every change is
-//! pushed to the buddies who receive the address's presence. Held messages are released as soon
-//! as the user has an available resource again.
+//! Two presences are computed for a user, and they must not be confused:
+//! - the *XMPP presence* ([`global_presence`]): the best of the user's own XMPP resources. Routing
+//!   decides with it (is the user at an XMPP client?);
+//! - the *published presence* ([`published_presence`]), what buddies see on `HANDLE@D`
+//!   (DESIGN.md "Presence"): the XMPP presence while the user has an available resource; else
+//!   `away` with a status naming the terminals that would take a message ("reachable by SMS");
+//!   else unavailable.
+//!
+//! Every input of the published presence (resources, a terminal verified, removed, stopped or set
+//! to another local state, the link coming up) ends in [`refresh_global`], which compares with what
+//! was last published (kept in the store) and tells the buddies who receive the address's presence
+//! only when it changed. Probes and new subscribers get the published presence.
+//!
+//! Subscriptions to a reach address follow the user's [`SubscriptionPolicy`]; under `Ask` the
+//! request waits in the store until the user answers with `approve JID` / `deny JID` (chat with
+//! `D`, or `/approve` `/deny` by SMS). Buddies' own presence is tracked per resource, so `online`
+//! changes only when the first resource comes or the last one goes; changes go to the alerts.
+//!
+//! This module decides only: it sends nothing but stanzas and leaves SMS and email wording of
+//! alerts to `alerts`.
 
 use minidom::Element;
+use serde::{Deserialize, Serialize};
 
+use super::rules::{ForwardWhen, SubscriptionPolicy};
 use super::{relay, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
-use crate::store::{Buddy, ResourcePresence, Store, StoreError, User};
-use crate::xmpp::stanza::{attr, child_text, presence, StanzaFault, STANZA_NS};
+use crate::store::{
+    Buddy, LocalState, ResourcePresence, Store, StoreError, SubscriptionRequest, Terminal,
+    TerminalKind, User,
+};
+use crate::xmpp::stanza::{attr, chat, child_text, presence, StanzaFault, STANZA_NS};
 
-/// What the reach address shows to buddies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A presence of a reach address: what the user's XMPP resources amount to, or what buddies see.
+/// Stored (as the last published presence), so its serde shape is part of the store's format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum GlobalPresence {
     Unavailable,
     /// Available with an optional `show` (away, chat, dnd, xa) and status text.
@@ -56,6 +79,34 @@ pub fn best_presence(resources: &[(String, ResourcePresence)]) -> GlobalPresence
         })
 }
 
+/// Whether a terminal would take a message now, as far as the published presence goes: verified,
+/// not stopped (STOP), in local state available or away (not do-not-disturb), and not set to
+/// never forward.
+pub fn terminal_reachable<A>(terminal: &Terminal<A>) -> bool {
+    terminal.verified
+        && !terminal.stopped
+        && matches!(terminal.state, LocalState::Available | LocalState::Away)
+        && terminal.prefs.when != ForwardWhen::Never
+}
+
+/// The published presence from its inputs: the XMPP presence if available; else `away` naming
+/// the reachable terminals; else unavailable.
+pub fn compose_presence(xmpp: GlobalPresence, by_email: bool, by_sms: bool) -> GlobalPresence {
+    if xmpp.is_available() {
+        return xmpp;
+    }
+    let status = match (by_email, by_sms) {
+        (true, true) => "reachable by email and SMS",
+        (true, false) => "reachable by email",
+        (false, true) => "reachable by SMS",
+        (false, false) => return GlobalPresence::Unavailable,
+    };
+    GlobalPresence::Available {
+        show: Some("away".to_owned()),
+        status: Some(status.to_owned()),
+    }
+}
+
 impl GlobalPresence {
     fn to_stanza(&self, from: &str, to: &str) -> Element {
         match self {
@@ -92,31 +143,96 @@ impl GlobalPresence {
     }
 }
 
+/// The user's XMPP presence: the best of their resources. Routing decides with this one.
 pub(crate) fn global_presence(store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
     Ok(best_presence(&store.resources(&user.jid)?))
 }
 
-/// Recomputes the reach address's global presence after one of its inputs changed (a terminal's
-/// local state, a terminal added or removed) and tells the buddies if it differs from what they
-/// last saw. Resource changes go through `on_service_presence`.
-pub(crate) fn refresh_global(_core: &Core, _store: &Store, _now: u64, _user: &User, _out: &mut Out) -> Result<(), StoreError> {
-    // Today the global presence is the XMPP presence alone, which terminals do not change.
+/// What the reach address shows buddies now (see the module documentation).
+pub(crate) fn published_presence(
+    core: &Core,
+    store: &Store,
+    user: &User,
+) -> Result<GlobalPresence, StoreError> {
+    let by_email =
+        core.settings.email.is_some() && user.email.as_ref().is_some_and(terminal_reachable);
+    let by_sms = user.phone.as_ref().is_some_and(|phone| {
+        terminal_reachable(phone)
+            && core
+                .settings
+                .sms
+                .as_ref()
+                .is_some_and(|s| super::sms::number_allowed(s, phone.address.as_str()))
+    });
+    Ok(compose_presence(
+        global_presence(store, user)?,
+        by_email,
+        by_sms,
+    ))
+}
+
+/// The presence last published for the user; what it would be, if nothing was published yet.
+fn last_published(core: &Core, store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
+    match store.published_presence(&user.jid)? {
+        Some(shown) => Ok(shown),
+        None => published_presence(core, store, user),
+    }
+}
+
+/// Recomputes the reach address's published presence after one of its inputs changed (a
+/// resource, a terminal's local state, a terminal verified, removed or stopped) and tells the
+/// buddies if it differs from what they last saw. Reads the user afresh, so callers may pass a
+/// record from before their change.
+pub(crate) fn refresh_global(
+    core: &Core,
+    store: &Store,
+    _now: u64,
+    user: &User,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let Some(user) = store.user(&user.jid)? else {
+        return Ok(());
+    };
+    let shown = published_presence(core, store, &user)?;
+    if store
+        .published_presence(&user.jid)?
+        .unwrap_or(GlobalPresence::Unavailable)
+        != shown
+    {
+        store.put_published_presence(&user.jid, &shown)?;
+        broadcast(core, store, &user, &shown, out)?;
+    }
     Ok(())
 }
 
-/// After a (re)connect the resources Reach knew may be stale: forget them, tell buddies the
-/// truth as it is re-learnt, and probe every user.
-pub(super) fn on_link_up(core: &Core, store: &Store, out: &mut Out) -> Result<(), StoreError> {
+/// After a (re)connect the presences Reach knew may be stale: forget the users' resources, tell
+/// buddies what that leaves, and probe every user and every buddy Reach is subscribed to (a
+/// buddy keeps its `online` flag until the answer says otherwise, so no false alert goes out).
+pub(super) fn on_link_up(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    out: &mut Out,
+) -> Result<(), StoreError> {
     let users = store.users()?;
-    for user in &users {
-        let had_resources = !store.resources(&user.jid)?.is_empty();
-        if had_resources {
-            broadcast(core, store, user, &GlobalPresence::Unavailable, out)?;
-        }
-    }
     store.clear_resources()?;
     for user in &users {
+        refresh_global(core, store, now, user, out)?;
+    }
+    for user in &users {
         out.send(presence(&core.settings.domain, &user.jid, Some("probe")));
+    }
+    for user in &users {
+        let address = core.reach_address(&user.handle);
+        for (jid, mut buddy) in store.buddies(&user.handle)? {
+            if !buddy.resources.is_empty() {
+                buddy.resources.clear();
+                store.put_buddy(&user.handle, &jid, &buddy)?;
+            }
+            if buddy.we_subscribed {
+                out.send(presence(&address, &jid, Some("probe")));
+            }
+        }
     }
     Ok(())
 }
@@ -147,7 +263,7 @@ pub(super) fn on_presence(
                     _ => Ok(()),
                 };
             };
-            on_address_presence(core, store, &user, type_, who, out)
+            on_address_presence(core, store, now, &user, type_, who, out)
         }
         LocalTarget::Session(peer) => {
             let Some(user) = store.user(&who.from_bare)? else {
@@ -232,9 +348,7 @@ fn on_service_presence(
                 )?;
             }
             let after = global_presence(store, &user)?;
-            if after != before {
-                broadcast(core, store, &user, &after, out)?;
-            }
+            refresh_global(core, store, now, &user, out)?;
             if after.is_available() && !before.is_available() {
                 relay::release_held(store, &user, now, out)?;
             }
@@ -253,6 +367,7 @@ fn on_service_presence(
 fn on_address_presence(
     core: &Core,
     store: &Store,
+    now: u64,
     user: &User,
     type_: &str,
     who: &Addressing,
@@ -262,35 +377,62 @@ fn on_address_presence(
     let buddy_jid = who.from_bare.as_str();
     let mut buddy = store.buddy(&user.handle, buddy_jid)?.unwrap_or_default();
     let before = buddy.clone();
+    let resource = who
+        .from
+        .resource()
+        .map(|r| r.as_str().to_owned())
+        .unwrap_or_default();
     match type_ {
         "subscribe" => {
-            buddy.receives_presence = true;
-            out.send(presence(&address, buddy_jid, Some("subscribed")));
-            out.send(global_presence(store, user)?.to_stanza(&address, buddy_jid));
-            if !buddy.we_subscribed {
-                buddy.we_subscribed = true;
-                out.send(presence(&address, buddy_jid, Some("subscribe")));
+            if buddy.receives_presence {
+                // Asked again (e.g. the buddy's client lost the answer): answer the same way.
+                accept(core, store, user, buddy_jid, &mut buddy, out)?;
+            } else {
+                match user.subscription_policy {
+                    SubscriptionPolicy::Auto => {
+                        accept(core, store, user, buddy_jid, &mut buddy, out)?
+                    }
+                    SubscriptionPolicy::BuddiesOnly => {
+                        if store.session(&user.jid, buddy_jid)?.is_some() {
+                            accept(core, store, user, buddy_jid, &mut buddy, out)?;
+                        } else {
+                            out.send(presence(&address, buddy_jid, Some("unsubscribed")));
+                        }
+                    }
+                    SubscriptionPolicy::Ask => ask_user(core, store, now, user, buddy_jid, out)?,
+                }
             }
         }
         "unsubscribe" => {
             buddy.receives_presence = false;
+            store.take_subscription_request(&user.handle, buddy_jid)?;
             out.send(presence(&address, buddy_jid, Some("unsubscribed")));
         }
         "subscribed" => buddy.we_subscribed = true,
         "unsubscribed" => {
             buddy.we_subscribed = false;
-            buddy.online = false;
+            buddy.resources.clear();
         }
         "probe" => {
             if buddy.receives_presence {
-                out.send(global_presence(store, user)?.to_stanza(&address, buddy_jid));
+                out.send(last_published(core, store, user)?.to_stanza(&address, buddy_jid));
             } else {
                 out.send(presence(&address, buddy_jid, Some("unsubscribed")));
             }
         }
-        "" => buddy.online = true,
-        "unavailable" => buddy.online = false,
+        "" if !buddy.resources.contains(&resource) => buddy.resources.push(resource),
+        "unavailable" => {
+            if resource.is_empty() {
+                // From the bare JID: the buddy as a whole went offline.
+                buddy.resources.clear();
+            } else {
+                buddy.resources.retain(|r| *r != resource);
+            }
+        }
         _ => {}
+    }
+    if matches!(type_, "" | "unavailable" | "unsubscribed") {
+        buddy.online = !buddy.resources.is_empty();
     }
     if buddy != before {
         if buddy == Buddy::default() {
@@ -299,7 +441,234 @@ fn on_address_presence(
             store.put_buddy(&user.handle, buddy_jid, &buddy)?;
         }
     }
+    if buddy.online != before.online {
+        super::alerts::buddy_changed(core, store, now, user, buddy_jid, buddy.online, out)?;
+    }
     Ok(())
+}
+
+/// Lets the buddy see the reach address: approves the subscription, sends the published
+/// presence, and subscribes back (so Reach sees the buddy's presence). The caller stores `buddy`.
+fn accept(
+    core: &Core,
+    store: &Store,
+    user: &User,
+    buddy_jid: &str,
+    buddy: &mut Buddy,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let address = core.reach_address(&user.handle);
+    buddy.receives_presence = true;
+    out.send(presence(&address, buddy_jid, Some("subscribed")));
+    out.send(last_published(core, store, user)?.to_stanza(&address, buddy_jid));
+    if !buddy.we_subscribed {
+        buddy.we_subscribed = true;
+        out.send(presence(&address, buddy_jid, Some("subscribe")));
+    }
+    Ok(())
+}
+
+/// Under the `Ask` policy: keeps the request and asks the user, on their XMPP client (a chat from
+/// `D`) and on every terminal whose preferences ask for subscription requests. Asked once per
+/// request, however often the buddy repeats it.
+fn ask_user(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    buddy_jid: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    if store
+        .subscription_request(&user.handle, buddy_jid)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    store.put_subscription_request(
+        &user.handle,
+        buddy_jid,
+        &SubscriptionRequest { requested_at: now },
+    )?;
+    tracing::info!(
+        handle = user.handle.as_str(),
+        "a subscription request waits for the user's answer"
+    );
+    out.send(chat(
+        &core.settings.domain,
+        &user.jid,
+        &format!(
+            "{buddy_jid} wants to see your presence. Send 'approve {buddy_jid}' or 'deny {buddy_jid}'."
+        ),
+    ));
+    if user
+        .phone
+        .as_ref()
+        .is_some_and(|t| t.prefs.forward_subscriptions)
+    {
+        super::sms::unsolicited(
+            core,
+            store,
+            now,
+            user,
+            &format!(
+                "Reach: {buddy_jid} wants to see your presence. Text /approve {buddy_jid} or /deny {buddy_jid}."
+            ),
+            out,
+        )?;
+    }
+    if user
+        .email
+        .as_ref()
+        .is_some_and(|t| t.prefs.forward_subscriptions && t.usable())
+    {
+        super::alerts::notice_mail(
+            core,
+            now,
+            user,
+            &format!("{buddy_jid} wants to see your presence"),
+            vec![
+                format!(
+                    "{buddy_jid} asked to see the presence of your reach address {}.",
+                    core.reach_address(&user.handle)
+                ),
+                format!(
+                    "To answer, send 'approve {buddy_jid}' or 'deny {buddy_jid}' in a chat with {}, \
+                     or text /approve {buddy_jid} or /deny {buddy_jid} from your phone.",
+                    core.settings.domain
+                ),
+            ],
+            out,
+        );
+    }
+    Ok(())
+}
+
+/// The user's answer to a waiting subscription request, from any door. Returns what to tell the
+/// user.
+pub(super) fn answer_request(
+    core: &Core,
+    store: &Store,
+    user: &User,
+    buddy_jid: &str,
+    approve: bool,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    let verb = if approve { "approve" } else { "deny" };
+    let buddy_jid = match jid::Jid::new(buddy_jid.trim()) {
+        Ok(jid) if jid.node().is_some() => jid.to_bare().to_string(),
+        _ if buddy_jid.trim().is_empty() => {
+            let waiting: Vec<String> = store
+                .subscription_requests(&user.handle)?
+                .into_iter()
+                .map(|(jid, _)| jid)
+                .collect();
+            return Ok(if waiting.is_empty() {
+                format!("Usage: {verb} JID. No request is waiting.")
+            } else {
+                format!("Usage: {verb} JID. Waiting: {}.", waiting.join(", "))
+            });
+        }
+        _ => return Ok(format!("'{}' is not an XMPP address.", buddy_jid.trim())),
+    };
+    if store
+        .take_subscription_request(&user.handle, &buddy_jid)?
+        .is_none()
+    {
+        return Ok(format!("No request from {buddy_jid} is waiting."));
+    }
+    let address = core.reach_address(&user.handle);
+    if approve {
+        let mut buddy = store.buddy(&user.handle, &buddy_jid)?.unwrap_or_default();
+        accept(core, store, user, &buddy_jid, &mut buddy, out)?;
+        store.put_buddy(&user.handle, &buddy_jid, &buddy)?;
+        Ok(format!("{buddy_jid} now sees your presence."))
+    } else {
+        out.send(presence(&address, &buddy_jid, Some("unsubscribed")));
+        Ok(format!("{buddy_jid} may not see your presence."))
+    }
+}
+
+/// A chat line `approve JID` / `deny JID` to `D`, from whoever sent it; `args` is the JID.
+fn chat_answer(
+    core: &Core,
+    store: &Store,
+    who: &Addressing,
+    args: &str,
+    approve: bool,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    let Some(user) = store.user(&who.from_bare)? else {
+        return Ok("You are not registered.".to_owned());
+    };
+    answer_request(core, store, &user, args, approve, out)
+}
+
+/// The chat command `approve JID`; `args` is the text after the command.
+pub(super) fn approve(
+    core: &Core,
+    store: &Store,
+    who: &Addressing,
+    args: &str,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    chat_answer(core, store, who, args, true, out)
+}
+
+/// The chat command `deny JID`; `args` is the text after the command.
+pub(super) fn deny(
+    core: &Core,
+    store: &Store,
+    who: &Addressing,
+    args: &str,
+    out: &mut Out,
+) -> Result<String, StoreError> {
+    chat_answer(core, store, who, args, false, out)
+}
+
+/// Marks the terminal as prompted for its local state today; true if it had not been yet (the
+/// caller then prompts). At most one prompt per terminal per (UTC) day.
+pub(super) fn take_prompt(
+    store: &Store,
+    now: u64,
+    user: &User,
+    kind: TerminalKind,
+) -> Result<bool, StoreError> {
+    let today = now / 86_400;
+    let Some(mut fresh) = store.user(&user.jid)? else {
+        return Ok(false);
+    };
+    let prompted_day = match kind {
+        TerminalKind::Email => fresh.email.as_mut().map(|t| &mut t.prompted_day),
+        TerminalKind::Phone => fresh.phone.as_mut().map(|t| &mut t.prompted_day),
+    };
+    match prompted_day {
+        Some(day) if *day != Some(today) => {
+            *day = Some(today);
+            store.put_user(&fresh)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// The footer line that prompts for the email terminal's local state, the first time a forward
+/// goes to it on a day (else empty). Marks the terminal prompted.
+pub(super) fn email_prompt(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+) -> Result<String, StoreError> {
+    Ok(if take_prompt(store, now, user, TerminalKind::Email)? {
+        format!(
+            "\nReach now forwards your chats to this address while you are away from XMPP. \
+             To change that, set this address to away, dnd or back with the state command at {}.",
+            core.settings.domain
+        )
+    } else {
+        String::new()
+    })
 }
 
 /// Sends the reach address's presence to every buddy who receives it.
@@ -460,5 +829,464 @@ mod tests {
             "<presence type='subscribe' from='bob@example.net' to='ghost@{D}'/>"
         ));
         assert_error(&reply, "item-not-found");
+    }
+
+    fn available(show: Option<&str>, status: Option<&str>) -> GlobalPresence {
+        GlobalPresence::Available {
+            show: show.map(Into::into),
+            status: status.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_terminal_is_reachable_when_verified_not_stopped_and_not_dnd() {
+        use crate::store::LocalState::*;
+        // (verified, stopped, local state, never forwards) → reachable
+        let cases = [
+            (true, false, Available, false, true),
+            (true, false, Away, false, true),
+            (true, false, Dnd, false, false),
+            (false, false, Available, false, false),
+            (false, false, Away, false, false),
+            (true, true, Available, false, false),
+            (true, true, Away, false, false),
+            (true, false, Available, true, false),
+        ];
+        for (verified, stopped, state, never, reachable) in cases {
+            let mut t = Terminal::unverified(());
+            t.verified = verified;
+            t.stopped = stopped;
+            t.state = state;
+            if never {
+                t.prefs.when = ForwardWhen::Never;
+            }
+            assert_eq!(
+                terminal_reachable(&t),
+                reachable,
+                "{verified} {stopped} {state:?} {never}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_published_presence_is_xmpp_first_then_the_reachable_terminals() {
+        let away_by = |how: &str| available(Some("away"), Some(&format!("reachable by {how}")));
+        // XMPP presence × (email reachable, SMS reachable) → published.
+        let xmpp_states = [
+            GlobalPresence::Unavailable,
+            available(None, Some("at my desk")),
+            available(Some("away"), None),
+            available(Some("dnd"), Some("meeting")),
+            available(Some("xa"), None),
+        ];
+        for xmpp in xmpp_states {
+            for (by_email, by_sms) in [(false, false), (true, false), (false, true), (true, true)] {
+                let expected = match (&xmpp, by_email, by_sms) {
+                    (GlobalPresence::Available { .. }, _, _) => xmpp.clone(),
+                    (_, false, false) => GlobalPresence::Unavailable,
+                    (_, true, false) => away_by("email"),
+                    (_, false, true) => away_by("SMS"),
+                    (_, true, true) => away_by("email and SMS"),
+                };
+                assert_eq!(
+                    compose_presence(xmpp.clone(), by_email, by_sms),
+                    expected,
+                    "{xmpp:?} {by_email} {by_sms}"
+                );
+            }
+        }
+    }
+
+    const ALICE: &str = "alice@example.org";
+    const BOB: &str = "bob@example.net";
+    const PHONE: &str = "+15551234567";
+
+    fn sms_in(t: &Harness, text: &str) -> Vec<crate::core::Action> {
+        t.actions(crate::core::Event::SmsReceived(crate::sms::IncomingSms {
+            from: PHONE.into(),
+            to: "+15550000000".into(),
+            text: text.into(),
+            provider_id: None,
+        }))
+    }
+
+    fn stanzas(actions: &[crate::core::Action]) -> Vec<Element> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                crate::core::Action::SendStanza(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sms_texts(actions: &[crate::core::Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                crate::core::Action::SendSms(job) => Some(job.text.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Alice registers with her phone and texts the code back.
+    fn alice_with_verified_phone(t: &Harness) {
+        t.run(&register_form(ALICE, "alice", "", PHONE));
+        let code = t
+            .store
+            .verification(ALICE, TerminalKind::Phone)
+            .unwrap()
+            .unwrap()
+            .code;
+        sms_in(t, &code);
+        assert!(
+            t.store
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .phone
+                .unwrap()
+                .verified
+        );
+    }
+
+    /// What Bob sees of alice@D in these stanzas: (show, status), `None` if unavailable.
+    /// A presence as Bob sees it: `(show, status)`, `None` if unavailable.
+    type Seen = Option<(Option<String>, Option<String>)>;
+
+    fn seen_by_bob(out: &[Element]) -> Vec<Seen> {
+        out.iter()
+            .filter(|p| {
+                p.name() == "presence"
+                    && p.attr("to") == Some(BOB)
+                    && matches!(p.attr("type"), None | Some("unavailable"))
+            })
+            .map(|p| {
+                (p.attr("type") != Some("unavailable"))
+                    .then(|| (child_text(p, "show"), child_text(p, "status")))
+            })
+            .collect()
+    }
+
+    fn away(status: &str) -> Seen {
+        Some((Some("away".into()), Some(status.into())))
+    }
+
+    #[test]
+    fn buddies_see_the_phone_take_over_when_the_user_leaves_xmpp() {
+        let t = Harness::new();
+        alice_with_verified_phone(&t);
+        let out = t.run(&format!(
+            "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        let out = t.run(&format!("<presence from='{ALICE}/pc' to='{D}'/>"));
+        assert_eq!(seen_by_bob(&out), vec![Some((None, None))]);
+        let out = t.run(&format!(
+            "<presence type='unavailable' from='{ALICE}/pc' to='{D}'/>"
+        ));
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        // Each change of the phone's local state is published once, and only real changes.
+        let cases: &[(&str, Seen)] = &[
+            ("/dnd", None),
+            ("/back", away("reachable by SMS")),
+            ("/away", away("reachable by SMS")),
+            ("STOP", None),
+            ("START", away("reachable by SMS")),
+        ];
+        let mut shown = away("reachable by SMS");
+        for (text, expected) in cases {
+            let out = stanzas(&sms_in(&t, text));
+            let want = if *expected == shown {
+                vec![]
+            } else {
+                vec![expected.clone()]
+            };
+            assert_eq!(seen_by_bob(&out), want, "after {text}");
+            shown = expected.clone();
+        }
+        // A probe is answered with what was published.
+        let out = t.run(&format!(
+            "<presence type='probe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        // Removing the phone from the registration leaves nothing reachable.
+        let out = t.run(&register_form(ALICE, "alice", "", ""));
+        assert_eq!(seen_by_bob(&out), vec![None]);
+    }
+
+    #[test]
+    fn a_verified_email_address_is_named_too() {
+        let t = Harness::new();
+        t.run(&register_form(
+            ALICE,
+            "alice",
+            "alice@mail.example.org",
+            PHONE,
+        ));
+        t.run(&format!(
+            "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        let code = t
+            .store
+            .verification(ALICE, TerminalKind::Email)
+            .unwrap()
+            .unwrap()
+            .code;
+        let out = t.run(&format!(
+            "<message type='chat' from='{ALICE}/pc' to='{D}'><body>verify {code}</body></message>"
+        ));
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by email")]);
+        let code = t
+            .store
+            .verification(ALICE, TerminalKind::Phone)
+            .unwrap()
+            .unwrap()
+            .code;
+        let out = stanzas(&sms_in(&t, &code));
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by email and SMS")]);
+    }
+
+    #[test]
+    fn link_up_publishes_what_is_left_and_probes_buddies_without_forgetting_them() {
+        let t = Harness::new();
+        alice_with_verified_phone(&t);
+        t.run(&format!(
+            "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        t.run(&format!(
+            "<presence type='subscribed' from='{BOB}' to='alice@{D}'/>"
+        ));
+        t.run(&format!("<presence from='{BOB}/pc' to='alice@{D}'/>"));
+        t.run(&format!("<presence from='{ALICE}/pc' to='{D}'/>"));
+        let out = t.event(crate::core::Event::LinkUp);
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        let probes: Vec<_> = out
+            .iter()
+            .filter(|p| p.attr("type") == Some("probe"))
+            .map(|p| {
+                (
+                    p.attr("from").unwrap().to_owned(),
+                    p.attr("to").unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            probes,
+            vec![
+                (D.to_owned(), ALICE.to_owned()),
+                (format!("alice@{D}"), BOB.to_owned())
+            ]
+        );
+        let handle = crate::address::Handle::parse("alice").unwrap();
+        let bob = t.store.buddy(&handle, BOB).unwrap().unwrap();
+        assert!(bob.online && bob.resources.is_empty());
+        // The probe's answer: Bob went offline meanwhile.
+        t.run(&format!(
+            "<presence type='unavailable' from='{BOB}' to='alice@{D}'/>"
+        ));
+        assert!(!t.store.buddy(&handle, BOB).unwrap().unwrap().online);
+    }
+
+    #[test]
+    fn a_buddy_is_online_while_any_of_its_resources_is() {
+        let t = Harness::new();
+        t.register(ALICE, "alice");
+        let handle = crate::address::Handle::parse("alice").unwrap();
+        let online = || {
+            t.store
+                .buddy(&handle, BOB)
+                .unwrap()
+                .is_some_and(|b| b.online)
+        };
+        let steps = [
+            ("<presence from='bob@example.net/pc' to='alice@reach.example.org'/>", true),
+            ("<presence from='bob@example.net/phone' to='alice@reach.example.org'/>", true),
+            ("<presence type='unavailable' from='bob@example.net/pc' to='alice@reach.example.org'/>", true),
+            ("<presence type='unavailable' from='bob@example.net/phone' to='alice@reach.example.org'/>", false),
+            ("<presence from='bob@example.net/pc' to='alice@reach.example.org'/>", true),
+            ("<presence type='unavailable' from='bob@example.net' to='alice@reach.example.org'/>", false),
+        ];
+        for (stanza, expected) in steps {
+            t.run(stanza);
+            assert_eq!(online(), expected, "{stanza}");
+        }
+    }
+
+    fn policy(t: &Harness, policy: SubscriptionPolicy) {
+        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        user.subscription_policy = policy;
+        t.store.put_user(&user).unwrap();
+    }
+
+    fn types_to(out: &[Element], to: &str) -> Vec<String> {
+        out.iter()
+            .filter(|s| s.name() == "presence" && s.attr("to") == Some(to))
+            .map(|p| p.attr("type").unwrap_or("available").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn buddies_only_accepts_the_people_alice_talks_with() {
+        let t = Harness::new();
+        t.register(ALICE, "alice");
+        policy(&t, SubscriptionPolicy::BuddiesOnly);
+        let out = t.run(&format!(
+            "<presence type='subscribe' from='stranger@example.net' to='alice@{D}'/>"
+        ));
+        assert_eq!(types_to(&out, "stranger@example.net"), vec!["unsubscribed"]);
+        t.run(&format!(
+            "<message type='chat' from='{BOB}/pc' to='alice@{D}'><body>hi</body></message>"
+        ));
+        let out = t.run(&format!(
+            "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        assert_eq!(
+            types_to(&out, BOB),
+            vec!["subscribed", "unavailable", "subscribe"]
+        );
+    }
+
+    fn chat_to_service(t: &Harness, body: &str) -> String {
+        let out = t.run(&format!(
+            "<message type='chat' from='{ALICE}/pc' to='{D}'><body>{body}</body></message>"
+        ));
+        out.iter()
+            .find(|m| m.name() == "message" && m.attr("to") == Some(&*format!("{ALICE}/pc")))
+            .and_then(|m| child_text(m, "body"))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn ask_waits_for_the_users_approve_or_deny() {
+        let t = Harness::new();
+        alice_with_verified_phone(&t);
+        policy(&t, SubscriptionPolicy::Ask);
+        let subscribe = |from: &str| {
+            t.actions(crate::core::Event::Stanza(
+                format!(
+                    "<presence xmlns='{STANZA_NS}' type='subscribe' from='{from}' to='alice@{D}'/>"
+                )
+                .parse()
+                .unwrap(),
+            ))
+        };
+        let actions = subscribe(BOB);
+        let out = stanzas(&actions);
+        assert!(types_to(&out, BOB).is_empty(), "Bob waits");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].attr("from"), Some(D));
+        assert_eq!(out[0].attr("to"), Some(ALICE));
+        assert_eq!(
+            child_text(&out[0], "body").as_deref(),
+            Some("bob@example.net wants to see your presence. Send 'approve bob@example.net' or 'deny bob@example.net'.")
+        );
+        assert!(
+            sms_texts(&actions).is_empty(),
+            "the phone did not ask for requests"
+        );
+        assert!(subscribe(BOB).is_empty(), "asked once per request");
+
+        // A phone that asks for requests gets them, and answers them.
+        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        user.phone.as_mut().unwrap().prefs.forward_subscriptions = true;
+        t.store.put_user(&user).unwrap();
+        let actions = subscribe("carol@example.net");
+        assert_eq!(
+            sms_texts(&actions),
+            vec!["Reach: carol@example.net wants to see your presence. Text /approve carol@example.net or /deny carol@example.net."]
+        );
+
+        assert_eq!(
+            chat_to_service(&t, "approve bob@example.net"),
+            "bob@example.net now sees your presence."
+        );
+        let handle = crate::address::Handle::parse("alice").unwrap();
+        assert!(
+            t.store
+                .buddy(&handle, BOB)
+                .unwrap()
+                .unwrap()
+                .receives_presence
+        );
+        assert_eq!(
+            chat_to_service(&t, "approve bob@example.net"),
+            "No request from bob@example.net is waiting."
+        );
+        let actions = sms_in(&t, "/deny carol@example.net");
+        assert_eq!(
+            types_to(&stanzas(&actions), "carol@example.net"),
+            vec!["unsubscribed"]
+        );
+        assert_eq!(
+            sms_texts(&actions),
+            vec!["Reach: carol@example.net may not see your presence."]
+        );
+        subscribe("dave@example.net");
+        assert_eq!(
+            chat_to_service(&t, "deny"),
+            "Usage: deny JID. Waiting: dave@example.net."
+        );
+        assert_eq!(
+            chat_to_service(&t, "approve not a jid"),
+            "'not a jid' is not an XMPP address."
+        );
+        let actions = sms_in(&t, "/APPROVE dave@example.net");
+        assert_eq!(
+            types_to(&stanzas(&actions), "dave@example.net"),
+            vec!["subscribed", "available", "subscribe"]
+        );
+    }
+
+    #[test]
+    fn an_approval_names_the_buddy_in_any_form() {
+        let t = Harness::new();
+        t.register(ALICE, "alice");
+        policy(&t, SubscriptionPolicy::Ask);
+        for from in [format!("{BOB}/pc"), "carol@example.net".to_owned()] {
+            t.run(&format!(
+                "<presence type='subscribe' from='{from}' to='alice@{D}'/>"
+            ));
+        }
+        // A full JID or other letter case name the same buddy.
+        assert_eq!(
+            chat_to_service(&t, "Approve bob@example.net/pc"),
+            "bob@example.net now sees your presence."
+        );
+        assert_eq!(
+            chat_to_service(&t, "approve Carol@Example.NET"),
+            "carol@example.net now sees your presence."
+        );
+    }
+
+    #[test]
+    fn the_first_forwarded_email_of_the_day_prompts_for_a_state_in_its_footer() {
+        let t = Harness::new();
+        t.run(&register_form(ALICE, "alice", "alice@mail.example.org", ""));
+        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        user.email.as_mut().unwrap().verified = true;
+        t.store.put_user(&user).unwrap();
+        let footers = |t: &Harness| -> Vec<String> {
+            t.run(&format!(
+                "<message type='chat' from='{BOB}/pc' to='alice@{D}'><body>hi</body></message>"
+            ));
+            t.advance(60);
+            t.actions(crate::core::Event::Tick)
+                .into_iter()
+                .filter_map(|a| match a {
+                    crate::core::Action::SendEmail(job) => Some(job.email.footer),
+                    _ => None,
+                })
+                .collect()
+        };
+        let prompted = |f: &str| f.contains("Reach now forwards your chats to this address");
+        let first = footers(&t);
+        assert_eq!(first.len(), 1);
+        assert!(prompted(&first[0]), "{}", first[0]);
+        assert!(first[0].starts_with("Reply to this email to answer bob"));
+        assert!(!prompted(&footers(&t)[0]), "once a day");
+        t.advance(86_400);
+        assert!(prompted(&footers(&t)[0]), "the next day again");
     }
 }

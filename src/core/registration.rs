@@ -75,6 +75,7 @@ pub(super) fn on_register(
         Err(e) => return Err(e.into()),
     }
     out.send(iq_result(iq, None));
+    super::presence::refresh_global(core, store, now, &user, out)?;
     let email_changed = user.email.as_ref().map(|t| &t.address)
         != existing
             .as_ref()

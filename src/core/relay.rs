@@ -3,16 +3,19 @@
 //! A buddy's message to `HANDLE@D` reaches the user's own clients from the buddy's per-session
 //! JID; what the user sends to that JID reaches the buddy from `HANDLE@D`. Everything in the
 //! message passes through unchanged (body, thread, id, chat states, XEP-0184 receipts, XEP-0333
-//! markers), so receipts and markers refer to the same ids on both sides. While the user has no
-//! available resource, messages are held durably (with an XEP-0203 delay stamp) and released
-//! when a resource comes online; bare chat states are not held, they mean nothing later.
+//! markers), so receipts and markers refer to the same ids on both sides. Where a buddy's message
+//! with a text goes besides is the user's routing decision (`rules::decide`, applied by the
+//! `forward` module). While the user has no available resource and no terminal takes a message,
+//! it is held durably (with an XEP-0203 delay stamp) and released when a resource comes online;
+//! bare chat states are not held, they mean nothing later.
 
 use minidom::Element;
 
 use crate::xmpp::stanza::an;
 use xmpp_parsers::ns;
 
-use super::{commands, forward, presence, Addressing, Core, Handled, Out};
+use super::rules::{Decision, ItemKind};
+use super::{commands, forward, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
 use crate::store::{HeldMessage, PendingItem, Store, StoreError, User};
 use crate::xmpp::stanza::{attr, child_text, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
@@ -82,10 +85,18 @@ fn relay_to_user(
     if content {
         remember_conversation(store, now, user, peer, stanza)?;
     }
-    let global = presence::global_presence(store, user)?;
+    let xmpp = forward::xmpp_state(store, user)?;
     let body = child_text(stanza, "body")
         .filter(|b| !b.trim().is_empty() && attr(stanza, "type") != "error");
-    let forward = body.filter(|_| forward::route(core, user).is_some());
+    // Only messages with a text are routed to terminals; the rest follows XMPP alone.
+    let decision = match &body {
+        Some(_) => forward::decide(core, store, now, user, ItemKind::Message, peer, xmpp)?,
+        None => Decision {
+            to_xmpp: xmpp.is_available(),
+            forward: None,
+            hold_for_xmpp: !xmpp.is_available(),
+        },
+    };
     let item = |stanza: &Element, on_xmpp: bool, text: String| PendingItem {
         at: now,
         id: stanza.attr("id").map(str::to_owned),
@@ -93,18 +104,22 @@ fn relay_to_user(
         stanza: String::from(stanza),
         on_xmpp,
         receipt: stanza.has_child("request", ns::RECEIPTS),
+        terminal: None,
+        due_at: None,
+        unconditional: false,
     };
-    if global.is_available() {
-        if let (Some(text), false) = (&forward, global.is_attentive()) {
-            // Away, xa or dnd: the message goes to XMPP now, and to another terminal if still
-            // unread after the grace delay.
-            forward::add_pending(
+    if decision.to_xmpp {
+        if let (Some(text), Some(to)) = (&body, decision.forward) {
+            // Also to a terminal: at once for `Always`, else if still unread after the grace
+            // delay.
+            forward::queue(
                 core,
                 store,
                 now,
                 user,
                 peer,
                 item(&relayed, true, text.clone()),
+                to,
             )?;
         }
         out.send(relayed);
@@ -116,14 +131,12 @@ fn relay_to_user(
                 .attr(an("stamp"), iso8601(now))
                 .build(),
         );
-        let forwarded = match forward {
-            Some(text) => {
-                forward::add_pending(core, store, now, user, peer, item(&held, false, text))?
+        match (body, decision.forward) {
+            (Some(text), Some(to)) => {
+                forward::queue(core, store, now, user, peer, item(&held, false, text), to)?
             }
-            None => false,
-        };
-        if !forwarded {
-            {
+            _ => {
+                // Nothing is dropped: no client and no terminal may take it now.
                 store.hold(
                     &user.jid,
                     &HeldMessage {

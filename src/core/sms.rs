@@ -37,7 +37,11 @@ pub enum WebhookAnswer {
 
 const HELP: &str =
     "Reach: reply to answer the last chat; @name text to pick a chat; /msg NAME text; \
-/who; /away /back /dnd; /status; STOP ends SMS, START resumes.";
+/who; /away /back /dnd; /status; /alert JID (/noalert JID) for online alerts; \
+/approve JID or /deny JID answers a presence request; STOP ends SMS, START resumes.";
+
+/// The prompt for a local state, texted when forwarding to the phone starts (once a day).
+pub(super) const PROMPT: &str = "Reach: now forwarding to this phone. /away /dnd /back to change.";
 
 fn settings(core: &Core) -> Option<&SmsSettings> {
     core.settings.sms.as_ref()
@@ -102,6 +106,28 @@ fn notice(
     Ok(())
 }
 
+/// An SMS Reach sends on its own (an alert, a request to answer), not in answer to the user: only
+/// to a usable phone (verified, not stopped, not do-not-disturb) and within the daily cap. Returns
+/// whether it was sent.
+pub(super) fn unsolicited(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    text: &str,
+    out: &mut Out,
+) -> Result<bool, StoreError> {
+    let (Some(settings), Some(phone)) = (settings(core), user.phone.as_ref()) else {
+        return Ok(false);
+    };
+    if !phone.usable() || store.sms_count(&user.jid, day(now))? >= settings.daily_cap {
+        return Ok(false);
+    }
+    let to = phone.address.as_str().to_owned();
+    notice(core, store, now, user, &to, text, out)?;
+    Ok(true)
+}
+
 /// A due forward: one SMS per message, `Bob: text`, the first of a conversation with a hint on
 /// how to reply. Past the daily cap, messages wait for the user's XMPP client instead (the buddy
 /// is told nothing that would not be true).
@@ -121,6 +147,13 @@ pub(super) fn forward(
         .address
         .as_str()
         .to_owned();
+    // Forwarding to this phone starts: ask once a day for its local state, if the cap leaves room
+    // for the prompt and a message (the message goes first otherwise).
+    if store.sms_count(&user.jid, day(now))? + 2 <= settings.daily_cap
+        && super::presence::take_prompt(store, now, user, TerminalKind::Phone)?
+    {
+        notice(core, store, now, user, &to, PROMPT, out)?;
+    }
     let mut session = store.touch_session(&user.jid, &pending.peer, now)?;
     let name = super::email::peer_name(session.peer_name.as_deref(), &pending.peer);
     for item in pending.items {
@@ -274,7 +307,7 @@ fn confirm_phone(
     if !super::presence::global_presence(store, &user)?.is_available() {
         super::forward::forward_held(core, store, now, &user)?;
     }
-    let _ = out;
+    super::presence::refresh_global(core, store, now, &user, out)?;
     Ok(format!("Your phone {number} is verified. Reach forwards messages there while you are away from XMPP."))
 }
 
@@ -318,6 +351,10 @@ pub(super) fn on_incoming(
         notice(core, store, now, &user, &number, text, out)
     };
     let stopped = user.phone.as_ref().is_some_and(|t| t.stopped);
+    if let Some(said) = on_presence_command(core, store, now, &user, &sms.text, out)? {
+        answer(store, out, &said)?;
+        return Ok(WebhookAnswer::Accepted);
+    }
     let input = match text::parse(&sms.text) {
         // "Yes" answers a buddy unless the number is stopped; START itself always resumes.
         SmsInput::Keyword(Keyword::Start)
@@ -330,7 +367,7 @@ pub(super) fn on_incoming(
     match input {
         SmsInput::Invalid(problem) => answer(store, out, &problem.to_string())?,
         SmsInput::Keyword(Keyword::Stop) => {
-            set_phone(store, &user, |t| t.stopped = true)?;
+            set_phone(core, store, now, &user, out, |t| t.stopped = true)?;
             answer(
                 store,
                 out,
@@ -338,7 +375,7 @@ pub(super) fn on_incoming(
             )?;
         }
         SmsInput::Keyword(Keyword::Start) => {
-            set_phone(store, &user, |t| t.stopped = false)?;
+            set_phone(core, store, now, &user, out, |t| t.stopped = false)?;
             answer(store, out, "Reach: SMS resumed. Text HELP for help.")?;
         }
         SmsInput::Keyword(Keyword::Help) | SmsInput::Command(Command::Help) => {
@@ -374,16 +411,99 @@ pub(super) fn on_incoming(
     Ok(WebhookAnswer::Accepted)
 }
 
+/// Changes the phone terminal (on the stored record, which may be newer than `user`) and
+/// publishes what that does to the global presence.
 fn set_phone(
+    core: &Core,
     store: &Store,
+    now: u64,
     user: &User,
+    out: &mut Out,
     change: impl FnOnce(&mut crate::store::Terminal<crate::address::Phone>),
 ) -> Result<(), StoreError> {
-    let mut user = user.clone();
+    let mut user = store.user(&user.jid)?.unwrap_or_else(|| user.clone());
     if let Some(phone) = user.phone.as_mut() {
         change(phone);
     }
-    store.put_user(&user)
+    store.put_user(&user)?;
+    super::presence::refresh_global(core, store, now, &user, out)
+}
+
+/// Sets the phone's local state. The user chose it today, so no prompt for one is needed.
+fn set_state(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    state: LocalState,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    set_phone(core, store, now, user, out, |t| {
+        t.state = state;
+        t.prompted_day = Some(day(now));
+    })
+}
+
+/// The commands about presence that carry a JID: `/approve JID`, `/deny JID` (a subscription
+/// request), `/alert [JID]` and `/noalert JID` (buddy alerts on this phone). `None`: not one of
+/// them. Read here rather than in `crate::sms::text` because they answer with the user's data.
+fn on_presence_command(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    text: &str,
+    out: &mut Out,
+) -> Result<Option<String>, StoreError> {
+    let Some(line) = text.trim().strip_prefix('/') else {
+        return Ok(None);
+    };
+    let (name, args) = match line.find(char::is_whitespace) {
+        Some(end) => (&line[..end], line[end..].trim()),
+        None => (line, ""),
+    };
+    let said = match name.to_lowercase().as_str() {
+        "approve" => super::presence::answer_request(core, store, user, args, true, out)?,
+        "deny" => super::presence::answer_request(core, store, user, args, false, out)?,
+        "alert" | "alerts" if args.is_empty() => {
+            let listed = user
+                .phone
+                .as_ref()
+                .map(|t| t.prefs.alert_buddies.join(", "))
+                .unwrap_or_default();
+            if listed.is_empty() {
+                "No alerts. /alert JID tells you here when that buddy comes online or goes offline."
+                    .to_owned()
+            } else {
+                format!("Alerts here for: {listed}")
+            }
+        }
+        "alert" | "alerts" | "noalert" => {
+            let buddy = match jid::Jid::new(args) {
+                Ok(jid) if jid.node().is_some() => jid.to_bare().to_string(),
+                _ => return Ok(Some(format!("Reach: '{args}' is not an XMPP address."))),
+            };
+            let add = !name.eq_ignore_ascii_case("noalert");
+            set_phone(core, store, now, user, out, |t| {
+                let list = &mut t.prefs.alert_buddies;
+                list.retain(|b| !b.eq_ignore_ascii_case(&buddy));
+                if add {
+                    list.push(buddy.clone());
+                }
+            })?;
+            if add {
+                format!("{buddy} coming online or going offline will be told here.")
+            } else {
+                format!("No more alerts about {buddy}.")
+            }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(if said.starts_with("Reach") {
+        said
+    } else {
+        format!("Reach: {said}")
+    }))
 }
 
 fn on_command(
@@ -410,15 +530,15 @@ fn on_command(
             }
         }
         Command::Away(_) => {
-            set_phone(store, user, |t| t.state = LocalState::Away)?;
+            set_state(core, store, now, user, LocalState::Away, out)?;
             "Reach: phone set to away.".to_owned()
         }
         Command::Back => {
-            set_phone(store, user, |t| t.state = LocalState::Available)?;
+            set_state(core, store, now, user, LocalState::Available, out)?;
             "Reach: phone set to available.".to_owned()
         }
         Command::Dnd(_) => {
-            set_phone(store, user, |t| t.state = LocalState::Dnd)?;
+            set_state(core, store, now, user, LocalState::Dnd, out)?;
             "Reach: do not disturb. Nothing is forwarded to this phone until /back.".to_owned()
         }
         Command::Status => {
@@ -663,6 +783,14 @@ mod tests {
         texts(t.actions(Event::Tick))
     }
 
+    /// The first forward of the day: the prompt for a local state, then the messages.
+    fn first_tick(t: &Harness) -> Vec<SmsJob> {
+        let mut sms = tick(t);
+        assert_eq!(sms.first().map(|s| s.text.as_str()), Some(PROMPT));
+        sms.remove(0);
+        sms
+    }
+
     fn text_in(t: &Harness, text: &str) -> (Vec<SmsJob>, Vec<Element>) {
         let actions = t.actions(Event::SmsReceived(IncomingSms {
             from: PHONE.into(),
@@ -687,7 +815,7 @@ mod tests {
         alice_with_phone(&t);
         from_bob(&t, "m1", "Hi Alice");
         from_bob(&t, "m2", "Lunch?");
-        let sms = tick(&t);
+        let sms = first_tick(&t);
         assert_eq!(sms.len(), 2);
         assert_eq!(sms[0].to, PHONE);
         assert!(
@@ -698,23 +826,62 @@ mod tests {
         assert!(sms[0].text.contains("Reply to answer bob"));
         assert_eq!(sms[1].text, "bob: Lunch?");
         assert!(tick(&t).is_empty());
+        // Later forwards that day are not prompted again.
+        from_bob(&t, "m3", "Still there?");
+        assert_eq!(tick(&t).len(), 1);
+    }
+
+    #[test]
+    fn the_prompt_comes_once_a_day_and_not_after_the_user_chose_a_state() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        from_bob(&t, "m1", "one");
+        assert_eq!(first_tick(&t).len(), 1);
+        // Alice comes back to XMPP and leaves again: same day, no second prompt.
+        t.run(&format!("<presence from='{ALICE}/pc' to='{D}'/>"));
+        t.run(&format!(
+            "<presence type='unavailable' from='{ALICE}/pc' to='{D}'/>"
+        ));
+        from_bob(&t, "m2", "two");
+        assert_eq!(tick(&t).len(), 1);
+        // The next day forwarding starts with a prompt again...
+        t.advance(86_400);
+        from_bob(&t, "m3", "three");
+        assert_eq!(first_tick(&t).len(), 1);
+        // ...unless the user already set the phone's state that day.
+        t.advance(86_400);
+        text_in(&t, "/away");
+        from_bob(&t, "m4", "four");
+        let sms = tick(&t);
+        assert_eq!(sms.len(), 1);
+        assert_eq!(sms[0].text, "bob: four");
+        // A prompt is not worth the last SMS of the day: the message takes it.
+        let t = Harness::new();
+        alice_with_phone(&t);
+        for _ in 0..3 {
+            t.store.count_sms(ALICE, t.now.get() / 86_400).unwrap();
+        }
+        from_bob(&t, "m1", "last one");
+        let sms = tick(&t);
+        assert_eq!(sms.len(), 1);
+        assert!(sms[0].text.starts_with("bob: last one"));
     }
 
     #[test]
     fn the_daily_cap_keeps_further_messages_for_xmpp() {
         let t = Harness::new();
         alice_with_phone(&t);
-        // The verification code sent at registration counts too.
+        // The verification code sent at registration counts too, and so does the prompt.
         let already = t.store.sms_count(ALICE, t.now.get() / 86_400).unwrap() as usize;
         assert_eq!(already, 1);
         for i in 0..7 {
             from_bob(&t, &format!("m{i}"), "x");
         }
-        assert_eq!(tick(&t).len(), 5 - already);
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 2 + already);
+        assert_eq!(first_tick(&t).len(), 5 - already - 1);
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 7 - (5 - already - 1));
         t.advance(86_400);
         from_bob(&t, "next-day", "y");
-        assert_eq!(tick(&t).len(), 1);
+        assert_eq!(first_tick(&t).len(), 1);
     }
 
     #[test]
@@ -755,7 +922,7 @@ mod tests {
         let (sms, _) = text_in(&t, "start");
         assert!(sms[0].text.contains("resumed"));
         from_bob(&t, "m2", "now?");
-        assert_eq!(tick(&t).len(), 1);
+        assert_eq!(first_tick(&t).len(), 1);
     }
 
     #[test]
@@ -783,6 +950,43 @@ mod tests {
         assert_eq!(
             actions,
             vec![Action::AnswerWebhook(WebhookAnswer::Accepted)]
+        );
+    }
+
+    #[test]
+    fn alerts_are_chosen_from_the_phone() {
+        let t = Harness::new();
+        alice_with_phone(&t);
+        let alerts = || {
+            t.store
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .phone
+                .unwrap()
+                .prefs
+                .alert_buddies
+        };
+        let said = |text: &str| text_in(&t, text).0[0].text.clone();
+        assert!(said("/alert").starts_with("Reach: No alerts."));
+        assert_eq!(
+            said("/alert Bob@Example.net"),
+            "Reach: bob@example.net coming online or going offline will be told here."
+        );
+        assert_eq!(
+            said("/alert bob@example.net"),
+            "Reach: bob@example.net coming online or going offline will be told here."
+        );
+        assert_eq!(alerts(), vec![BOB.to_owned()]);
+        assert_eq!(said("/alerts"), "Reach: Alerts here for: bob@example.net");
+        assert_eq!(
+            said("/noalert bob@example.net"),
+            "Reach: No more alerts about bob@example.net."
+        );
+        assert!(alerts().is_empty());
+        assert_eq!(
+            said("/alert not a jid"),
+            "Reach: 'not a jid' is not an XMPP address."
         );
     }
 
@@ -865,7 +1069,7 @@ mod tests {
         alice_with_phone(&t);
         from_bob(&t, "m1", "one");
         from_bob(&t, "m2", "two");
-        let sms = tick(&t);
+        let sms = first_tick(&t);
         let delivered = t.event(Event::SmsDelivery(DeliveryReport {
             reference: sms[0].reference.clone(),
             status: DeliveryStatus::Delivered,

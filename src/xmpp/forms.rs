@@ -53,6 +53,7 @@ pub enum FieldType {
     Boolean,
     Fixed,
     Hidden,
+    JidMulti,
     JidSingle,
     ListMulti,
     ListSingle,
@@ -67,6 +68,7 @@ impl FieldType {
             FieldType::Boolean => "boolean",
             FieldType::Fixed => "fixed",
             FieldType::Hidden => "hidden",
+            FieldType::JidMulti => "jid-multi",
             FieldType::JidSingle => "jid-single",
             FieldType::ListMulti => "list-multi",
             FieldType::ListSingle => "list-single",
@@ -123,6 +125,17 @@ impl FieldSpec {
     pub fn value(mut self, value: impl Into<String>) -> Self {
         self.values.push(value.into());
         self
+    }
+
+    /// Several current values at once (a `*-multi` field).
+    pub fn values<S: Into<String>>(mut self, values: impl IntoIterator<Item = S>) -> Self {
+        self.values.extend(values.into_iter().map(Into::into));
+        self
+    }
+
+    /// A hidden field carrying `value` back with the submission (XEP-0004 §3.3).
+    pub fn hidden(var: impl Into<String>, value: impl Into<String>) -> FieldSpec {
+        FieldSpec::new(var, FieldType::Hidden).value(value)
     }
 
     pub fn option(mut self, label: impl Into<String>, value: impl Into<String>) -> Self {
@@ -226,6 +239,11 @@ pub fn first_value<'a>(values: &'a BTreeMap<String, Vec<String>>, var: &str) -> 
         .unwrap_or("")
 }
 
+/// Every value of a field, or none when the field is missing: what a `*-multi` field says.
+pub fn all_values<'a>(values: &'a BTreeMap<String, Vec<String>>, var: &str) -> &'a [String] {
+    values.get(var).map(Vec::as_slice).unwrap_or(&[])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +294,34 @@ mod tests {
         assert_eq!(first_value(&values, "empty"), "");
         assert_eq!(values["many"], vec!["a", "b"]);
         assert_eq!(first_value(&values, "missing"), "");
+    }
+
+    #[test]
+    fn multi_and_hidden_fields() {
+        let x = form(
+            FormType::Form,
+            None,
+            None,
+            &[
+                FieldSpec::hidden("page", "preferences"),
+                FieldSpec::new("alerts", FieldType::JidMulti)
+                    .values(["bob@example.net", "carol@example.org"]),
+            ],
+        );
+        let expected: Element = "<x xmlns='jabber:x:data' type='form'>\
+             <field type='hidden' var='page'><value>preferences</value></field>\
+             <field type='jid-multi' var='alerts'><value>bob@example.net</value>\
+             <value>carol@example.org</value></field></x>"
+            .parse()
+            .unwrap();
+        assert_eq!(x, expected);
+        let values = form_values(&x);
+        assert_eq!(
+            all_values(&values, "alerts"),
+            ["bob@example.net", "carol@example.org"]
+        );
+        assert!(all_values(&values, "missing").is_empty());
+        assert_eq!(first_value(&values, "page"), "preferences");
     }
 
     #[test]
