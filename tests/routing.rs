@@ -20,7 +20,7 @@ const SESSION: &str = "bob\\40localhost@reach.localhost";
 
 struct World {
     server: Server,
-    kannel: Kannel,
+    _kannel: Kannel,
     phone: Handset,
     sink: MailSink,
     reach: Reach,
@@ -65,7 +65,7 @@ impl World {
         let reach = Reach::start_with(&server, state.path(), &extra).await;
         World {
             server,
-            kannel,
+            _kannel: kannel,
             phone,
             sink,
             reach,
