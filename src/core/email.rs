@@ -15,7 +15,7 @@ use crate::email::outbound::OutgoingEmail;
 use crate::store::{
     Alias, AliasPurpose, EmailJob, Pending, Store, StoreError, TerminalKind, User, Verification,
 };
-use crate::xmpp::stanza::{chat, StanzaFault, STANZA_NS};
+use crate::xmpp::stanza::{chat, STANZA_NS};
 
 /// How long a verification code is valid.
 pub const CODE_VALIDITY_SECS: u64 = 600;
@@ -561,34 +561,7 @@ pub(super) fn on_failed(
         ));
         return Ok(());
     };
-    let address = core.reach_address(&user.handle);
-    for item in &job.items {
-        if !item.on_xmpp {
-            store.hold_stanza(&user.jid, peer, &item.stanza, now)?;
-        }
-        if let Some(id) = &item.id {
-            let mut notice = crate::xmpp::stanza::stanza("message", &address, peer);
-            notice.set_attr(
-                crate::xmpp::stanza::NONE,
-                crate::xmpp::stanza::an("id"),
-                id.as_str(),
-            );
-            notice.set_attr(
-                crate::xmpp::stanza::NONE,
-                crate::xmpp::stanza::an("type"),
-                "error",
-            );
-            let fault = StanzaFault::new(crate::xmpp::stanza::ErrorType::Wait, "recipient-unavailable").with_text(
-                format!(
-                    "This message could not be delivered by email; it waits for {} to come back to XMPP.",
-                    user.handle.as_str()
-                ),
-            );
-            notice.append_child(fault.to_element());
-            out.send(notice);
-        }
-    }
-    Ok(())
+    super::forward::undelivered(core, store, now, &user, peer, &job.items, "email", out)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::store::{
     LocalState, Pending, PendingItem, SentSms, SmsJob, Store, StoreError, TerminalKind, User,
     Verification,
 };
-use crate::xmpp::stanza::{an, chat, StanzaFault, NONE, STANZA_NS};
+use crate::xmpp::stanza::{an, chat, NONE, STANZA_NS};
 
 /// The SMS terminal's settings (from `[sms]`).
 #[derive(Debug, Clone)]
@@ -717,28 +717,12 @@ fn undelivered(
     reason: &str,
     out: &mut Out,
 ) -> Result<(), StoreError> {
-    tracing::warn!(reason, "an SMS could not be delivered");
+    tracing::warn!("an SMS could not be delivered; its messages wait for XMPP");
+    tracing::debug!(reason, "provider's answer");
     let Some(user) = store.user(jid)? else {
         return Ok(());
     };
-    forward::hold_for_xmpp(store, now, jid, peer, items)?;
-    let address = core.reach_address(&user.handle);
-    for id in items.iter().filter_map(|i| i.id.as_ref()) {
-        let mut notice = crate::xmpp::stanza::stanza("message", &address, peer);
-        notice.set_attr(NONE, an("id"), id.as_str());
-        notice.set_attr(NONE, an("type"), "error");
-        let fault = StanzaFault::new(
-            crate::xmpp::stanza::ErrorType::Wait,
-            "recipient-unavailable",
-        )
-        .with_text(format!(
-            "This message could not be delivered by SMS; it waits for {} to come back to XMPP.",
-            user.handle.as_str()
-        ));
-        notice.append_child(fault.to_element());
-        out.send(notice);
-    }
-    Ok(())
+    forward::undelivered(core, store, now, &user, peer, items, "SMS", out)
 }
 
 #[cfg(test)]
