@@ -401,6 +401,36 @@ pub(super) fn forward_held(
     Ok(())
 }
 
+/// A terminal could not take these messages for good: they wait for the user's XMPP client, and
+/// the buddy hears (as an error on each message that had an id) that they did not go out `by`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn undelivered(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    peer: &str,
+    items: &[PendingItem],
+    by: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    use crate::xmpp::stanza::{an, stanza, ErrorType, StanzaFault, NONE};
+    hold_for_xmpp(store, now, &user.jid, peer, items)?;
+    let address = core.reach_address(&user.handle);
+    for id in items.iter().filter_map(|i| i.id.as_ref()) {
+        let mut notice = stanza("message", &address, peer);
+        notice.set_attr(NONE, an("id"), id.as_str());
+        notice.set_attr(NONE, an("type"), "error");
+        let fault = StanzaFault::new(ErrorType::Wait, "recipient-unavailable").with_text(format!(
+            "This message could not be delivered by {by}; it waits for {} to come back to XMPP.",
+            user.handle.as_str()
+        ));
+        notice.append_child(fault.to_element());
+        out.send(notice);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,34 +689,4 @@ mod tests {
         let (emails, _) = tick(&t);
         assert_eq!(emails[0].email.paragraphs, vec!["from before"]);
     }
-}
-
-/// A terminal could not take these messages for good: they wait for the user's XMPP client, and
-/// the buddy hears (as an error on each message that had an id) that they did not go out `by`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn undelivered(
-    core: &Core,
-    store: &Store,
-    now: u64,
-    user: &User,
-    peer: &str,
-    items: &[PendingItem],
-    by: &str,
-    out: &mut Out,
-) -> Result<(), StoreError> {
-    use crate::xmpp::stanza::{an, stanza, ErrorType, StanzaFault, NONE};
-    hold_for_xmpp(store, now, &user.jid, peer, items)?;
-    let address = core.reach_address(&user.handle);
-    for id in items.iter().filter_map(|i| i.id.as_ref()) {
-        let mut notice = stanza("message", &address, peer);
-        notice.set_attr(NONE, an("id"), id.as_str());
-        notice.set_attr(NONE, an("type"), "error");
-        let fault = StanzaFault::new(ErrorType::Wait, "recipient-unavailable").with_text(format!(
-            "This message could not be delivered by {by}; it waits for {} to come back to XMPP.",
-            user.handle.as_str()
-        ));
-        notice.append_child(fault.to_element());
-        out.send(notice);
-    }
-    Ok(())
 }
