@@ -331,6 +331,60 @@ pub struct Stats {
     pub sms_queue: usize,
 }
 
+/// A job in one of the durable outbound queues (email, SMS), keyed by a big-endian sequence number.
+trait QueuedJob: Serialize + DeserializeOwned {
+    fn next_attempt_at(&self) -> u64;
+}
+
+impl QueuedJob for EmailJob {
+    fn next_attempt_at(&self) -> u64 {
+        self.next_attempt_at
+    }
+}
+
+impl QueuedJob for SmsJob {
+    fn next_attempt_at(&self) -> u64 {
+        self.next_attempt_at
+    }
+}
+
+fn queue_put<T: Serialize>(tree: &sled::Tree, seq: u64, job: &T) -> Result<()> {
+    tree.insert(seq.to_be_bytes(), encode(job))?;
+    Ok(())
+}
+
+fn queue_due<T: QueuedJob>(
+    tree: &sled::Tree,
+    name: &str,
+    now: u64,
+    limit: usize,
+) -> Result<Vec<(u64, T)>> {
+    let mut out = Vec::new();
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        let job: T = decode(name, &v)?;
+        if job.next_attempt_at() <= now {
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or_default();
+            out.push((seq, job));
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn queue_next<T: QueuedJob>(tree: &sled::Tree, name: &str) -> Result<Option<u64>> {
+    let mut next: Option<u64> = None;
+    for v in tree.iter().values() {
+        let at = decode::<T>(name, &v?)?.next_attempt_at();
+        next = Some(next.map_or(at, |n| n.min(at)));
+    }
+    Ok(next)
+}
+
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
     db: sled::Db,
@@ -946,43 +1000,21 @@ impl Store {
     // ---- the email queue ----
 
     pub fn enqueue_email(&self, job: &EmailJob) -> Result<u64> {
-        let seq = self.db.generate_id()?;
-        self.email_jobs.insert(seq.to_be_bytes(), encode(job))?;
-        Ok(seq)
+        self.queue_push(&self.email_jobs, job)
     }
 
-    /// Jobs whose next attempt is due, oldest first.
+    /// Email jobs whose next attempt is due, oldest first.
     pub fn due_email_jobs(&self, now: u64, limit: usize) -> Result<Vec<(u64, EmailJob)>> {
-        let mut out = Vec::new();
-        for kv in self.email_jobs.iter() {
-            let (k, v) = kv?;
-            let job: EmailJob = decode("email_jobs", &v)?;
-            if job.next_attempt_at <= now {
-                let seq = <[u8; 8]>::try_from(k.as_ref())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or_default();
-                out.push((seq, job));
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        queue_due(&self.email_jobs, "email_jobs", now, limit)
     }
 
-    /// The earliest next attempt among queued jobs.
+    /// The earliest next attempt among queued emails.
     pub fn next_email_attempt(&self) -> Result<Option<u64>> {
-        let mut next: Option<u64> = None;
-        for v in self.email_jobs.iter().values() {
-            let job: EmailJob = decode("email_jobs", &v?)?;
-            next = Some(next.map_or(job.next_attempt_at, |n| n.min(job.next_attempt_at)));
-        }
-        Ok(next)
+        queue_next::<EmailJob>(&self.email_jobs, "email_jobs")
     }
 
     pub fn update_email_job(&self, seq: u64, job: &EmailJob) -> Result<()> {
-        self.email_jobs.insert(seq.to_be_bytes(), encode(job))?;
-        Ok(())
+        queue_put(&self.email_jobs, seq, job)
     }
 
     pub fn remove_email_job(&self, seq: u64) -> Result<()> {
@@ -1001,47 +1033,32 @@ impl Store {
     // ---- the SMS queue ----
 
     pub fn enqueue_sms(&self, job: &SmsJob) -> Result<u64> {
-        let seq = self.db.generate_id()?;
-        self.sms_jobs.insert(seq.to_be_bytes(), encode(job))?;
-        Ok(seq)
+        self.queue_push(&self.sms_jobs, job)
     }
 
-    /// Jobs whose next attempt is due, oldest first.
+    /// SMS jobs whose next attempt is due, oldest first.
     pub fn due_sms_jobs(&self, now: u64, limit: usize) -> Result<Vec<(u64, SmsJob)>> {
-        let mut out = Vec::new();
-        for kv in self.sms_jobs.iter() {
-            let (k, v) = kv?;
-            let job: SmsJob = decode("sms_jobs", &v)?;
-            if job.next_attempt_at <= now {
-                let seq = <[u8; 8]>::try_from(k.as_ref())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or_default();
-                out.push((seq, job));
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        queue_due(&self.sms_jobs, "sms_jobs", now, limit)
     }
 
+    /// The earliest next attempt among queued SMS.
     pub fn next_sms_attempt(&self) -> Result<Option<u64>> {
-        let mut next: Option<u64> = None;
-        for v in self.sms_jobs.iter().values() {
-            let job: SmsJob = decode("sms_jobs", &v?)?;
-            next = Some(next.map_or(job.next_attempt_at, |n| n.min(job.next_attempt_at)));
-        }
-        Ok(next)
+        queue_next::<SmsJob>(&self.sms_jobs, "sms_jobs")
     }
 
     pub fn update_sms_job(&self, seq: u64, job: &SmsJob) -> Result<()> {
-        self.sms_jobs.insert(seq.to_be_bytes(), encode(job))?;
-        Ok(())
+        queue_put(&self.sms_jobs, seq, job)
     }
 
     pub fn remove_sms_job(&self, seq: u64) -> Result<()> {
         self.sms_jobs.remove(seq.to_be_bytes())?;
         Ok(())
+    }
+
+    fn queue_push<T: Serialize>(&self, tree: &sled::Tree, job: &T) -> Result<u64> {
+        let seq = self.db.generate_id()?;
+        queue_put(tree, seq, job)?;
+        Ok(seq)
     }
 
     pub fn wake_sms(&self) {
