@@ -149,7 +149,20 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     let (mut emails, mut texts) = (false, false);
     for Input { event, answer } in batch {
         let (mut mail_said, mut webhook_said, mut failed) = (None, None, false);
-        match core.handle(store, now, event) {
+        // A bug must cost one event, not the whole gateway: a panic is logged and the event is
+        // answered as a temporary failure, and the batch goes on.
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            core.handle(store, now, event)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!(
+                "the core panicked on an event; it is dropped and the next one goes on"
+            );
+            Err(crate::store::StoreError::Corrupt(
+                "internal error while handling an event".to_owned(),
+            ))
+        });
+        match handled {
             Ok(actions) => {
                 for action in actions {
                     let queued = match action {

@@ -113,15 +113,13 @@ pub(super) fn forward_job(
     now: u64,
     user: &User,
     pending: Pending,
-) -> Result<EmailJob, StoreError> {
-    let settings = settings(core).expect("checked by can_forward");
-    let to = user
-        .email
-        .as_ref()
-        .expect("checked by can_forward")
-        .address
-        .as_str()
-        .to_owned();
+) -> Result<Option<EmailJob>, StoreError> {
+    // The decision checked both; if either went away meanwhile, the messages wait for XMPP.
+    let (Some(settings), Some(terminal)) = (settings(core), user.email.as_ref()) else {
+        super::forward::hold_for_xmpp(store, now, &user.jid, &pending.peer, &pending.items)?;
+        return Ok(None);
+    };
+    let to = terminal.address.as_str().to_owned();
     let peer = pending.peer.clone();
     let alias = new_alias(
         core,
@@ -165,7 +163,7 @@ pub(super) fn forward_job(
             presence::email_prompt(core, store, now, user)?
         ),
     };
-    Ok(EmailJob {
+    Ok(Some(EmailJob {
         user: user.jid.clone(),
         peer: Some(peer),
         envelope_from: settings.from_address.clone(),
@@ -174,7 +172,7 @@ pub(super) fn forward_job(
         attempts: 0,
         next_attempt_at: now,
         queued_at: now,
-    })
+    }))
 }
 
 /// A buddy's display name: their nick, else the local part of their JID.
@@ -198,7 +196,10 @@ fn new_alias(
     now: u64,
     purpose: AliasPurpose,
 ) -> Result<String, StoreError> {
-    let settings = settings(core).expect("only called with email configured");
+    let Some(settings) = settings(core) else {
+        // Only called with email configured; an alias without a domain would be useless.
+        return Ok(String::new());
+    };
     let token = new_token(core);
     store.put_alias(
         &token_hash(&token),

@@ -332,8 +332,9 @@ fn deliver(
         match forward.terminal {
             TerminalKind::Email => {
                 store.count_email(&user.jid, day(now))?;
-                let job = email::forward_job(core, store, now, user, batch)?;
-                out.push(super::Action::SendEmail(Box::new(job)));
+                if let Some(job) = email::forward_job(core, store, now, user, batch)? {
+                    out.push(super::Action::SendEmail(Box::new(job)));
+                }
             }
             TerminalKind::Phone => sms::forward(core, store, now, user, batch, out)?,
         }

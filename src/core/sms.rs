@@ -139,14 +139,11 @@ pub(super) fn forward(
     pending: Pending,
     out: &mut Out,
 ) -> Result<(), StoreError> {
-    let settings = settings(core).expect("checked by can_forward");
-    let to = user
-        .phone
-        .as_ref()
-        .expect("checked by can_forward")
-        .address
-        .as_str()
-        .to_owned();
+    // The decision checked both; if either went away meanwhile, the messages wait for XMPP.
+    let (Some(settings), Some(phone)) = (settings(core), user.phone.as_ref()) else {
+        return forward::hold_for_xmpp(store, now, &user.jid, &pending.peer, &pending.items);
+    };
+    let to = phone.address.as_str().to_owned();
     // Forwarding to this phone starts: ask once a day for its local state, if the cap leaves room
     // for the prompt and a message (the message goes first otherwise).
     if store.sms_count(&user.jid, day(now))? + 2 <= settings.daily_cap
