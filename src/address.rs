@@ -440,6 +440,11 @@ pub fn peer_from_session_node(node: &str) -> Option<BareJid> {
     }
     let peer = BareJid::new(&unescaped).ok()?;
     peer.node()?;
+    // `BareJid::new` normalises (stringprep: `BOB@Example.NET` is `bob@example.net`), so the
+    // node must also be the one written for the normalised peer, or it would be an alias.
+    if escape_node(peer.as_str()) != node {
+        return None;
+    }
     Some(peer)
 }
 
@@ -891,6 +896,24 @@ mod tests {
         // peer has exactly one per-session JID.
         assert_eq!(peer_from_session_node("a\\5cb\\40example.net"), None);
         assert!(peer_from_session_node("a\\b\\40example.net").is_some());
+    }
+
+    /// Found by the `xep0106` fuzz target: a node naming the peer in another case (or any form
+    /// stringprep normalises) was taken as that peer's per-session JID, a second JID for it.
+    #[test]
+    fn unnormalised_session_nodes_are_not_aliases() {
+        for node in [
+            "BOB\\40Example.NET",
+            "bob\\40Example.net",
+            "Bob\\40example.net",
+        ] {
+            assert_eq!(peer_from_session_node(node), None, "{node:?}");
+            assert_eq!(classify_local(Some(node)), LocalTarget::Invalid, "{node:?}");
+        }
+        assert_eq!(
+            peer_from_session_node("bob\\40example.net"),
+            Some(bare("bob@example.net"))
+        );
     }
 
     #[test]

@@ -98,6 +98,123 @@ pub struct Config {
     pub email: Option<EmailConfig>,
     /// `[sms]`: the SMS terminal. Optional; without it Reach sends no SMS.
     pub sms: Option<SmsConfig>,
+    /// `[limits]`: Reach's own bounds on input and abuse limits. Optional; every key has a
+    /// default (see `docs/limits.md`).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: bounds on the stanzas Reach takes and abuse limits. Every key is optional; the
+/// defaults are those of [`crate::core::Limits::default`]. `docs/limits.md` explains each one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `max_stanza_bytes` (default 262144): a stanza whose names, attributes and text add up to
+    /// more is refused with `policy-violation`.
+    pub max_stanza_bytes: usize,
+    /// `max_depth` (default 32): a stanza nested deeper (the stanza itself is depth 1) is
+    /// refused with `policy-violation`.
+    pub max_depth: usize,
+    /// `max_attributes` (default 64): an element with more attributes makes its stanza refused
+    /// with `policy-violation`.
+    pub max_attributes: usize,
+    /// `max_body_chars` (default 10000): a message with a longer body is refused with
+    /// `not-acceptable`; nothing of it is relayed or held.
+    pub max_body_chars: usize,
+    /// `registrations_per_jid_per_hour` (default 10): registrations and registration updates one
+    /// JID may make per hour; past it, `resource-constraint`.
+    pub registrations_per_jid_per_hour: u32,
+    /// `new_registrations_per_domain_per_hour` (default 100): new users one domain may register
+    /// per hour; past it, `policy-violation`.
+    pub new_registrations_per_domain_per_hour: u32,
+    /// `codes_per_terminal_per_day` (default 5): verification codes Reach sends to one email
+    /// address or phone number per day (UTC).
+    pub codes_per_terminal_per_day: u32,
+    /// `emails_per_user_per_hour` (default 30): forwarding emails per user per hour; past it,
+    /// messages wait in their pending forward for the next hour (or for XMPP).
+    pub emails_per_user_per_hour: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig::from(crate::core::Limits::default())
+    }
+}
+
+impl From<crate::core::Limits> for LimitsConfig {
+    fn from(l: crate::core::Limits) -> Self {
+        LimitsConfig {
+            max_stanza_bytes: l.max_stanza_bytes,
+            max_depth: l.max_depth,
+            max_attributes: l.max_attributes,
+            max_body_chars: l.max_body_chars,
+            registrations_per_jid_per_hour: l.registrations_per_jid_per_hour,
+            new_registrations_per_domain_per_hour: l.new_registrations_per_domain_per_hour,
+            codes_per_terminal_per_day: l.codes_per_terminal_per_day,
+            emails_per_user_per_hour: l.emails_per_user_per_hour,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The limits as the core uses them.
+    pub fn to_limits(&self) -> crate::core::Limits {
+        crate::core::Limits {
+            max_stanza_bytes: self.max_stanza_bytes,
+            max_depth: self.max_depth,
+            max_attributes: self.max_attributes,
+            max_body_chars: self.max_body_chars,
+            registrations_per_jid_per_hour: self.registrations_per_jid_per_hour,
+            new_registrations_per_domain_per_hour: self.new_registrations_per_domain_per_hour,
+            codes_per_terminal_per_day: self.codes_per_terminal_per_day,
+            emails_per_user_per_hour: self.emails_per_user_per_hour,
+        }
+    }
+
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        if self.max_stanza_bytes < 4096 {
+            return Err(origin.invalid("limits.max_stanza_bytes", "must be at least 4096"));
+        }
+        if self.max_depth < 8 {
+            // Data forms, commands and errors nest 5 or 6 deep.
+            return Err(origin.invalid("limits.max_depth", "must be at least 8"));
+        }
+        if self.max_attributes < 8 {
+            return Err(origin.invalid("limits.max_attributes", "must be at least 8"));
+        }
+        if self.max_body_chars == 0 {
+            return Err(origin.invalid("limits.max_body_chars", "must be at least 1"));
+        }
+        if self.max_body_chars >= self.max_stanza_bytes {
+            return Err(origin.invalid(
+                "limits.max_body_chars",
+                "must be less than limits.max_stanza_bytes",
+            ));
+        }
+        for (key, value) in [
+            (
+                "limits.registrations_per_jid_per_hour",
+                self.registrations_per_jid_per_hour,
+            ),
+            (
+                "limits.new_registrations_per_domain_per_hour",
+                self.new_registrations_per_domain_per_hour,
+            ),
+            (
+                "limits.codes_per_terminal_per_day",
+                self.codes_per_terminal_per_day,
+            ),
+            (
+                "limits.emails_per_user_per_hour",
+                self.emails_per_user_per_hour,
+            ),
+        ] {
+            if value == 0 {
+                return Err(origin.invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[sms]`: SMS through Kannel, and the webhook Kannel calls with incoming SMS and delivery
@@ -602,6 +719,7 @@ impl Config {
         if let Some(sms) = &mut self.sms {
             sms.validate(origin)?;
         }
+        self.limits.validate(origin)?;
         Ok(())
     }
 
@@ -1164,6 +1282,54 @@ mod tests {
             minimal("secret = \"s\"")
         );
         assert_eq!(parse(&text).unwrap().log.level, "info,reach::xmpp=debug");
+    }
+
+    #[test]
+    fn limits_have_defaults_and_are_checked() {
+        let config = parse(&minimal("secret = \"s\"")).unwrap();
+        assert_eq!(config.limits.to_limits(), crate::core::Limits::default());
+        let example = parse(EXAMPLE).unwrap();
+        assert_eq!(example.limits.to_limits(), crate::core::Limits::default());
+        let text = format!(
+            "{}[limits]\nmax_depth = 16\nemails_per_user_per_hour = 5\n",
+            minimal("secret = \"s\"")
+        );
+        let limits = parse(&text).unwrap().limits.to_limits();
+        assert_eq!(limits.max_depth, 16);
+        assert_eq!(limits.emails_per_user_per_hour, 5);
+        assert_eq!(limits.max_body_chars, 10_000);
+        for (line, message) in [
+            ("max_depth = 2", "limits.max_depth: must be at least 8"),
+            (
+                "max_stanza_bytes = 100",
+                "limits.max_stanza_bytes: must be at least 4096",
+            ),
+            (
+                "max_attributes = 0",
+                "limits.max_attributes: must be at least 8",
+            ),
+            (
+                "max_body_chars = 0",
+                "limits.max_body_chars: must be at least 1",
+            ),
+            (
+                "max_body_chars = 300000",
+                "limits.max_body_chars: must be less than limits.max_stanza_bytes",
+            ),
+            (
+                "codes_per_terminal_per_day = 0",
+                "limits.codes_per_terminal_per_day: must be at least 1",
+            ),
+            (
+                "registrations_per_jid_per_hour = 0",
+                "limits.registrations_per_jid_per_hour: must be at least 1",
+            ),
+            ("max_deepness = 3", "unknown field `max_deepness`"),
+        ] {
+            let text = format!("{}[limits]\n{line}\n", minimal("secret = \"s\""));
+            let e = err(&text);
+            assert!(e.contains(message), "{line}: {e}");
+        }
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             daily_cap: s.daily_cap,
             allowed_prefixes: s.allowed_prefixes.clone(),
         }),
+        limits: config.limits.to_limits(),
     }));
     let (inputs_tx, mut inputs) = mpsc::channel::<Input>(4096);
     let mut tasks = Vec::new();

@@ -320,6 +320,33 @@ pub struct SentSms {
     pub sent_at: u64,
 }
 
+/// An abuse-limit counter: how many times something happened in one fixed window of time.
+/// Stored under `name \0 scope`; a record from an earlier window counts as zero and is pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Counter {
+    /// The window's length in seconds (3600: hourly, 86400: daily, UTC).
+    period: u64,
+    /// Which window (`now / period`).
+    window: u64,
+    count: u32,
+}
+
+/// Everything the store holds about one user, for comparing before and after an event (tests,
+/// and `debug` dumps). Counters are not part of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserState {
+    pub user: Option<User>,
+    pub buddies: Vec<(String, Buddy)>,
+    pub resources: Vec<(String, ResourcePresence)>,
+    pub sessions: Vec<Session>,
+    pub held: Vec<HeldMessage>,
+    pub pending: Vec<Pending>,
+    pub verifications: Vec<Verification>,
+    pub aliases: usize,
+    pub email_jobs: Vec<EmailJob>,
+    pub sms_jobs: Vec<SmsJob>,
+}
+
 /// Counts for `reach stats` and logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -410,6 +437,7 @@ pub struct Store {
     subscription_requests: sled::Tree,
     buddy_alerts: sled::Tree,
     buddy_alert_rechecks: sled::Tree,
+    counters: sled::Tree,
     outbox_wake: Arc<Notify>,
     sms_wake: Arc<Notify>,
     email_wake: Arc<Notify>,
@@ -494,6 +522,7 @@ impl Store {
             subscription_requests: db.open_tree("subscription_requests")?,
             buddy_alerts: db.open_tree("buddy_alerts")?,
             buddy_alert_rechecks: db.open_tree("buddy_alert_rechecks")?,
+            counters: db.open_tree("counters")?,
             outbox_wake: Arc::new(Notify::new()),
             email_wake: Arc::new(Notify::new()),
             sms_wake: Arc::new(Notify::new()),
@@ -1127,6 +1156,102 @@ impl Store {
             .seen_mail
             .insert(key("sms", provider_id), &now.to_be_bytes())?;
         Ok(previous.is_none())
+    }
+
+    // ---- abuse-limit counters ----
+
+    fn counter_key(name: &str, scope: &str) -> Vec<u8> {
+        key(name, scope)
+    }
+
+    /// How many times `name` happened for `scope` in the current window of `period` seconds.
+    pub fn counter(&self, name: &str, scope: &str, period: u64, now: u64) -> Result<u32> {
+        let window = now / period.max(1);
+        Ok(self
+            .counters
+            .get(Self::counter_key(name, scope))?
+            .map(|v| decode::<Counter>("counters", &v))
+            .transpose()?
+            .filter(|c| c.period == period && c.window == window)
+            .map_or(0, |c| c.count))
+    }
+
+    /// Counts one more `name` for `scope` in the current window; returns the new count.
+    pub fn bump_counter(&self, name: &str, scope: &str, period: u64, now: u64) -> Result<u32> {
+        let count = self.counter(name, scope, period, now)? + 1;
+        let record = Counter {
+            period,
+            window: now / period.max(1),
+            count,
+        };
+        self.counters
+            .insert(Self::counter_key(name, scope), encode(&record))?;
+        Ok(count)
+    }
+
+    /// Removes the counters of windows that are over.
+    pub fn prune_counters(&self, now: u64) -> Result<()> {
+        for kv in self.counters.iter() {
+            let (k, v) = kv?;
+            let over = decode::<Counter>("counters", &v)
+                .map_or(true, |c| c.window != now / c.period.max(1));
+            if over {
+                self.counters.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of live counters (for tests and stats).
+    pub fn counter_records(&self) -> usize {
+        self.counters.len()
+    }
+
+    /// Everything held about one user (see [`UserState`]).
+    pub fn user_state(&self, jid: &str) -> Result<UserState> {
+        let user = self.user(jid)?;
+        let buddies = match &user {
+            Some(u) => self.buddies(&u.handle)?,
+            None => Vec::new(),
+        };
+        let verifications = self
+            .verifications
+            .scan_prefix(prefix(jid))
+            .values()
+            .map(|v| decode("verifications", &v?))
+            .collect::<Result<Vec<_>>>()?;
+        let held = self
+            .held
+            .scan_prefix(prefix(jid))
+            .values()
+            .map(|v| decode("held", &v?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut email_jobs = Vec::new();
+        for v in self.email_jobs.iter().values() {
+            let job: EmailJob = decode("email_jobs", &v?)?;
+            if job.user == jid {
+                email_jobs.push(job);
+            }
+        }
+        let mut sms_jobs = Vec::new();
+        for v in self.sms_jobs.iter().values() {
+            let job: SmsJob = decode("sms_jobs", &v?)?;
+            if job.user == jid {
+                sms_jobs.push(job);
+            }
+        }
+        Ok(UserState {
+            buddies,
+            resources: self.resources(jid)?,
+            sessions: self.sessions(jid)?,
+            held,
+            pending: self.pending_for(jid)?,
+            verifications,
+            aliases: self.user_aliases.scan_prefix(prefix(jid)).count(),
+            email_jobs,
+            sms_jobs,
+            user,
+        })
     }
 
     // ---- inbound mail already taken (duplicate Message-IDs) ----

@@ -228,6 +228,9 @@ pub(super) fn start_verification(
         return Ok(None);
     }
     let address = terminal.address.as_str().to_owned();
+    if let Some(note) = super::limits::take_code(&core.settings.limits, store, now, &address)? {
+        return Ok(Some(note));
+    }
     let code = format!("{:06}", core.rng().gen_range(0..1_000_000u32));
     store.put_verification(
         &user.jid,
@@ -526,7 +529,7 @@ pub(super) fn on_reply(
                 session.email_last = Some(id.clone());
             }
             store.put_session(&user.jid, &session)?;
-            store.remove_pending(&user.jid, &peer)?;
+            super::forward::cancel_pending(store, &user, &peer)?;
             if let Some(mut fresh) = store.user(&user.jid)? {
                 if let Some(t) = fresh.email.as_mut().filter(|t| t.failing) {
                     t.failing = false;
@@ -858,6 +861,26 @@ mod tests {
         from_bob(t, "m1", "hello");
         t.advance(31);
         tick(t)[0].email.from_address.clone()
+    }
+
+    #[test]
+    fn a_reply_does_not_drop_messages_still_waiting_for_their_email() {
+        // Found by the soak test: replying to the first email used to drop a second message
+        // that was waiting out the digest window.
+        let t = Harness::new();
+        let alias = forwarded_alias(&t);
+        from_bob(&t, "m2", "second");
+        let (a, _) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply(ALICE_MAIL, "Hi Bob", "r9@mail"),
+        );
+        assert_eq!(a.code, 250);
+        t.advance(31);
+        let jobs = tick(&t);
+        assert_eq!(jobs.len(), 1, "the second message still goes out");
+        assert_eq!(jobs[0].email.paragraphs, vec!["second"]);
     }
 
     #[test]

@@ -313,6 +313,20 @@ fn deliver(
             }
             return requeue(store, &user.jid, peer, items);
         }
+        if forward.terminal == TerminalKind::Email && email_limit_reached(core, store, now, user)? {
+            // The hourly email limit: the items wait in their pending forward for the next hour
+            // (and reach XMPP meanwhile if a client comes back). Nothing is dropped.
+            let next = super::limits::next_window(now, super::limits::HOUR);
+            for item in &mut items {
+                item.terminal = Some(TerminalKind::Email);
+                item.due_at = Some(next);
+            }
+            tracing::info!(
+                handle = user.handle.as_str(),
+                "hourly email limit reached; the forward waits for the next hour"
+            );
+            return requeue(store, &user.jid, peer, items);
+        }
         tried.push(forward.terminal);
         // One email carries them all; each SMS counts towards the phone's daily cap.
         let room = match forward.terminal {
@@ -332,6 +346,12 @@ fn deliver(
         match forward.terminal {
             TerminalKind::Email => {
                 store.count_email(&user.jid, day(now))?;
+                store.bump_counter(
+                    super::limits::counter::EMAILS,
+                    &user.jid,
+                    super::limits::HOUR,
+                    now,
+                )?;
                 if let Some(job) = email::forward_job(core, store, now, user, batch)? {
                     out.push(super::Action::SendEmail(Box::new(job)));
                 }
@@ -341,6 +361,22 @@ fn deliver(
         planned = None;
     }
     Ok(())
+}
+
+/// Whether the user got `emails_per_user_per_hour` forwarding emails this hour already.
+fn email_limit_reached(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+) -> Result<bool, StoreError> {
+    let sent = store.counter(
+        super::limits::counter::EMAILS,
+        &user.jid,
+        super::limits::HOUR,
+        now,
+    )?;
+    Ok(sent >= core.settings.limits.emails_per_user_per_hour)
 }
 
 /// Keeps for the user's XMPP client what never reached it.

@@ -14,6 +14,7 @@ mod commands;
 mod disco;
 pub mod email;
 mod forward;
+pub mod limits;
 mod presence;
 mod registration;
 mod relay;
@@ -31,6 +32,7 @@ use crate::address::{classify_local, LocalTarget};
 use crate::store::{Store, StoreError};
 use crate::xmpp::stanza::{attr, error_reply, StanzaFault};
 
+pub use limits::Limits;
 pub use presence::{best_presence, GlobalPresence};
 
 /// Something that happened, as the core sees it.
@@ -90,6 +92,8 @@ pub struct Settings {
     pub email: Option<email::EmailSettings>,
     /// The SMS terminal, when configured.
     pub sms: Option<sms::SmsSettings>,
+    /// Reach's own limits on input and abuse (`[limits]`).
+    pub limits: Limits,
 }
 
 /// The decision maker. Holds settings and a random source; all state is in the store.
@@ -171,6 +175,7 @@ impl Core {
             Event::LinkUp => presence::on_link_up(self, store, now, &mut out)?,
             Event::Stanza(stanza) => self.on_stanza(store, now, &stanza, &mut out)?,
             Event::Tick => {
+                store.prune_counters(now)?;
                 forward::on_tick(self, store, now, &mut out)?;
                 alerts::on_tick(self, store, now, &mut out)?;
             }
@@ -206,6 +211,18 @@ impl Core {
         out: &mut Out,
     ) -> Result<(), StoreError> {
         let type_ = attr(stanza, "type");
+        // Reach's own bounds on what it takes, before anything is read or stored.
+        if let Err(fault) = limits::check_stanza(&self.settings.limits, stanza) {
+            tracing::info!(
+                kind = stanza.name(),
+                "stanza refused: {}",
+                fault.text.as_deref().unwrap_or("")
+            );
+            if type_ != "error" && type_ != "result" && stanza.attr("from").is_some() {
+                out.send(error_reply(stanza, &fault));
+            }
+            return Ok(());
+        }
         let addressing = match self.addressing(stanza) {
             Ok(a) => a,
             Err(fault) => {
@@ -291,3 +308,6 @@ pub(crate) type Handled = Result<(), Failure>;
 
 #[cfg(test)]
 pub(crate) mod testing;
+
+#[cfg(test)]
+mod hostile;

@@ -53,6 +53,7 @@ pub(super) fn on_register(
     }
     let submitted = Submitted::read(query);
     let user = validate(who, existing.as_ref(), &submitted, now)?;
+    check_rates(core, store, now, who, existing.is_none())?;
     if let (Some(sms), Some(phone)) = (&core.settings.sms, &user.phone) {
         if !super::sms::number_allowed(sms, phone.address.as_str()) {
             return Err(StanzaFault::not_acceptable(format!(
@@ -63,7 +64,7 @@ pub(super) fn on_register(
         }
     }
     match store.put_user(&user) {
-        Ok(()) => {}
+        Ok(()) => count_registration(store, now, who, existing.is_none())?,
         Err(StoreError::HandleTaken) => {
             return Err(StanzaFault::new(ErrorType::Cancel, "conflict")
                 .with_text(format!(
@@ -117,6 +118,64 @@ pub(super) fn on_register(
         out.send(presence(&core.settings.domain, &user.jid, None));
     } else {
         tracing::info!(handle = user.handle.as_str(), "registration updated");
+    }
+    Ok(())
+}
+
+/// The registration abuse limits: so many registrations and updates per JID per hour, so many
+/// new users per domain per hour. Removing a registration is never limited.
+fn check_rates(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    who: &Addressing,
+    new: bool,
+) -> Result<(), super::Failure> {
+    use super::limits::{counter, HOUR};
+    let limits = &core.settings.limits;
+    let mine = store.counter(counter::REGISTRATIONS, &who.from_bare, HOUR, now)?;
+    if mine >= limits.registrations_per_jid_per_hour {
+        return Err(StanzaFault::new(ErrorType::Wait, "resource-constraint")
+            .with_text(format!(
+                "too many registration changes: at most {} per hour; try again later",
+                limits.registrations_per_jid_per_hour
+            ))
+            .into());
+    }
+    let domain = who.from.domain().as_str();
+    if new
+        && store.counter(counter::NEW_REGISTRATIONS, domain, HOUR, now)?
+            >= limits.new_registrations_per_domain_per_hour
+    {
+        tracing::warn!(
+            domain,
+            "new registrations from this domain are being limited"
+        );
+        return Err(StanzaFault::new(ErrorType::Wait, "policy-violation")
+            .with_text(format!(
+                "too many new registrations from {domain}: at most {} per hour; try again later",
+                limits.new_registrations_per_domain_per_hour
+            ))
+            .into());
+    }
+    Ok(())
+}
+
+fn count_registration(
+    store: &Store,
+    now: u64,
+    who: &Addressing,
+    new: bool,
+) -> Result<(), StoreError> {
+    use super::limits::{counter, HOUR};
+    store.bump_counter(counter::REGISTRATIONS, &who.from_bare, HOUR, now)?;
+    if new {
+        store.bump_counter(
+            counter::NEW_REGISTRATIONS,
+            who.from.domain().as_str(),
+            HOUR,
+            now,
+        )?;
     }
     Ok(())
 }

@@ -35,6 +35,11 @@ pub(super) fn on_message(
     if type_ == "groupchat" {
         return Err(StanzaFault::not_acceptable("Reach does not take groupchat messages").into());
     }
+    if type_ != "error" {
+        if let Some(body) = child_text(stanza, "body") {
+            super::limits::check_body(&core.settings.limits, &body)?;
+        }
+    }
     match &who.target {
         LocalTarget::Service => {
             commands::on_chat(core, store, now, stanza, who, out)?;

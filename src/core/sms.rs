@@ -216,6 +216,9 @@ pub(super) fn start_verification(
     if !number_allowed(settings, &number) {
         return Ok(Some(format!("Reach does not send SMS to {number}.")));
     }
+    if let Some(note) = super::limits::take_code(&core.settings.limits, store, now, &number)? {
+        return Ok(Some(note));
+    }
     let code = format!("{:06}", core.rng().gen_range(0..1_000_000u32));
     store.put_verification(
         &user.jid,
@@ -631,7 +634,7 @@ fn send_im(
         );
     }
     out.send(message);
-    store.remove_pending(&user.jid, peer)?;
+    forward::cancel_pending(store, user, peer)?;
     tracing::debug!(handle = user.handle.as_str(), "SMS reply relayed");
     Ok(())
 }

@@ -19,6 +19,11 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Harness {
+        Harness::with_limits(super::Limits::default())
+    }
+
+    /// A harness whose core enforces these limits.
+    pub fn with_limits(limits: super::Limits) -> Harness {
         Harness {
             core: Core::with_seed(
                 Settings {
@@ -37,6 +42,7 @@ impl Harness {
                         daily_cap: 5,
                         allowed_prefixes: vec!["+1".into(), "+44".into()],
                     }),
+                    limits,
                 },
                 7,
             ),
@@ -87,6 +93,11 @@ impl Harness {
             out.iter().map(String::from).collect::<Vec<_>>()
         );
         out.remove(0)
+    }
+
+    /// Everything the store holds about `jid`, to compare before and after an event.
+    pub fn snapshot(&self, jid: &str) -> crate::store::UserState {
+        self.store.user_state(jid).unwrap()
     }
 
     /// Lets time pass.

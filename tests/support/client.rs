@@ -135,6 +135,13 @@ impl Client {
         }
     }
 
+    /// Writes raw bytes, which need not be UTF-8 (hostile-input tests). Errors are ignored: the
+    /// server may already have closed the stream.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
+    }
+
     /// Sends `<presence>extra</presence>`.
     pub async fn presence(&mut self, extra: &str) {
         self.send(&format!("<presence>{extra}</presence>")).await;
