@@ -55,6 +55,51 @@ fn verify(
     verify_any(core, store, now, &user, code, out)
 }
 
+/// The outcome of checking a code against one terminal's waiting verification.
+pub(super) enum CodeCheck {
+    /// No verification waits for that terminal.
+    Nothing,
+    /// Expired or wrong (a try is spent); what to tell the user.
+    Refused(String),
+    /// The right code: the waiting verification (the caller confirms and removes it).
+    Right(crate::store::Verification),
+}
+
+/// Checks `code` for the terminal of this kind: expiry, tries left, then the code itself. Shared by
+/// email and phone so both count tries alike.
+pub(super) fn check_code(
+    store: &Store,
+    now: u64,
+    user: &User,
+    kind: TerminalKind,
+    code: &str,
+) -> Result<CodeCheck, StoreError> {
+    let Some(v) = store.verification(&user.jid, kind)? else {
+        return Ok(CodeCheck::Nothing);
+    };
+    if v.expires_at < now {
+        store.remove_verification(&user.jid, kind)?;
+        return Ok(CodeCheck::Refused(
+            "That code has expired. Send \"verify\" for a new one.".to_owned(),
+        ));
+    }
+    if v.code != code.trim() {
+        let tries_left = v.tries_left.saturating_sub(1);
+        if tries_left == 0 {
+            store.remove_verification(&user.jid, kind)?;
+            return Ok(CodeCheck::Refused(
+                "That code is wrong, and that was the last try. Send \"verify\" for a new code."
+                    .to_owned(),
+            ));
+        }
+        store.put_verification(&user.jid, &crate::store::Verification { tries_left, ..v })?;
+        return Ok(CodeCheck::Refused(format!(
+            "That code is wrong ({tries_left} tries left)."
+        )));
+    }
+    Ok(CodeCheck::Right(v))
+}
+
 /// Checks a code against the terminals waiting for verification (the phone's if it matches, else
 /// the email's, which then counts the try). Shared by every door: chat, ad-hoc, SMS.
 pub(super) fn verify_any(

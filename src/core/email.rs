@@ -298,26 +298,15 @@ pub(super) fn verify_code(
     code: &str,
     out: &mut Out,
 ) -> Result<String, StoreError> {
-    let Some(v) = store.verification(&user.jid, TerminalKind::Email)? else {
-        return Ok("There is nothing to verify. Register an email address first.".to_owned());
-    };
-    if v.expires_at < now {
-        store.remove_verification(&user.jid, TerminalKind::Email)?;
-        return Ok("That code has expired. Send \"verify\" for a new one.".to_owned());
-    }
-    if v.code != code.trim() {
-        let tries_left = v.tries_left.saturating_sub(1);
-        if tries_left == 0 {
-            store.remove_verification(&user.jid, TerminalKind::Email)?;
-            return Ok(
-                "That code is wrong, and that was the last try. Send \"verify\" for a new code."
-                    .to_owned(),
-            );
+    match super::commands::check_code(store, now, user, TerminalKind::Email, code)? {
+        super::commands::CodeCheck::Nothing => {
+            Ok("There is nothing to verify. Register an email address first.".to_owned())
         }
-        store.put_verification(&user.jid, &Verification { tries_left, ..v })?;
-        return Ok(format!("That code is wrong ({tries_left} tries left)."));
+        super::commands::CodeCheck::Refused(said) => Ok(said),
+        super::commands::CodeCheck::Right(v) => {
+            confirm_email(core, store, now, user, &v.address, out)
+        }
     }
-    confirm_email(core, store, now, user, &v.address, out)
 }
 
 /// The user proved they read `address`: it becomes their email terminal.

@@ -248,30 +248,13 @@ pub(super) fn verify_code(
     code: &str,
     out: &mut Out,
 ) -> Result<Option<String>, StoreError> {
-    let Some(v) = store.verification(&user.jid, TerminalKind::Phone)? else {
-        return Ok(None);
-    };
-    if v.expires_at < now {
-        store.remove_verification(&user.jid, TerminalKind::Phone)?;
-        return Ok(Some(
-            "That code has expired. Send \"verify\" for a new one.".to_owned(),
-        ));
-    }
-    if v.code != code.trim() {
-        let tries_left = v.tries_left.saturating_sub(1);
-        if tries_left == 0 {
-            store.remove_verification(&user.jid, TerminalKind::Phone)?;
-            return Ok(Some(
-                "That code is wrong, and that was the last try. Send \"verify\" for a new code."
-                    .to_owned(),
-            ));
+    match super::commands::check_code(store, now, user, TerminalKind::Phone, code)? {
+        super::commands::CodeCheck::Nothing => Ok(None),
+        super::commands::CodeCheck::Refused(said) => Ok(Some(said)),
+        super::commands::CodeCheck::Right(v) => {
+            confirm_phone(core, store, now, user, &v.address, out).map(Some)
         }
-        store.put_verification(&user.jid, &Verification { tries_left, ..v })?;
-        return Ok(Some(format!(
-            "That code is wrong ({tries_left} tries left)."
-        )));
     }
-    confirm_phone(core, store, now, user, &v.address, out).map(Some)
 }
 
 /// Whether the code matches the waiting phone verification (without spending a try).
