@@ -17,6 +17,8 @@ const EJABBERDCTL_CFG: &str = include_str!("../servers/ejabberdctl.cfg.in");
 
 /// How long a server may take to open its ports.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// What ejabberd logs once its modules (and their Mnesia tables) are ready.
+const EJABBERD_READY: &str = "is started in the node";
 
 pub const HOST: &str = "localhost";
 pub const COMPONENT_DOMAIN: &str = "reach.localhost";
@@ -281,6 +283,7 @@ impl Server {
     async fn spawn(&mut self) {
         assert!(self.child.is_none(), "server already running");
         let (out, err) = append_log(&self.console_log());
+        let starts_before = self.log().matches(EJABBERD_READY).count();
         let mut cmd = match self.kind {
             ServerKind::Prosody => {
                 let mut c = Command::new("prosody");
@@ -316,7 +319,13 @@ impl Server {
                     self.log_tail(40)
                 );
             }
-            if port_open(self.c2s_port).await && port_open(self.component_port).await {
+            // ejabberd opens its listeners before its modules have created their
+            // Mnesia tables; `register` then aborts. It is ready once it says so.
+            if port_open(self.c2s_port).await
+                && port_open(self.component_port).await
+                && (self.kind == ServerKind::Prosody
+                    || self.log().matches(EJABBERD_READY).count() > starts_before)
+            {
                 break;
             }
             if Instant::now() >= deadline {
