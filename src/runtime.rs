@@ -81,6 +81,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         ping_to: config.component.ping_to().to_owned(),
         idle_ping: config.component.idle_ping(),
         ping_timeout: config.component.ping_timeout(),
+        max_stanza_depth: config.limits.to_limits().max_depth,
     };
     let (link_tx, mut link_events) = mpsc::channel::<LinkEvent>(4096);
     tasks.push(tokio::spawn(run_link(

@@ -428,6 +428,9 @@ pub struct Store {
     pending: sled::Tree,
     email_jobs: sled::Tree,
     seen_mail: sled::Tree,
+    /// `seen_mail` keys by when they were first seen (8-byte big-endian time, then the key),
+    /// so that forgetting old ones reads only those.
+    seen_by_time: sled::Tree,
     phones: sled::Tree,
     sms_jobs: sled::Tree,
     sms_sent: sled::Tree,
@@ -499,7 +502,7 @@ impl Store {
                 }
             }
         }
-        Ok(Store {
+        let store = Store {
             users: db.open_tree("users")?,
             handles: db.open_tree("handles")?,
             buddies: db.open_tree("buddies")?,
@@ -513,6 +516,7 @@ impl Store {
             pending: db.open_tree("pending")?,
             email_jobs: db.open_tree("email_jobs")?,
             seen_mail: db.open_tree("seen_mail")?,
+            seen_by_time: db.open_tree("seen_by_time")?,
             phones: db.open_tree("phones")?,
             sms_jobs: db.open_tree("sms_jobs")?,
             sms_sent: db.open_tree("sms_sent")?,
@@ -527,7 +531,25 @@ impl Store {
             email_wake: Arc::new(Notify::new()),
             sms_wake: Arc::new(Notify::new()),
             db,
-        })
+        };
+        store.index_seen_ids()?;
+        Ok(store)
+    }
+
+    /// Stores written before `seen_by_time` existed have ids without it: index them once.
+    fn index_seen_ids(&self) -> Result<()> {
+        if !self.seen_by_time.is_empty() || self.seen_mail.is_empty() {
+            return Ok(());
+        }
+        for entry in self.seen_mail.iter() {
+            let (id, at) = entry?;
+            let at = <[u8; 8]>::try_from(at.as_ref()).unwrap_or([0; 8]);
+            let mut by_time = at.to_vec();
+            by_time.extend_from_slice(&id);
+            self.seen_by_time.insert(by_time, &[])?;
+        }
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Makes every write so far durable (one fsync for the whole batch).
@@ -1152,10 +1174,7 @@ impl Store {
 
     /// Records an incoming SMS's provider id; false if it was seen before.
     pub fn first_sight_of_sms(&self, provider_id: &str, now: u64) -> Result<bool> {
-        let previous = self
-            .seen_mail
-            .insert(key("sms", provider_id), &now.to_be_bytes())?;
-        Ok(previous.is_none())
+        self.first_sight(&key("sms", provider_id), now)
     }
 
     // ---- abuse-limit counters ----
@@ -1258,10 +1277,43 @@ impl Store {
 
     /// Records an inbound Message-ID; false if it was seen before.
     pub fn first_sight_of_mail(&self, message_id: &str, now: u64) -> Result<bool> {
-        let previous = self
-            .seen_mail
-            .insert(message_id.as_bytes(), &now.to_be_bytes())?;
-        Ok(previous.is_none())
+        self.first_sight(message_id.as_bytes(), now)
+    }
+
+    /// Records an id of something taken (a Message-ID, a provider's SMS id) with the time it was
+    /// first seen; false if it was seen before (the time then stays the first one).
+    fn first_sight(&self, id: &[u8], now: u64) -> Result<bool> {
+        if self.seen_mail.contains_key(id)? {
+            return Ok(false);
+        }
+        // The index first: a crash between the two leaves an index entry that forgetting
+        // skips, never an id that is never forgotten.
+        let mut by_time = now.to_be_bytes().to_vec();
+        by_time.extend_from_slice(id);
+        self.seen_by_time.insert(by_time, &[])?;
+        self.seen_mail.insert(id, &now.to_be_bytes())?;
+        Ok(true)
+    }
+
+    /// Forgets the ids of mail and SMS first seen before `cutoff` (a resend after that is taken
+    /// again). Reads only what it forgets. Returns how many were forgotten.
+    pub fn forget_seen_before(&self, cutoff: u64) -> Result<usize> {
+        let mut forgotten = 0;
+        for entry in self.seen_by_time.range(..cutoff.to_be_bytes().to_vec()) {
+            let (k, _) = entry?;
+            if let Some(id) = k.get(8..) {
+                if self.seen_mail.remove(id)?.is_some() {
+                    forgotten += 1;
+                }
+            }
+            self.seen_by_time.remove(k)?;
+        }
+        Ok(forgotten)
+    }
+
+    /// How many mail and SMS ids are remembered (for tests and stats).
+    pub fn seen_ids(&self) -> usize {
+        self.seen_mail.len()
     }
 
     // ---- outbound XMPP queue ----
@@ -1459,6 +1511,53 @@ mod tests {
             .map(|(_, el)| el.attr("id").unwrap().to_string())
             .collect();
         assert_eq!(ids, vec!["m1", "m2"]);
+    }
+
+    #[test]
+    fn taken_ids_are_remembered_until_forgotten_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert!(store.first_sight_of_mail("<a@x>", 100).unwrap());
+            assert!(store.first_sight_of_sms("k-1", 200).unwrap());
+            assert!(store.first_sight_of_mail("<b@x>", 300).unwrap());
+            // Seen again later: still a duplicate, and it keeps its first time.
+            assert!(!store.first_sight_of_mail("<a@x>", 250).unwrap());
+            assert!(!store.first_sight_of_sms("k-1", 250).unwrap());
+            // A Message-ID that looks like an SMS key is its own id.
+            assert!(store.first_sight_of_mail("sms", 300).unwrap());
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.first_sight_of_mail("<a@x>", 400).unwrap());
+        assert_eq!(store.forget_seen_before(100).unwrap(), 0);
+        assert_eq!(store.forget_seen_before(201).unwrap(), 2);
+        assert_eq!(store.seen_ids(), 2);
+        // Forgotten: taken again (and remembered from now on).
+        assert!(store.first_sight_of_mail("<a@x>", 500).unwrap());
+        assert!(!store.first_sight_of_mail("<b@x>", 500).unwrap());
+        assert_eq!(store.forget_seen_before(400).unwrap(), 2);
+        assert_eq!(store.forget_seen_before(400).unwrap(), 0);
+        assert!(!store.first_sight_of_mail("<a@x>", 600).unwrap());
+        assert!(store.first_sight_of_sms("k-1", 600).unwrap());
+    }
+
+    #[test]
+    fn ids_taken_before_the_time_index_existed_are_indexed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
+                .unwrap();
+            let seen = db.open_tree("seen_mail").unwrap();
+            seen.insert(b"<old@x>", &10u64.to_be_bytes()).unwrap();
+            seen.insert(b"<new@x>", &1000u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.forget_seen_before(500).unwrap(), 1);
+        assert!(store.first_sight_of_mail("<old@x>", 1100).unwrap());
+        assert!(!store.first_sight_of_mail("<new@x>", 1100).unwrap());
     }
 
     #[test]

@@ -207,6 +207,50 @@ async fn a_message_goes_by_email_and_the_reply_comes_back_in_the_conversation() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buddys_nick_with_line_breaks_never_becomes_a_header_or_a_recipient() {
+    let w = World::new().await;
+    w.alice_with_verified_email().await.close().await;
+    let mut bob = w.client("bob").await;
+    bob.presence("").await;
+    // XEP-0172 nick carrying CR/LF and header lines, as a malicious buddy could send it.
+    let nick = "Bob&#13;&#10;Bcc: eve@evil.example&#13;&#10;X-Injected: yes&#10;Subject: pwned";
+    bob.send(&format!(
+        "<message type='chat' id='n1' to='alice@{D}'><body>hello</body>\
+         <nick xmlns='http://jabber.org/protocol/nick'>{nick}</nick></message>"
+    ))
+    .await;
+    let mail = wait_forwards(&w.sink, 1).await.remove(0);
+    let raw = String::from_utf8_lossy(&mail.raw).into_owned();
+    let head = raw.split("\r\n\r\n").next().unwrap_or(&raw);
+    for line in head.lines() {
+        let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+        assert!(
+            !matches!(name.as_str(), "bcc" | "x-injected"),
+            "an injected header line: {line:?} in\n{head}"
+        );
+    }
+    assert_eq!(
+        head.lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("subject:"))
+            .count(),
+        1,
+        "{head}"
+    );
+    // The relay was asked to deliver to Alice alone (aiosmtpd records the envelope).
+    assert_eq!(mail.raw_header("X-RcptTo").as_deref(), Some(ALICE_MAIL));
+    // The name survives, flattened to one line.
+    let from = mail.header("From").unwrap_or_default();
+    assert!(!from.contains("eve@evil.example"), "{from}");
+    let subject = mail.header("Subject").unwrap_or_default();
+    assert!(subject.starts_with("IM from Bob"), "{subject}");
+    assert!(
+        !subject.contains('\n') && !subject.contains('\r'),
+        "{subject:?}"
+    );
+    assert!(mail.text().contains("hello"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replying_to_the_verification_mail_verifies_the_address() {
     let w = World::new().await;
     let mut alice = w.client("alice").await;

@@ -115,6 +115,28 @@ async fn prosody_passes_hostile_stanzas_and_reach_refuses_them_with_its_own_limi
         ))
     );
 
+    // Far deeper, as deep as fits in Prosody's stanza size limit (256 KiB): without Reach's
+    // guard below the parser this overflowed the stack and aborted the process.
+    let levels = 30_000;
+    bob.send(&format!(
+        "<message type='chat' to='alice@{D}' id='deeper'><body>deep</body>{}{}</message>",
+        "<x>".repeat(levels),
+        "</x>".repeat(levels)
+    ))
+    .await;
+    let reply = bob
+        .expect("the error for deeper", T, |e: &Element| {
+            e.name() == "message" && e.attr("id") == Some("deeper")
+        })
+        .await;
+    assert_eq!(
+        error_condition(&reply),
+        Some((
+            "policy-violation".into(),
+            "the stanza is nested deeper than 32 elements".into()
+        ))
+    );
+
     // Many attributes.
     let attrs: String = (0..100).map(|i| format!(" a{i}='v'")).collect();
     bob.send(&format!(
@@ -151,7 +173,8 @@ async fn prosody_passes_hostile_stanzas_and_reach_refuses_them_with_its_own_limi
     );
     alice
         .expect_none(Duration::from_secs(1), |e: &Element| {
-            e.name() == "message" && matches!(e.attr("id"), Some("deep" | "attrs" | "long"))
+            e.name() == "message"
+                && matches!(e.attr("id"), Some("deep" | "deeper" | "attrs" | "long"))
         })
         .await;
 

@@ -277,6 +277,29 @@ async fn long_and_non_latin_messages_arrive_segmented() {
         .expect("the Cyrillic answer", T, |s| body(s).is_some())
         .await;
     assert_eq!(body(&got).as_deref(), Some("Всё хорошо!"));
+
+    // A long answer comes from the phone in three parts, the last first: Kannel joins them in
+    // order (`sms-combine-concatenated-mo`) and Bob gets one message, whole.
+    let parts = [
+        "Part one of a long answer from the phone, ",
+        "part two in the middle, ",
+        "and part three at the end.",
+    ];
+    for seq in [3, 1, 2] {
+        // Concatenation header: IEI 0, length 3, reference 0x7a, 3 parts, this part.
+        w.phone
+            .send_line(&format!(
+                "{PHONE} {SERVICE_NUMBER} udh-text %05%00%03%7A%03%0{seq} {}",
+                parts[seq - 1]
+            ))
+            .await;
+    }
+    let got = bob
+        .expect("the answer sent in parts", T, |s| body(s).is_some())
+        .await;
+    assert_eq!(body(&got).as_deref(), Some(&*parts.concat()));
+    bob.expect_none(Duration::from_secs(2), |s| body(s).is_some())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -909,6 +909,14 @@ mod tests {
         from_bob(&t, "m2", "again");
         t.advance(31);
         assert_eq!(tick(&t)[0].email.in_reply_to.as_deref(), Some("r1@mail"));
+        // The Message-ID is remembered for 30 days, then forgotten by the clock tick.
+        assert_eq!(t.store.seen_ids(), 1);
+        t.advance(crate::core::SEEN_IDS_KEPT_SECS - 100);
+        tick(&t);
+        assert_eq!(t.store.seen_ids(), 1);
+        t.advance(200);
+        tick(&t);
+        assert_eq!(t.store.seen_ids(), 0);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! or attribute name, an attribute value: 8192 bytes each; longer text is split, not refused) and
 //! checks UTF-8 and well-formedness; it has no limit on a stanza's size, nesting depth or number
 //! of attributes, and tokio-xmpp adds none. The XMPP server bounds the stanza size before the
-//! stanza ever reaches Reach (Prosody: `c2s_stanza_size_limit`, 256 KiB by default). These checks
+//! stanza ever reaches Reach (Prosody: `c2s_stanza_size_limit`, 256 KiB by default). Depth is
+//! also bounded below the parser ([`crate::xmpp::depth_guard`]), which replaces an element opening
+//! too deep by a marker so that the check here sees it one level too deep. These checks
 //! run where stanzas enter the core, before anything is read from or written to the store; a
 //! stanza over a limit gets `policy-violation` with a text saying which limit, and changes
 //! nothing. Rate limits count in the store ([`crate::store::Store::bump_counter`]), in fixed

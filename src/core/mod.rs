@@ -96,6 +96,10 @@ pub struct Settings {
     pub limits: Limits,
 }
 
+/// How long the Message-IDs of taken replies and the provider ids of taken texts are kept to
+/// recognise a resend: far longer than any SMTP client (about 5 days) or SMS gateway retries.
+pub const SEEN_IDS_KEPT_SECS: u64 = 30 * 24 * 3600;
+
 /// The decision maker. Holds settings and a random source; all state is in the store.
 #[derive(Debug)]
 pub struct Core {
@@ -176,6 +180,7 @@ impl Core {
             Event::Stanza(stanza) => self.on_stanza(store, now, &stanza, &mut out)?,
             Event::Tick => {
                 store.prune_counters(now)?;
+                store.forget_seen_before(now.saturating_sub(SEEN_IDS_KEPT_SECS))?;
                 forward::on_tick(self, store, now, &mut out)?;
                 alerts::on_tick(self, store, now, &mut out)?;
             }

@@ -34,6 +34,8 @@ use tokio_xmpp::xmlstream::{
     StreamHeader, Timeouts, XmppStream, XmppStreamElement,
 };
 use tokio_xmpp::Stanza;
+
+use super::depth_guard::DepthGuard;
 use tracing::{debug, info, warn};
 
 /// Where and how to connect.
@@ -51,6 +53,9 @@ pub struct LinkConfig {
     pub idle_ping: Duration,
     /// Silence after a ping after which the link is considered dead.
     pub ping_timeout: Duration,
+    /// Deepest element nesting a stanza may have (the stanza being depth 1); deeper elements
+    /// never reach the parser (see [`super::depth_guard`]).
+    pub max_stanza_depth: usize,
 }
 
 impl std::fmt::Debug for LinkConfig {
@@ -62,6 +67,7 @@ impl std::fmt::Debug for LinkConfig {
             .field("ping_to", &self.ping_to)
             .field("idle_ping", &self.idle_ping)
             .field("ping_timeout", &self.ping_timeout)
+            .field("max_stanza_depth", &self.max_stanza_depth)
             .finish()
     }
 }
@@ -175,7 +181,7 @@ const BATCH: usize = 64;
 /// Longest reason text put into a `bad-request` bounce.
 const MAX_REASON_CHARS: usize = 200;
 
-type Stream = XmppStream<BufStream<TcpStream>>;
+type Stream = XmppStream<BufStream<DepthGuard<TcpStream>>>;
 
 /// Why a connection attempt failed or a live link ended.
 #[derive(Debug, thiserror::Error)]
@@ -347,7 +353,8 @@ async fn connect(config: &LinkConfig) -> Result<Stream, LinkError> {
         response_timeout: config.ping_timeout,
     };
     let mut pending = initiate_stream(
-        BufStream::new(tcp),
+        // The stream element is one level above the stanzas.
+        BufStream::new(DepthGuard::new(tcp, config.max_stanza_depth + 1)),
         ns::COMPONENT,
         StreamHeader {
             to: Some(Cow::Borrowed(config.domain.as_str())),
@@ -1059,6 +1066,7 @@ mod tests {
             ping_to: "localhost".into(),
             idle_ping,
             ping_timeout,
+            max_stanza_depth: 32,
         };
         let queue = Arc::new(MemQueue::default());
         let (tx, events) = mpsc::channel(16);
@@ -1188,6 +1196,46 @@ mod tests {
         h.stop().await;
         // Nothing was answered to the invalid error.
         assert!(!peer.buf.contains("id='e1'"), "{}", peer.buf);
+    }
+
+    #[tokio::test]
+    async fn a_stanza_nested_too_deep_is_cut_before_parsing_and_the_link_stays_up() {
+        let mut h = start(SECRET, LONG, LONG, Some(quick_tuning())).await;
+        let mut peer = Peer::accept(&h.listener).await;
+        assert!(peer.handshake(true).await);
+        h.expect_up().await;
+        // 200,000 levels (1.4 MB): the parser never sees more than the limit of 32.
+        let levels = 200_000;
+        peer.write(&format!(
+            "<message from='a@b' to='x@reach.localhost' id='deep' type='chat'><body>d</body>{}{}</message>",
+            "<x xmlns='urn:example:deep'>".repeat(levels),
+            "</x>".repeat(levels)
+        ))
+        .await;
+        peer.write("<message from='a@b' to='x@reach.localhost' id='m2' type='chat'><body>y</body></message>")
+            .await;
+        fn deepest(el: &Element) -> (usize, bool) {
+            let marker = el.is("too-deep", "urn:x-reach:limits");
+            el.children()
+                .map(deepest)
+                .fold((1, marker), |(d, m), (cd, cm)| (d.max(cd + 1), m || cm))
+        }
+        match h.event().await {
+            LinkEvent::Stanza(stanza @ Stanza::Message(_)) => {
+                let el = Element::from(stanza);
+                assert_eq!(el.attr("id"), Some("deep"));
+                // The stanza is 1, its elements open down to 32, the marker sits at 33.
+                assert_eq!(deepest(&el), (33, true));
+            }
+            other => panic!("expected the deep message, got {other:?}"),
+        }
+        match h.event().await {
+            LinkEvent::Stanza(Stanza::Message(m)) => {
+                assert_eq!(m.id.map(|i| i.0).as_deref(), Some("m2"));
+            }
+            other => panic!("expected the good message, got {other:?}"),
+        }
+        h.stop().await;
     }
 
     #[tokio::test]
