@@ -333,7 +333,7 @@ struct Counter {
 
 /// Everything the store holds about one user, for comparing before and after an event (tests,
 /// and `debug` dumps). Counters are not part of it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UserState {
     pub user: Option<User>,
     pub buddies: Vec<(String, Buddy)>,
@@ -348,7 +348,7 @@ pub struct UserState {
 }
 
 /// Counts for `reach stats` and logs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     pub users: usize,
     pub sessions: usize,
