@@ -20,6 +20,8 @@ use crate::xmpp::link::OutboundQueue;
 /// The on-disk layout version; bumped with a migration whenever a record or key format changes.
 pub const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
+/// Progress of the walk over all users after a reconnect (see [`Store::presence_walk`]).
+const PRESENCE_WALK_KEY: &[u8] = b"presence_walk";
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +333,13 @@ struct Counter {
     count: u32,
 }
 
+impl Counter {
+    /// The first second after the window.
+    fn window_end(&self) -> u64 {
+        (self.window + 1).saturating_mul(self.period.max(1))
+    }
+}
+
 /// Everything the store holds about one user, for comparing before and after an event (tests,
 /// and `debug` dumps). Counters are not part of it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -375,41 +384,157 @@ impl QueuedJob for SmsJob {
     }
 }
 
-fn queue_put<T: Serialize>(tree: &sled::Tree, seq: u64, job: &T) -> Result<()> {
+/// A time index beside a tree of records that each have a due time: keys are the 8-byte
+/// big-endian due time followed by the record's key, values empty. Finding what is due reads only
+/// the entries due, however many records wait. Entries are hints: each write of a record adds one
+/// for its due time, and an entry whose record is gone or now due at another time is dropped when
+/// it is met. So records are written without reading the previous entry, and a crash between
+/// a record and its entry leaves at worst a stale entry (the entry is written first).
+struct DueIndex(sled::Tree);
+
+impl DueIndex {
+    fn entry(at: u64, record_key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(8 + record_key.len());
+        k.extend_from_slice(&at.to_be_bytes());
+        k.extend_from_slice(record_key);
+        k
+    }
+
+    fn add(&self, at: u64, record_key: &[u8]) -> Result<()> {
+        self.0.insert(Self::entry(at, record_key), &[])?;
+        Ok(())
+    }
+
+    /// Walks the entries due at `now` (all of them with `now = u64::MAX`), earliest first,
+    /// passing (due time, record key) to `visit`, which says whether the entry is still right;
+    /// wrong entries are removed. Stops when `visit` returns `Visit::Stop`.
+    fn walk(&self, now: u64, mut visit: impl FnMut(u64, &[u8]) -> Result<Visit>) -> Result<()> {
+        let upper = match now.checked_add(1) {
+            Some(end) => std::ops::Bound::Excluded(end.to_be_bytes().to_vec()),
+            None => std::ops::Bound::Unbounded,
+        };
+        for kv in self.0.range((std::ops::Bound::Unbounded, upper)) {
+            let (k, _) = kv?;
+            let (Some(at), Some(record_key)) = (k.get(..8), k.get(8..)) else {
+                self.0.remove(&k)?;
+                continue;
+            };
+            let at = u64::from_be_bytes(at.try_into().unwrap_or([0; 8]));
+            match visit(at, record_key)? {
+                Visit::Keep => {}
+                Visit::Stale => {
+                    self.0.remove(&k)?;
+                }
+                Visit::Stop => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes every record of `records` once, for stores written before the index existed.
+    fn build_if_missing(
+        &self,
+        records: &sled::Tree,
+        due_of: impl Fn(&[u8]) -> Option<u64>,
+    ) -> Result<()> {
+        if !self.0.is_empty() || records.is_empty() {
+            return Ok(());
+        }
+        for kv in records.iter() {
+            let (k, v) = kv?;
+            if let Some(at) = due_of(&v) {
+                self.add(at, &k)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`DueIndex::walk`] does with an entry.
+enum Visit {
+    Keep,
+    Stale,
+    Stop,
+}
+
+fn queue_put<T: Serialize + QueuedJob>(
+    tree: &sled::Tree,
+    index: &DueIndex,
+    seq: u64,
+    job: &T,
+) -> Result<()> {
+    index.add(job.next_attempt_at(), &seq.to_be_bytes())?;
     tree.insert(seq.to_be_bytes(), encode(job))?;
     Ok(())
 }
 
+/// The job stored under an index entry, if it is still due at the entry's time.
+fn indexed_job<T: QueuedJob>(
+    tree: &sled::Tree,
+    name: &str,
+    at: u64,
+    record_key: &[u8],
+) -> Result<Option<(u64, T)>> {
+    let Some(v) = tree.get(record_key)? else {
+        return Ok(None);
+    };
+    let job: T = decode(name, &v)?;
+    let seq = <[u8; 8]>::try_from(record_key)
+        .map(u64::from_be_bytes)
+        .unwrap_or_default();
+    Ok((job.next_attempt_at() == at).then_some((seq, job)))
+}
+
 fn queue_due<T: QueuedJob>(
     tree: &sled::Tree,
+    index: &DueIndex,
     name: &str,
     now: u64,
     limit: usize,
 ) -> Result<Vec<(u64, T)>> {
     let mut out = Vec::new();
-    for kv in tree.iter() {
-        let (k, v) = kv?;
-        let job: T = decode(name, &v)?;
-        if job.next_attempt_at() <= now {
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .unwrap_or_default();
-            out.push((seq, job));
-            if out.len() >= limit {
-                break;
-            }
+    index.walk(now, |at, record_key| {
+        if out.len() >= limit {
+            return Ok(Visit::Stop);
         }
-    }
+        Ok(match indexed_job(tree, name, at, record_key)? {
+            Some(found) => {
+                out.push(found);
+                Visit::Keep
+            }
+            None => Visit::Stale,
+        })
+    })?;
     Ok(out)
 }
 
-fn queue_next<T: QueuedJob>(tree: &sled::Tree, name: &str) -> Result<Option<u64>> {
-    let mut next: Option<u64> = None;
-    for v in tree.iter().values() {
-        let at = decode::<T>(name, &v?)?.next_attempt_at();
-        next = Some(next.map_or(at, |n| n.min(at)));
-    }
+fn queue_next<T: QueuedJob>(
+    tree: &sled::Tree,
+    index: &DueIndex,
+    name: &str,
+) -> Result<Option<u64>> {
+    let mut next = None;
+    index.walk(u64::MAX, |at, record_key| {
+        Ok(match indexed_job::<T>(tree, name, at, record_key)? {
+            Some(_) => {
+                next = Some(at);
+                Visit::Stop
+            }
+            None => Visit::Stale,
+        })
+    })?;
     Ok(next)
+}
+
+/// The due time of a stored job record, whatever its type (for building an index).
+fn job_due(v: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Due {
+        next_attempt_at: u64,
+    }
+    serde_json::from_slice::<Due>(v)
+        .ok()
+        .map(|d| d.next_attempt_at)
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -426,13 +551,16 @@ pub struct Store {
     user_aliases: sled::Tree,
     verifications: sled::Tree,
     pending: sled::Tree,
+    pending_due: DueIndex,
     email_jobs: sled::Tree,
+    email_due: DueIndex,
     seen_mail: sled::Tree,
     /// `seen_mail` keys by when they were first seen (8-byte big-endian time, then the key),
     /// so that forgetting old ones reads only those.
     seen_by_time: sled::Tree,
     phones: sled::Tree,
     sms_jobs: sled::Tree,
+    sms_due: DueIndex,
     sms_sent: sled::Tree,
     sms_counts: sled::Tree,
     email_counts: sled::Tree,
@@ -440,7 +568,10 @@ pub struct Store {
     subscription_requests: sled::Tree,
     buddy_alerts: sled::Tree,
     buddy_alert_rechecks: sled::Tree,
+    rechecks_due: DueIndex,
     counters: sled::Tree,
+    /// Counters by the end of their window.
+    counters_due: DueIndex,
     outbox_wake: Arc<Notify>,
     sms_wake: Arc<Notify>,
     email_wake: Arc<Notify>,
@@ -514,11 +645,14 @@ impl Store {
             user_aliases: db.open_tree("user_aliases")?,
             verifications: db.open_tree("verifications")?,
             pending: db.open_tree("pending")?,
+            pending_due: DueIndex(db.open_tree("pending_due")?),
             email_jobs: db.open_tree("email_jobs")?,
+            email_due: DueIndex(db.open_tree("email_due")?),
             seen_mail: db.open_tree("seen_mail")?,
             seen_by_time: db.open_tree("seen_by_time")?,
             phones: db.open_tree("phones")?,
             sms_jobs: db.open_tree("sms_jobs")?,
+            sms_due: DueIndex(db.open_tree("sms_due")?),
             sms_sent: db.open_tree("sms_sent")?,
             sms_counts: db.open_tree("sms_counts")?,
             email_counts: db.open_tree("email_counts")?,
@@ -526,14 +660,39 @@ impl Store {
             subscription_requests: db.open_tree("subscription_requests")?,
             buddy_alerts: db.open_tree("buddy_alerts")?,
             buddy_alert_rechecks: db.open_tree("buddy_alert_rechecks")?,
+            rechecks_due: DueIndex(db.open_tree("rechecks_due")?),
             counters: db.open_tree("counters")?,
+            counters_due: DueIndex(db.open_tree("counters_due")?),
             outbox_wake: Arc::new(Notify::new()),
             email_wake: Arc::new(Notify::new()),
             sms_wake: Arc::new(Notify::new()),
             db,
         };
         store.index_seen_ids()?;
+        store.build_due_indexes()?;
         Ok(store)
+    }
+
+    /// Stores written before the due indexes existed: index their records once.
+    fn build_due_indexes(&self) -> Result<()> {
+        self.pending_due.build_if_missing(&self.pending, |v| {
+            serde_json::from_slice::<Pending>(v).ok().map(|p| p.due_at)
+        })?;
+        self.email_due.build_if_missing(&self.email_jobs, job_due)?;
+        self.sms_due.build_if_missing(&self.sms_jobs, job_due)?;
+        self.rechecks_due
+            .build_if_missing(&self.buddy_alert_rechecks, |v| {
+                serde_json::from_slice::<(u64, String, TerminalKind, String)>(v)
+                    .ok()
+                    .map(|r| r.0)
+            })?;
+        self.counters_due.build_if_missing(&self.counters, |v| {
+            serde_json::from_slice::<Counter>(v)
+                .ok()
+                .map(|c| c.window_end())
+        })?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Stores written before `seen_by_time` existed have ids without it: index them once.
@@ -684,6 +843,38 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` users whose JID sorts after `after` (from the first with `None`), in JID
+    /// order: for walking all users a step at a time.
+    pub fn users_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<User>> {
+        let start = match after {
+            Some(jid) => std::ops::Bound::Excluded(jid.as_bytes().to_vec()),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.users
+            .range((start, std::ops::Bound::Unbounded))
+            .values()
+            .take(limit)
+            .map(|v| decode("users", &v?))
+            .collect()
+    }
+
+    /// Where the walk over all users after a reconnect stands: `Some("")` at its start,
+    /// `Some(jid)` after that user, `None` when there is no walk.
+    pub fn presence_walk(&self) -> Result<Option<String>> {
+        Ok(self
+            .db
+            .get(PRESENCE_WALK_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn set_presence_walk(&self, at: Option<&str>) -> Result<()> {
+        match at {
+            Some(jid) => self.db.insert(PRESENCE_WALK_KEY, jid.as_bytes())?,
+            None => self.db.remove(PRESENCE_WALK_KEY)?,
+        };
+        Ok(())
+    }
+
     // ---- buddies of a reach address ----
 
     pub fn buddy(&self, handle: &Handle, buddy: &str) -> Result<Option<Buddy>> {
@@ -810,8 +1001,10 @@ impl Store {
     /// Asks for another look at this alert record at `due_at` (an alert was held back by the
     /// rate limit, so the terminal may not know the buddy's latest state).
     pub fn schedule_alert_recheck(&self, alert: &BuddyAlert, due_at: u64) -> Result<()> {
+        let k = Self::alert_key(&alert.user, alert.terminal, &alert.buddy);
+        self.rechecks_due.add(due_at, &k)?;
         self.buddy_alert_rechecks.insert(
-            Self::alert_key(&alert.user, alert.terminal, &alert.buddy),
+            k,
             encode(&(due_at, &alert.user, alert.terminal, &alert.buddy)),
         )?;
         Ok(())
@@ -820,15 +1013,18 @@ impl Store {
     /// Removes and returns the rechecks due at `now`, as (user, terminal, buddy).
     pub fn take_due_alert_rechecks(&self, now: u64) -> Result<Vec<(String, TerminalKind, String)>> {
         let mut due = Vec::new();
-        for kv in self.buddy_alert_rechecks.iter() {
-            let (k, v) = kv?;
-            let (due_at, user, terminal, buddy): (u64, String, TerminalKind, String) =
-                decode("buddy_alert_rechecks", &v)?;
-            if due_at <= now {
-                self.buddy_alert_rechecks.remove(k)?;
-                due.push((user, terminal, buddy));
+        self.rechecks_due.walk(now, |at, k| {
+            if let Some(v) = self.buddy_alert_rechecks.get(k)? {
+                let (due_at, user, terminal, buddy): (u64, String, TerminalKind, String) =
+                    decode("buddy_alert_rechecks", &v)?;
+                if due_at == at {
+                    self.buddy_alert_rechecks.remove(k)?;
+                    due.push((user, terminal, buddy));
+                }
             }
-        }
+            // Taken, or stale: the entry is done either way.
+            Ok(Visit::Stale)
+        })?;
         Ok(due)
     }
 
@@ -1013,8 +1209,9 @@ impl Store {
     }
 
     pub fn put_pending(&self, jid: &str, pending: &Pending) -> Result<()> {
-        self.pending
-            .insert(key(jid, &pending.peer), encode(pending))?;
+        let k = key(jid, &pending.peer);
+        self.pending_due.add(pending.due_at, &k)?;
+        self.pending.insert(k, encode(pending))?;
         Ok(())
     }
 
@@ -1032,40 +1229,44 @@ impl Store {
             .collect()
     }
 
-    /// Every conversation whose forward is due, as (user, pending).
+    /// Every conversation whose forward is due, as (user, pending). Reads only what is due.
     pub fn due_pending(&self, now: u64) -> Result<Vec<(String, Pending)>> {
         let mut due = Vec::new();
-        for kv in self.pending.iter() {
-            let (k, v) = kv?;
+        self.pending_due.walk(now, |at, k| {
+            let Some(v) = self.pending.get(k)? else {
+                return Ok(Visit::Stale);
+            };
             let pending: Pending = decode("pending", &v)?;
-            if pending.due_at <= now {
-                let user = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
-                    String::from_utf8_lossy(&k[..p]).into_owned()
-                });
-                due.push((user, pending));
+            if pending.due_at != at {
+                return Ok(Visit::Stale);
             }
-        }
+            let user = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
+                String::from_utf8_lossy(&k[..p]).into_owned()
+            });
+            due.push((user, pending));
+            Ok(Visit::Keep)
+        })?;
         Ok(due)
     }
 
     // ---- the email queue ----
 
     pub fn enqueue_email(&self, job: &EmailJob) -> Result<u64> {
-        self.queue_push(&self.email_jobs, job)
+        self.queue_push(&self.email_jobs, &self.email_due, job)
     }
 
     /// Email jobs whose next attempt is due, oldest first.
     pub fn due_email_jobs(&self, now: u64, limit: usize) -> Result<Vec<(u64, EmailJob)>> {
-        queue_due(&self.email_jobs, "email_jobs", now, limit)
+        queue_due(&self.email_jobs, &self.email_due, "email_jobs", now, limit)
     }
 
     /// The earliest next attempt among queued emails.
     pub fn next_email_attempt(&self) -> Result<Option<u64>> {
-        queue_next::<EmailJob>(&self.email_jobs, "email_jobs")
+        queue_next::<EmailJob>(&self.email_jobs, &self.email_due, "email_jobs")
     }
 
     pub fn update_email_job(&self, seq: u64, job: &EmailJob) -> Result<()> {
-        queue_put(&self.email_jobs, seq, job)
+        queue_put(&self.email_jobs, &self.email_due, seq, job)
     }
 
     pub fn remove_email_job(&self, seq: u64) -> Result<()> {
@@ -1084,21 +1285,21 @@ impl Store {
     // ---- the SMS queue ----
 
     pub fn enqueue_sms(&self, job: &SmsJob) -> Result<u64> {
-        self.queue_push(&self.sms_jobs, job)
+        self.queue_push(&self.sms_jobs, &self.sms_due, job)
     }
 
     /// SMS jobs whose next attempt is due, oldest first.
     pub fn due_sms_jobs(&self, now: u64, limit: usize) -> Result<Vec<(u64, SmsJob)>> {
-        queue_due(&self.sms_jobs, "sms_jobs", now, limit)
+        queue_due(&self.sms_jobs, &self.sms_due, "sms_jobs", now, limit)
     }
 
     /// The earliest next attempt among queued SMS.
     pub fn next_sms_attempt(&self) -> Result<Option<u64>> {
-        queue_next::<SmsJob>(&self.sms_jobs, "sms_jobs")
+        queue_next::<SmsJob>(&self.sms_jobs, &self.sms_due, "sms_jobs")
     }
 
     pub fn update_sms_job(&self, seq: u64, job: &SmsJob) -> Result<()> {
-        queue_put(&self.sms_jobs, seq, job)
+        queue_put(&self.sms_jobs, &self.sms_due, seq, job)
     }
 
     pub fn remove_sms_job(&self, seq: u64) -> Result<()> {
@@ -1106,9 +1307,14 @@ impl Store {
         Ok(())
     }
 
-    fn queue_push<T: Serialize>(&self, tree: &sled::Tree, job: &T) -> Result<u64> {
+    fn queue_push<T: Serialize + QueuedJob>(
+        &self,
+        tree: &sled::Tree,
+        index: &DueIndex,
+        job: &T,
+    ) -> Result<u64> {
         let seq = self.db.generate_id()?;
-        queue_put(tree, seq, job)?;
+        queue_put(tree, index, seq, job)?;
         Ok(seq)
     }
 
@@ -1203,22 +1409,27 @@ impl Store {
             window: now / period.max(1),
             count,
         };
-        self.counters
-            .insert(Self::counter_key(name, scope), encode(&record))?;
+        let k = Self::counter_key(name, scope);
+        if count == 1 {
+            self.counters_due.add(record.window_end(), &k)?;
+        }
+        self.counters.insert(k, encode(&record))?;
         Ok(count)
     }
 
     /// Removes the counters of windows that are over.
+    /// Reads only the counters whose window ended.
     pub fn prune_counters(&self, now: u64) -> Result<()> {
-        for kv in self.counters.iter() {
-            let (k, v) = kv?;
-            let over = decode::<Counter>("counters", &v)
-                .map_or(true, |c| c.window != now / c.period.max(1));
-            if over {
-                self.counters.remove(k)?;
+        self.counters_due.walk(now, |at, k| {
+            if let Some(v) = self.counters.get(k)? {
+                let ended =
+                    decode::<Counter>("counters", &v).map_or(true, |c| c.window_end() <= at);
+                if ended {
+                    self.counters.remove(k)?;
+                }
             }
-        }
-        Ok(())
+            Ok(Visit::Stale)
+        })
     }
 
     /// The number of live counters (for tests and stats).
@@ -1511,6 +1722,112 @@ mod tests {
             .map(|(_, el)| el.attr("id").unwrap().to_string())
             .collect();
         assert_eq!(ids, vec!["m1", "m2"]);
+    }
+
+    fn sms_job(text: &str, next_attempt_at: u64) -> SmsJob {
+        SmsJob {
+            user: "a@x".into(),
+            peer: None,
+            to: "+15550001111".into(),
+            text: text.into(),
+            reference: text.into(),
+            items: Vec::new(),
+            attempts: 0,
+            next_attempt_at,
+            queued_at: 0,
+        }
+    }
+
+    fn texts(jobs: &[(u64, SmsJob)]) -> Vec<&str> {
+        jobs.iter().map(|(_, j)| j.text.as_str()).collect()
+    }
+
+    #[test]
+    fn queued_jobs_come_due_by_time_through_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, c) = {
+            let store = Store::open(dir.path()).unwrap();
+            let a = store.enqueue_sms(&sms_job("a", 30)).unwrap();
+            store.enqueue_sms(&sms_job("b", 10)).unwrap();
+            let c = store.enqueue_sms(&sms_job("c", 20)).unwrap();
+            assert_eq!(store.next_sms_attempt().unwrap(), Some(10));
+            assert_eq!(
+                texts(&store.due_sms_jobs(5, 10).unwrap()),
+                Vec::<&str>::new()
+            );
+            assert_eq!(texts(&store.due_sms_jobs(25, 10).unwrap()), vec!["b", "c"]);
+            assert_eq!(texts(&store.due_sms_jobs(25, 1).unwrap()), vec!["b"]);
+            store.flush().unwrap();
+            (a, c)
+        };
+        let store = Store::open(dir.path()).unwrap();
+        // A retry moves a job later; a sent job leaves; the old index entries do not resurface.
+        store.update_sms_job(c, &sms_job("c", 50)).unwrap();
+        let b = store.due_sms_jobs(25, 10).unwrap()[0].0;
+        store.remove_sms_job(b).unwrap();
+        assert_eq!(texts(&store.due_sms_jobs(40, 10).unwrap()), vec!["a"]);
+        assert_eq!(store.next_sms_attempt().unwrap(), Some(30));
+        store.remove_sms_job(a).unwrap();
+        assert_eq!(store.next_sms_attempt().unwrap(), Some(50));
+        assert_eq!(texts(&store.due_sms_jobs(u64::MAX, 10).unwrap()), vec!["c"]);
+        assert_eq!(store.sms_due.0.len(), 1, "stale entries were dropped");
+    }
+
+    #[test]
+    fn pending_forwards_come_due_by_time_through_the_index() {
+        let store = Store::temporary().unwrap();
+        let pending = |peer: &str, due_at: u64| Pending {
+            peer: peer.into(),
+            due_at,
+            items: Vec::new(),
+        };
+        store.put_pending("a@x", &pending("p1@y", 100)).unwrap();
+        store.put_pending("a@x", &pending("p2@y", 50)).unwrap();
+        store.put_pending("b@x", &pending("p1@y", 70)).unwrap();
+        let due = |now| -> Vec<(String, String)> {
+            store
+                .due_pending(now)
+                .unwrap()
+                .into_iter()
+                .map(|(u, p)| (u, p.peer))
+                .collect()
+        };
+        assert!(due(49).is_empty());
+        assert_eq!(
+            due(80),
+            vec![("a@x".into(), "p2@y".into()), ("b@x".into(), "p1@y".into())]
+        );
+        // Postponed, removed: only the current due time counts.
+        store.put_pending("a@x", &pending("p2@y", 200)).unwrap();
+        store.remove_pending("b@x", "p1@y").unwrap();
+        assert_eq!(due(150), vec![("a@x".into(), "p1@y".into())]);
+        assert_eq!(due(300).len(), 2);
+    }
+
+    #[test]
+    fn indexes_are_built_for_stores_written_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.enqueue_sms(&sms_job("old", 10)).unwrap();
+            store
+                .put_pending(
+                    "a@x",
+                    &Pending {
+                        peer: "p@y".into(),
+                        due_at: 5,
+                        items: Vec::new(),
+                    },
+                )
+                .unwrap();
+            // As a store from before the indexes: drop them.
+            store.sms_due.0.clear().unwrap();
+            store.pending_due.0.clear().unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(texts(&store.due_sms_jobs(10, 10).unwrap()), vec!["old"]);
+        assert_eq!(store.due_pending(5).unwrap().len(), 1);
     }
 
     #[test]

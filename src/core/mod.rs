@@ -181,6 +181,7 @@ impl Core {
             Event::Tick => {
                 store.prune_counters(now)?;
                 store.forget_seen_before(now.saturating_sub(SEEN_IDS_KEPT_SECS))?;
+                presence::continue_walk(self, store, now, &mut out)?;
                 forward::on_tick(self, store, now, &mut out)?;
                 alerts::on_tick(self, store, now, &mut out)?;
             }

@@ -205,17 +205,37 @@ pub(crate) fn refresh_global(
     Ok(())
 }
 
-/// After a (re)connect the presences Reach knew may be stale: forget the users' resources, tell
-/// buddies what that leaves, and probe every user and every buddy Reach is subscribed to (a
-/// buddy keeps its `online` flag until the answer says otherwise, so no false alert goes out).
+/// Users walked per step after a reconnect: one step right away, the next on each clock tick.
+/// A step is one batch (one commit, a bounded number of stanzas); 100,000 users take 20 ticks.
+pub(super) const USERS_PER_WALK_STEP: usize = 5000;
+
+/// After a (re)connect the presences Reach knew may be stale: forget the users' resources, then
+/// walk all users (a step at a time, see [`continue_walk`]) to tell buddies what that leaves and
+/// probe every user and every buddy Reach is subscribed to (a buddy keeps its `online` flag until
+/// the answer says otherwise, so no false alert goes out).
 pub(super) fn on_link_up(
     core: &Core,
     store: &Store,
     now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
-    let users = store.users()?;
     store.clear_resources()?;
+    store.set_presence_walk(Some(""))?;
+    continue_walk(core, store, now, out)
+}
+
+/// The next step of the walk started by [`on_link_up`], if one is under way.
+pub(super) fn continue_walk(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let Some(after) = store.presence_walk()? else {
+        return Ok(());
+    };
+    let after = (!after.is_empty()).then_some(after.as_str());
+    let users = store.users_after(after, USERS_PER_WALK_STEP)?;
     for user in &users {
         refresh_global(core, store, now, user, out)?;
     }
@@ -233,6 +253,12 @@ pub(super) fn on_link_up(
                 out.send(presence(&address, &jid, Some("probe")));
             }
         }
+    }
+    match users.last() {
+        Some(last) if users.len() == USERS_PER_WALK_STEP => {
+            store.set_presence_walk(Some(&last.jid))?
+        }
+        _ => store.set_presence_walk(None)?,
     }
     Ok(())
 }
@@ -802,6 +828,43 @@ mod tests {
             "<presence type='probe' from='stranger@example.net' to='alice@{D}'/>"
         ));
         assert_eq!(out[0].attr("type"), Some("unsubscribed"));
+    }
+
+    #[test]
+    fn many_users_are_probed_a_step_at_a_time_after_a_reconnect() {
+        let t = Harness::new();
+        let users = USERS_PER_WALK_STEP + 3;
+        for i in 0..users {
+            let user = crate::store::User {
+                jid: format!("u{i:05}@example.org"),
+                handle: crate::address::Handle::parse(&format!("u{i:05}")).unwrap(),
+                email: None,
+                phone: None,
+                registered_at: 0,
+                primary: None,
+                subscription_policy: Default::default(),
+                time_zone: None,
+            };
+            t.store.put_user(&user).unwrap();
+        }
+        let probed = |out: &[Element]| -> Vec<String> {
+            out.iter()
+                .filter(|e| e.attr("type") == Some("probe"))
+                .filter_map(|e| e.attr("to").map(str::to_owned))
+                .collect()
+        };
+        let first = probed(&t.event(crate::core::Event::LinkUp));
+        assert_eq!(first.len(), USERS_PER_WALK_STEP);
+        assert_eq!(first[0], "u00000@example.org");
+        let rest = probed(&t.event(crate::core::Event::Tick));
+        assert_eq!(rest.len(), 3);
+        assert_eq!(rest[2], format!("u{:05}@example.org", users - 1));
+        assert!(probed(&t.event(crate::core::Event::Tick)).is_empty());
+        // A new reconnect walks again from the start.
+        assert_eq!(
+            probed(&t.event(crate::core::Event::LinkUp)).len(),
+            USERS_PER_WALK_STEP
+        );
     }
 
     #[test]
