@@ -222,17 +222,31 @@ async fn server_items(client: &mut Client, host: &str) -> String {
     String::from(&items)
 }
 
-struct Logs<'a> {
-    reach: &'a Reach,
-    extra: Vec<(&'static str, String)>,
+/// Prints Reach's log and the `extra` files (the servers' logs, read when it fails) when a test
+/// fails.
+struct Logs {
+    reach_log: PathBuf,
+    extra: Vec<(&'static str, PathBuf)>,
 }
 
-impl Drop for Logs<'_> {
+impl Logs {
+    fn new(reach: &Reach, extra: Vec<(&'static str, PathBuf)>) -> Logs {
+        Logs {
+            reach_log: reach.state_dir().join("reach.log"),
+            extra,
+        }
+    }
+}
+
+impl Drop for Logs {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- reach log ---\n{}", self.reach.log());
-            for (name, text) in &self.extra {
-                eprintln!("--- {name} ---\n{text}");
+            eprintln!(
+                "--- reach log ---\n{}",
+                std::fs::read_to_string(&self.reach_log).unwrap_or_default()
+            );
+            for (name, path) in &self.extra {
+                eprintln!("--- {name} ---\n{}", support::process::tail(path, 60));
             }
         }
     }
@@ -313,10 +327,7 @@ async fn prosody_doc_plugs_reach_in() {
     );
     check_config("prosody-reach", &config);
     let reach = Reach::start_config(state.path(), &config).await;
-    let _logs = Logs {
-        reach: &reach,
-        extra: vec![("prosody", server.log_tail(40))],
-    };
+    let _logs = Logs::new(&reach, vec![("prosody", server.dir().join("console.log"))]);
 
     let mut alice = alice_finds_and_registers(&server).await;
     assert!(reach.wait_for_log("component link up", T).await);
@@ -396,10 +407,7 @@ async fn ejabberd_doc_plugs_reach_in() {
     );
     check_config("ejabberd-reach", &config);
     let reach = Reach::start_config(state.path(), &config).await;
-    let _logs = Logs {
-        reach: &reach,
-        extra: vec![("ejabberd", server.log_tail(40))],
-    };
+    let _logs = Logs::new(&reach, vec![("ejabberd", server.dir().join("console.log"))]);
 
     let mut alice = alice_finds_and_registers(&server).await;
     assert!(reach.wait_for_log("component link up", T).await);
@@ -537,10 +545,13 @@ async fn kannel_doc_carries_sms_both_ways_and_delivery_reports() {
     let config = format!("{}\n{sms}", Reach::config(&server, state.path()));
     check_config("kannel-reach", &config);
     let reach = Reach::start_config(state.path(), &config).await;
-    let _logs = Logs {
-        reach: &reach,
-        extra: vec![("kannel.conf", conf.clone()), ("kannel", kannel.logs(30))],
-    };
+    let _logs = Logs::new(
+        &reach,
+        ["kannel.conf", "bearerbox.log", "smsbox.log"]
+            .into_iter()
+            .map(|name| (name, kannel.dir().join(name)))
+            .collect(),
+    );
 
     // MT through the doc's sendsms-user: the verification code reaches the phone.
     let mut alice = Client::connect(&server, "alice", "alicepw", "pc").await;
@@ -668,11 +679,8 @@ async fn postfix_doc_carries_mail_out_and_replies_in() {
         Reach::config(&server, state.path())
     );
     check_config("postfix-reach", &config);
-    let reach = Reach::start_config(state.path(), &config).await;
-    let _logs = Logs {
-        reach: &reach,
-        extra: vec![("postfix", postfix.log_tail(40))],
-    };
+    let mut reach = Reach::start_config(state.path(), &config).await;
+    let _logs = Logs::new(&reach, vec![("postfix", postfix.dir().join("maillog"))]);
 
     // Out through Postfix: the verification mail.
     let mut alice = Client::connect(&server, "alice", "alicepw", "pc").await;
@@ -735,7 +743,8 @@ async fn postfix_doc_carries_mail_out_and_replies_in() {
          Yes, 12:30 through postfix\n",
         mail.message_id()
     );
-    let to_postfix = submit(postfix.port(), ALICE_MAIL, &[&alias], &reply).await;
+    // Submitted where the internet meets Postfix (not from mynetworks): relay_domains lets it in.
+    let to_postfix = submit(postfix.outside_port(), ALICE_MAIL, &[&alias], &reply).await;
     assert_eq!(to_postfix.outcome().0, 250, "Postfix: {to_postfix:?}");
     let got = bob
         .expect("Alice's reply, through Postfix", T, |s| body(s).is_some())
@@ -752,6 +761,62 @@ async fn postfix_doc_carries_mail_out_and_replies_in() {
         )
         .await;
     assert!(relayed.is_some(), "{}", postfix.logs());
+
+    // "Checking it", step 4: while Reach is down Postfix keeps the reply, and delivers it once
+    // Reach is back and the queue is flushed.
+    reach.stop().await;
+    let reply2 = reply
+        .replace("reply-1@mail.example", "reply-2@mail.example")
+        .replace("Yes, 12:30 through postfix", "Queued while Reach was down");
+    let queued = submit(postfix.outside_port(), ALICE_MAIL, &[&alias], &reply2).await;
+    assert_eq!(queued.outcome().0, 250, "Postfix: {queued:?}");
+    let deferred = postfix
+        .wait_for_log(&["status=deferred", "Connection refused"], T)
+        .await;
+    assert!(deferred.is_some(), "{}", postfix.logs());
+    let reach = Reach::start_config(state.path(), &config).await;
+    let deadline = std::time::Instant::now() + T;
+    while reach
+        .log()
+        .matches("SMTP listener accepting connections")
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Reach's listener is not back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let flush = Command::new("postqueue")
+        .arg("-c")
+        .arg(postfix.config_dir())
+        .arg("-f")
+        .output()
+        .expect("run postqueue -f");
+    assert!(flush.status.success(), "{flush:?}");
+    let deadline = std::time::Instant::now() + T;
+    let reach_relay = format!("relay=127.0.0.1[127.0.0.1]:{listen_port}");
+    while postfix
+        .log()
+        .lines()
+        .filter(|l| l.contains(&reach_relay) && l.contains("status=sent"))
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued reply was not delivered to Reach\n{}",
+            postfix.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = bob
+        .expect("the queued reply, after Reach came back", T, |s| {
+            body(s).is_some()
+        })
+        .await;
+    assert_eq!(body(&got).as_deref(), Some("Queued while Reach was down"));
     postfix.stop().await;
 }
 

@@ -1,6 +1,8 @@
 //! A private Postfix 3.x for integration tests: its own config folder, queue and data folders in
-//! a temporary directory, one SMTP listener on a free loopback port, logging to a file in that
-//! directory. It never reads or touches `/etc/postfix` or a system-wide Postfix.
+//! a temporary directory, two SMTP listeners on free loopback ports, logging to a file in that
+//! directory. [`Postfix::port`] is Postfix as local programs see it (the client is in
+//! `mynetworks` when main.cf says so); [`Postfix::outside_port`] is Postfix as the internet sees
+//! its MX: `mynetworks` is empty there, so only `relay_domains` and the like let mail in. It never reads or touches `/etc/postfix` or a system-wide Postfix.
 //!
 //! The master daemon runs in the foreground (`postfix -c DIR start-fg`) as a child of the test;
 //! it is stopped with `postfix -c DIR stop`, then by its PID (SIGTERM, SIGKILL) if need be.
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::process::{alive, append_log, signal, tail, terminate, wait_child, wait_gone};
 
 /// The daemons a relay-only Postfix needs, none chrooted (the queue folder holds no copies of
-/// /etc files). The SMTP listener is the first line, filled in by [`Postfix::start`].
+/// /etc files). The SMTP listeners come first, filled in by [`Postfix::start`].
 const MASTER_SERVICES: &str = "\
 pickup    unix  n  -  n  60     1  pickup
 cleanup   unix  n  -  n  -      0  cleanup
@@ -42,6 +44,7 @@ postlog   unix-dgram n  -  n  -  1  postlogd
 pub struct Postfix {
     dir: tempfile::TempDir,
     port: u16,
+    outside_port: u16,
     child: Option<Child>,
 }
 
@@ -73,6 +76,7 @@ impl Postfix {
         Postfix {
             dir,
             port: super::free_port(),
+            outside_port: super::free_port(),
             child: None,
         }
     }
@@ -80,6 +84,12 @@ impl Postfix {
     /// The SMTP port Postfix listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The SMTP port (127.0.0.1) where every client counts as an outside host (`mynetworks`
+    /// is empty for this listener): what a sender on the internet meets at the MX.
+    pub fn outside_port(&self) -> u16 {
+        self.outside_port
     }
 
     /// The instance's config folder (main.cf, master.cf, maps): what `/etc/postfix` is to a
@@ -152,8 +162,10 @@ impl Postfix {
             "write_main_cf first"
         );
         let master = format!(
-            "127.0.0.1:{} inet  n  -  n  -  -  smtpd\n{MASTER_SERVICES}",
-            self.port
+            "127.0.0.1:{} inet  n  -  n  -  -  smtpd\n\
+             127.0.0.1:{} inet  n  -  n  -  -  smtpd\n  -o mynetworks=\n\
+             {MASTER_SERVICES}",
+            self.port, self.outside_port
         );
         self.write_file("master.cf", &master);
         let check = self
@@ -188,7 +200,7 @@ impl Postfix {
                 self.child = None;
                 panic!("postfix exited during start-up ({status})\n{}", self.logs());
             }
-            if greets(self.port).await {
+            if greets(self.port).await && greets(self.outside_port).await {
                 return;
             }
             assert!(
