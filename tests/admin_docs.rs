@@ -411,6 +411,13 @@ async fn ejabberd_doc_plugs_reach_in() {
 
     let mut alice = alice_finds_and_registers(&server).await;
     assert!(reach.wait_for_log("component link up", T).await);
+    assert!(
+        server.log().contains(&format!(
+            "Accepted external component handshake authentication for {D}"
+        )),
+        "{}",
+        server.log_tail(40)
+    );
     alice
         .send(&format!(
             "<message type='chat' to='{D}'><body>help</body></message>"
