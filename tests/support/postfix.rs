@@ -297,6 +297,21 @@ impl Postfix {
 impl Drop for Postfix {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // The master stops its daemons on `postfix stop`; a SIGKILL would orphan them.
+            let _ = self
+                .postfix_cmd("postfix")
+                .arg("stop")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             if let Some(pid) = self.master_pid() {
                 signal(pid, "KILL");
                 super::process::wait_gone_blocking(pid, Duration::from_secs(5));
