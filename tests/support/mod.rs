@@ -13,6 +13,7 @@ pub mod client;
 pub mod component;
 pub mod kannel;
 pub mod mail;
+pub mod postfix;
 pub mod process;
 pub mod reach;
 pub mod server;
