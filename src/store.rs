@@ -20,6 +20,10 @@ use crate::xmpp::link::OutboundQueue;
 /// The on-disk layout version; bumped with a migration whenever a record or key format changes.
 pub const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
+/// sled's page cache. sled's default (1 GiB) lets the cache, not the data Reach uses, decide the
+/// resident size; 32 MiB holds the hot records (users, sessions of active conversations, queues)
+/// of a large installation (BENCHMARKS.md, scale).
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// Progress of the walk over all users after a reconnect (see [`Store::presence_walk`]).
 const PRESENCE_WALK_KEY: &[u8] = b"presence_walk";
 
@@ -606,7 +610,10 @@ fn decode<T: DeserializeOwned>(tree: &str, bytes: &[u8]) -> Result<T> {
 impl Store {
     /// Opens (or creates) the store in `path`, checking the schema version.
     pub fn open(path: &std::path::Path) -> Result<Store> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
         Self::from_db(db)
     }
 
