@@ -222,14 +222,16 @@ fn run(path: &str, log_format: Option<LogFormat>) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Installed before anything starts, so that an early SIGTERM also stops gracefully.
+        let mut signals = StopSignals::install();
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!(
                 "stop signal received; stopping gracefully (signal again to stop at once)"
             );
             let _ = stop_tx.send(true);
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::warn!("second stop signal: stopping at once");
             std::process::exit(1);
         });
@@ -247,15 +249,35 @@ fn run(path: &str, log_format: Option<LogFormat>) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT (Ctrl-C), both of which ask Reach to stop.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn wait(&mut self) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.interrupt) => {}
+        }
     }
 }
 
