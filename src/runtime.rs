@@ -235,8 +235,17 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         tracing::warn!("the component link did not close in time");
         link_task.abort();
     }
-    drop(inputs);
+    // Step 3: stanzas the link read before closing are handled too (their answers wait in the
+    // outbox for the next start); the forwarder ends once the link is gone.
     let _ = tokio::time::timeout(Duration::from_secs(1), link_forwarder).await;
+    let mut last = Vec::new();
+    while let Ok(input) = inputs.try_recv() {
+        last.push(input);
+    }
+    if !last.is_empty() {
+        commit_batch(&core, &store, last).await?;
+    }
+    drop(inputs);
     store.flush()?;
     tracing::info!("Reach stopped");
     Ok(())
@@ -519,7 +528,7 @@ fn start_clock(
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
-                _ = stop.changed() => break,
+                _ = stop_requested(&mut stop) => break,
             }
             if ticks
                 .send(Input {
