@@ -36,6 +36,9 @@ pub enum AdminError {
     /// The store cannot be opened or read.
     #[error("the store cannot be used: {0}")]
     Store(#[from] StoreError),
+    /// The store folder does not exist (a wrong config file, or Reach never ran with it).
+    #[error("there is no store at {} (has Reach run with this configuration?)", .0.display())]
+    NoStore(PathBuf),
     /// The argument is not a JID.
     #[error("'{0}' is not a valid JID (expected the user's bare JID, like alice@example.org)")]
     BadJid(String),
@@ -98,6 +101,10 @@ impl fmt::Display for Counts {
 
 /// Opens the store of `config`, telling a locked store (a running Reach) apart.
 pub fn open_store(config: &Config, hint: &str) -> Result<Store, AdminError> {
+    // Opening creates a store; an admin command must not create one where none was.
+    if !config.store.path.is_dir() {
+        return Err(AdminError::NoStore(config.store.path.clone()));
+    }
     Store::open(&config.store.path).map_err(|e| {
         if is_locked(&e) {
             AdminError::Running {
@@ -299,6 +306,11 @@ mod tests {
     fn export_then_purge_then_export_again() {
         let dir = tempfile::tempdir().unwrap();
         let config = config(&dir.path().join("store"), None);
+        let Err(e) = open_store(&config, "") else {
+            panic!("no store yet");
+        };
+        assert!(e.to_string().contains("there is no store at"), "{e}");
+        std::fs::create_dir_all(&config.store.path).unwrap();
         let store = open_store(&config, "").unwrap();
         store.put_user(&alice()).unwrap();
         store.flush().unwrap();
@@ -327,6 +339,7 @@ mod tests {
         let path = dir.path().join("store");
         let config = config(&path, None);
         let running = Store::open(&path).unwrap();
+        assert!(path.is_dir());
         let Err(e) = open_store(&config, "stop it first") else {
             panic!("a second open of a locked store must fail");
         };
@@ -336,7 +349,17 @@ mod tests {
         let e = stats(&config).await.unwrap_err().to_string();
         assert!(e.contains("[metrics] listen"), "{e}");
         drop(running);
-        let (counts, source) = stats(&config).await.unwrap();
+        // sled's flusher thread lets go of the lock a moment after the drop.
+        let mut attempts = 0;
+        let (counts, source) = loop {
+            match stats(&config).await {
+                Err(AdminError::Running { .. }) if attempts < 50 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other.unwrap(),
+            }
+        };
         assert_eq!(counts, Counts::default());
         assert_eq!(source, CountsSource::Store);
     }
