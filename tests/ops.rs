@@ -232,7 +232,9 @@ async fn metrics_count_routed_messages_by_terminal_and_show_the_link() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     bob.send(&chat(&format!("alice@{D}"), "m2", "held for later"))
         .await;
-    let page = wait_for_sample(&w, "reach_messages_routed_total{terminal=\"held\"}", 1.0).await;
+    wait_for_sample(&w, "reach_messages_routed_total{terminal=\"held\"}", 1.0).await;
+    // (The store's counts are read just before the counters: wait for them separately.)
+    let page = wait_for_sample(&w, "reach_held_messages", 1.0).await;
     assert_eq!(
         sample(&page, "reach_messages_routed_total{terminal=\"email\"}"),
         Some(0.0)
