@@ -102,6 +102,28 @@ pub struct Config {
     /// default (see `docs/limits.md`).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[metrics]`: the Prometheus endpoint. Optional; without it Reach serves no HTTP for
+    /// metrics, and `reach stats` cannot ask a running Reach.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: an HTTP endpoint with `GET /metrics` (Prometheus text format) and `GET /stats`
+/// (the store's counts as JSON, which `reach stats` reads while Reach runs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `listen` (required in the section): `host:port` of the endpoint, e.g. `127.0.0.1:9464`.
+    /// It has no authentication: keep it on loopback or a private network.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        if let Some(message) = host_port_problem(&self.listen) {
+            return Err(origin.invalid("metrics.listen", message));
+        }
+        Ok(())
+    }
 }
 
 /// `[limits]`: bounds on the stanzas Reach takes and abuse limits. Every key is optional; the
@@ -640,10 +662,40 @@ pub struct StoreConfig {
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `level` (optional, default `"info"`): a tracing `EnvFilter` directive such as `"info"`
-    /// or `"info,reach::xmpp=debug"`. The `RUST_LOG` environment variable overrides it. Message
-    /// bodies, phone numbers and email addresses are only logged at `debug` and below.
+    /// or `"info,reach::xmpp=debug"` (per-module levels). The `RUST_LOG` environment variable
+    /// overrides it. Message bodies, phone numbers and email addresses are only logged at
+    /// `debug` and below.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// `format` (optional, default `"text"`): `"text"` for people, `"json"` for one JSON object
+    /// per line (log collectors). The command-line flag `--log-format` overrides it.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (with `message`).
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format '{other}': use \"text\" or \"json\""
+            )),
+        }
+    }
 }
 
 fn default_log_level() -> String {
@@ -654,6 +706,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: default_log_level(),
+            format: LogFormat::default(),
         }
     }
 }
@@ -720,6 +773,9 @@ impl Config {
             sms.validate(origin)?;
         }
         self.limits.validate(origin)?;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.validate(origin)?;
+        }
         Ok(())
     }
 
@@ -743,7 +799,7 @@ impl Config {
              HANDLE@{domain}. When the link is idle for {idle} s it would ping {ping_to}, and \
              reconnect if no answer comes within {timeout} s. Users from {allowed} could register. \
              The store would be kept in {store}. Logging would use the filter \"{level}\" \
-             (RUST_LOG overrides it).",
+             (RUST_LOG overrides it) and the {format} format. {metrics}",
             server = c.server,
             domain = c.domain,
             idle = c.idle_ping_secs,
@@ -752,6 +808,17 @@ impl Config {
             allowed = list_in_words(&self.users.allowed_domains),
             store = self.store.path.display(),
             level = self.log.level,
+            format = match self.log.format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            },
+            metrics = match &self.metrics {
+                Some(m) => format!(
+                    "Metrics would be served at http://{}/metrics and counts at /stats.",
+                    m.listen
+                ),
+                None => "No metrics endpoint would be served.".to_owned(),
+            },
         )
     }
 }
@@ -1010,6 +1077,37 @@ mod tests {
         assert_eq!(config.users.allowed_domains, ["example.org"]);
         assert_eq!(config.store.path, Path::new("/var/lib/reach"));
         assert_eq!(config.log.level, "info");
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.metrics.unwrap().listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn log_format_and_metrics_are_checked() {
+        let config = parse(&minimal("secret = \"s\"")).unwrap();
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert!(config.metrics.is_none());
+        assert!(config.summary().contains("No metrics endpoint"));
+        let text = format!(
+            "{}[log]\nformat = \"json\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+            minimal("secret = \"s\"")
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(config.summary().contains("http://127.0.0.1:9464/metrics"));
+        let text = format!("{}[log]\nformat = \"xml\"\n", minimal("secret = \"s\""));
+        let e = err(&text);
+        assert!(e.contains("format") && e.contains("xml"), "{e}");
+        let text = format!(
+            "{}[metrics]\nlisten = \"9464\"\n",
+            minimal("secret = \"s\"")
+        );
+        assert!(err(&text).contains("metrics.listen: '9464' is not host:port"));
+        let text = format!("{}[metrics]\nport = 9464\n", minimal("secret = \"s\""));
+        assert!(err(&text).contains("unknown field `port`"));
+        let text = format!("{}[metrics]\n", minimal("secret = \"s\""));
+        assert!(err(&text).contains("missing field `listen`"));
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("JSON".parse::<LogFormat>().is_err());
     }
 
     #[test]
@@ -1029,6 +1127,9 @@ mod tests {
             "path",
             "[log]",
             "level",
+            "format",
+            "[metrics]",
+            "listen",
         ] {
             assert!(EXAMPLE.contains(key), "config.toml.example lacks {key}");
         }

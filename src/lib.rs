@@ -4,12 +4,15 @@
 //! Layout (see README "Architecture"): `core` is the sans-IO decision maker; `xmpp` holds the
 //! component link and stanza helpers; `store` is the only module that knows sled; `config` reads
 //! the TOML file; `address` holds the identifier types (handles, XEP-0106 escaping, terminals);
-//! `runtime` wires them together.
+//! `runtime` wires them together; `metrics` counts what happens and serves it to Prometheus;
+//! `admin` holds the offline admin commands (`reach stats`, `export`, `purge`).
 
 pub mod address;
+pub mod admin;
 pub mod config;
 pub mod core;
 pub mod email;
+pub mod metrics;
 pub mod runtime;
 pub mod sms;
 pub mod store;

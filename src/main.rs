@@ -1,25 +1,115 @@
-//! The `reach` command: run the component, or check a configuration file.
+//! The `reach` command: run the component, check a configuration file, or run an admin command
+//! (`stats`, `export`, `purge`; their logic is in `reach::admin`).
 
 use std::process::ExitCode;
 
+use reach::config::{Config, LogFormat};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage:
-  reach --config FILE         run Reach with this configuration
-  reach check-config FILE     check a configuration file and say what it would run
-  reach --version";
+  reach --config FILE [--log-format text|json]
+                                run Reach with this configuration; SIGTERM or Ctrl-C stops it
+                                gracefully (a second signal stops it at once)
+  reach check-config FILE       check a configuration file and say what it would run
+  reach stats --config FILE     users, sessions, held messages and queue lengths (from the
+                                store, or from the running Reach's [metrics] endpoint)
+  reach export --config FILE USER_JID
+                                print everything Reach holds about a user, as JSON
+  reach purge --config FILE USER_JID
+                                delete a user and everything held about them, as XEP-0077
+                                <remove/> does (only while Reach is stopped; the unsubscriptions
+                                are sent when it next starts)
+  reach --version
+  reach --help
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
+Logging: [log] level in the config file is a filter such as \"info,reach::xmpp=debug\"
+(RUST_LOG overrides it); [log] format = \"json\" or --log-format json writes JSON lines.";
+
+/// The command line, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Run {
+        config: String,
+        log_format: Option<LogFormat>,
+    },
+    CheckConfig(String),
+    Stats(String),
+    Export {
+        config: String,
+        jid: String,
+    },
+    Purge {
+        config: String,
+        jid: String,
+    },
+    Version,
+    Help,
+}
+
+/// Reads the arguments (without the program name); `Err` carries what is wrong.
+fn parse_args(args: &[String]) -> Result<Command, String> {
+    let mut config = None;
+    let mut log_format = None;
+    let mut words = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--config" | "-c" => {
+                let value = rest.next().ok_or("--config needs a FILE")?;
+                if config.replace(value.clone()).is_some() {
+                    return Err("--config is given twice".to_owned());
+                }
+            }
+            "--log-format" => {
+                let value = rest.next().ok_or("--log-format needs text or json")?;
+                log_format = Some(value.parse::<LogFormat>()?);
+            }
+            "--version" | "-V" => return Ok(Command::Version),
+            "--help" | "-h" => return Ok(Command::Help),
+            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
+            word => words.push(word.to_owned()),
+        }
+    }
+    let need_config = |what: &str| config.clone().ok_or(format!("{what} needs --config FILE"));
+    match words
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["--config" | "-c", path] => run(path),
-        ["check-config", path] => match reach::config::check(std::path::Path::new(path)) {
+        [] => Ok(Command::Run {
+            config: need_config("reach")?,
+            log_format,
+        }),
+        ["check-config", file] if config.is_none() => Ok(Command::CheckConfig((*file).to_owned())),
+        ["check-config"] => Ok(Command::CheckConfig(need_config("check-config")?)),
+        ["stats"] => Ok(Command::Stats(need_config("stats")?)),
+        ["export", jid] => Ok(Command::Export {
+            config: need_config("export")?,
+            jid: (*jid).to_owned(),
+        }),
+        ["purge", jid] => Ok(Command::Purge {
+            config: need_config("purge")?,
+            jid: (*jid).to_owned(),
+        }),
+        ["export" | "purge"] => Err(format!("{} needs a USER_JID", words[0])),
+        _ => Err(format!("unexpected arguments: {}", words.join(" "))),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match parse_args(&args) {
+        Ok(command) => command,
+        Err(why) => {
+            eprintln!("reach: {why}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Run { config, log_format } => run(&config, log_format),
+        Command::CheckConfig(path) => match reach::config::check(std::path::Path::new(&path)) {
             Ok(summary) => {
                 println!("{summary}");
                 ExitCode::SUCCESS
@@ -29,22 +119,81 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        ["--version" | "-V"] => {
+        Command::Stats(config) => admin(&config, |config| {
+            let (counts, source) = block_on(reach::admin::stats(config))??;
+            match source {
+                reach::admin::CountsSource::Store => println!("{counts}"),
+                reach::admin::CountsSource::Running(listen) => {
+                    println!("{counts}\n(from the running Reach at http://{listen}/stats)")
+                }
+            }
+            Ok(())
+        }),
+        Command::Export { config, jid } => admin(&config, |config| {
+            let jid = reach::admin::user_jid(&jid)?;
+            let store = reach::admin::open_store(
+                config,
+                "Stop Reach to export (the store can be read by one process at a time).",
+            )?;
+            let export = reach::admin::export(&store, &jid)?;
+            if !export.registered {
+                eprintln!("{jid} is not registered; showing whatever is still held about it");
+            }
+            println!("{}", serde_json::to_string_pretty(&export)?);
+            Ok(())
+        }),
+        Command::Purge { config, jid } => admin(&config, |config| {
+            let jid = reach::admin::user_jid(&jid)?;
+            let store = reach::admin::open_store(
+                config,
+                "Stop Reach first, or let the user send XEP-0077 <remove/> to the service.",
+            )?;
+            let purged = reach::admin::purge(config, &store, &jid)?;
+            println!(
+                "{} deleted; {} unsubscription stanzas are queued and go out when Reach next \
+                 connects to the XMPP server",
+                purged.jid, purged.queued_stanzas
+            );
+            Ok(())
+        }),
+        Command::Version => {
             println!("reach {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        ["--help" | "-h"] => {
+        Command::Help => {
             println!("{USAGE}");
             ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
         }
     }
 }
 
-fn run(path: &str) -> ExitCode {
+/// Loads the config and runs an admin command; errors go to stderr with exit status 1.
+fn admin(path: &str, command: impl FnOnce(&Config) -> anyhow::Result<()>) -> ExitCode {
+    let config = match reach::config::load(std::path::Path::new(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reach: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one future on a small runtime (for the admin commands' HTTP call).
+fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(future))
+}
+
+fn run(path: &str, log_format: Option<LogFormat>) -> ExitCode {
     let config = match reach::config::load(std::path::Path::new(path)) {
         Ok(c) => c,
         Err(e) => {
@@ -54,7 +203,14 @@ fn run(path: &str) -> ExitCode {
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    match log_format.unwrap_or(config.log.format) {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(false)
+            .with_env_filter(filter)
+            .init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,13 +222,23 @@ fn run(path: &str) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Installed before anything starts, so that an early SIGTERM also stops gracefully.
+        let mut signals = StopSignals::install();
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
+            tracing::info!(
+                "stop signal received; stopping gracefully (signal again to stop at once)"
+            );
             let _ = stop_tx.send(true);
+            signals.wait().await;
+            tracing::warn!("second stop signal: stopping at once");
+            std::process::exit(1);
         });
         reach::runtime::run(config, stop_rx).await
     });
+    // Tasks left behind (a connection that ignored the shutdown) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -83,14 +249,100 @@ fn run(path: &str) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT (Ctrl-C), both of which ask Reach to stop.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn wait(&mut self) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.interrupt) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Command, String> {
+        let args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        parse_args(&args)
+    }
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(
+            parse("--config r.toml"),
+            Ok(Command::Run {
+                config: "r.toml".into(),
+                log_format: None
+            })
+        );
+        assert_eq!(
+            parse("-c r.toml --log-format json"),
+            Ok(Command::Run {
+                config: "r.toml".into(),
+                log_format: Some(LogFormat::Json)
+            })
+        );
+        assert_eq!(
+            parse("check-config r.toml"),
+            Ok(Command::CheckConfig("r.toml".into()))
+        );
+        assert_eq!(
+            parse("stats --config r.toml"),
+            Ok(Command::Stats("r.toml".into()))
+        );
+        assert_eq!(
+            parse("export --config r.toml alice@example.org"),
+            Ok(Command::Export {
+                config: "r.toml".into(),
+                jid: "alice@example.org".into()
+            })
+        );
+        assert_eq!(
+            parse("purge alice@example.org --config r.toml"),
+            Ok(Command::Purge {
+                config: "r.toml".into(),
+                jid: "alice@example.org".into()
+            })
+        );
+        assert_eq!(parse("--help"), Ok(Command::Help));
+        assert_eq!(parse("--version"), Ok(Command::Version));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        assert!(parse("").unwrap_err().contains("--config"));
+        assert!(parse("stats").unwrap_err().contains("--config"));
+        assert!(parse("purge --config r.toml")
+            .unwrap_err()
+            .contains("USER_JID"));
+        assert!(parse("--config r.toml --log-format xml")
+            .unwrap_err()
+            .contains("text"));
+        assert!(parse("--frob").unwrap_err().contains("--frob"));
+        assert!(parse("frobnicate").unwrap_err().contains("frobnicate"));
     }
 }

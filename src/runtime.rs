@@ -5,7 +5,15 @@
 //! stanzas and emails are queued in the store, then one flush (group commit) makes the whole batch
 //! durable before the link and the email sender are woken and before any SMTP client hears 250.
 //! A store failure is logged and the next event goes on; nothing of a failed event is
-//! acknowledged.
+//! acknowledged. Where the core's actions are carried out, the messages routed are counted for
+//! the metrics (`crate::metrics`).
+//!
+//! Shutdown (the `shutdown` watch turning true) goes in three steps: the SMTP listener, the SMS
+//! webhook, the clock and the metrics endpoint stop taking new work and the email and SMS senders
+//! finish the send in progress; meanwhile batches go on being handled and committed, so every
+//! reply or text already taken gets its answer after its commit. Once they have all finished (or
+//! after [`SHUTDOWN_GRACE`]), the last batch is committed and only then is the component link
+//! told to write what is queued and close its stream.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::address::{classify_local, LocalTarget};
 use crate::config::{Config, EmailConfig, SmsConfig};
 use crate::core::email::{EmailSettings, InboundMail, SmtpAnswer};
 use crate::core::sms::{SmsSettings, WebhookAnswer};
@@ -20,6 +29,7 @@ use crate::core::{Action, Core, Event, Settings};
 use crate::email::outbound::{Relay, RelayConfig};
 use crate::email::smtp::{self, Envelope, Reply, SmtpConfig, SmtpHandler};
 use crate::email::{auth, extract, sender};
+use crate::metrics::{Inbound, RoutedTo};
 use crate::sms::kannel::{Kannel, KannelConfig};
 use crate::sms::sender as sms_sender;
 use crate::sms::webhook::{self, WebhookConfig, WebhookHandler, WebhookRefusal};
@@ -29,6 +39,11 @@ use crate::xmpp::link::{run_link, LinkConfig, LinkEvent, OutboundQueue};
 
 /// The most events handled under one flush.
 const BATCH: usize = 512;
+
+/// How long shutdown waits for the listeners and senders to finish the work in progress.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the component link to write what is queued and close.
+const LINK_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
@@ -49,10 +64,9 @@ enum Responder {
     Webhook(oneshot::Sender<WebhookAnswer>),
 }
 
-/// Runs Reach until `shutdown` turns true.
-pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&config.store.path)?);
-    let core = Arc::new(Core::new(Settings {
+/// The core's settings from the configuration file.
+pub fn core_settings(config: &Config) -> Settings {
+    Settings {
         domain: config.component.domain.clone(),
         allowed_domains: config.users.allowed_domains.clone(),
         grace_delay_secs: config.routing.grace_delay_secs,
@@ -69,9 +83,28 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             allowed_prefixes: s.allowed_prefixes.clone(),
         }),
         limits: config.limits.to_limits(),
-    }));
+    }
+}
+
+/// Runs Reach until `shutdown` turns true, then stops gracefully (see the module comment).
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let store = Arc::new(Store::open(&config.store.path)?);
+    let core = Arc::new(Core::new(core_settings(&config)));
     let (inputs_tx, mut inputs) = mpsc::channel::<Input>(4096);
+    // Everything that takes new work or sends; all of it stops when `shutdown` turns true.
     let mut tasks = Vec::new();
+
+    if let Some(metrics) = &config.metrics {
+        let listener = tokio::net::TcpListener::bind(&metrics.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {}: {e}", metrics.listen))?;
+        tracing::info!(listen = %metrics.listen, "metrics endpoint ready");
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            listener,
+            store.clone(),
+            shutdown.clone(),
+        )));
+    }
 
     // The component link, and its events turned into core inputs.
     let link_config = LinkConfig {
@@ -83,19 +116,28 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         ping_timeout: config.component.ping_timeout(),
         max_stanza_depth: config.limits.to_limits().max_depth,
     };
+    // The link has its own stop signal: it closes only after the last batch is committed.
+    let (link_stop, link_shutdown) = watch::channel(false);
     let (link_tx, mut link_events) = mpsc::channel::<LinkEvent>(4096);
-    tasks.push(tokio::spawn(run_link(
+    let link_task = tokio::spawn(run_link(
         link_config,
         store.clone() as Arc<dyn OutboundQueue>,
         link_tx,
-        shutdown.clone(),
-    )));
+        link_shutdown,
+    ));
     let forward = inputs_tx.clone();
-    tasks.push(tokio::spawn(async move {
+    let link_forwarder = tokio::spawn(async move {
+        let metrics = crate::metrics::global();
         while let Some(event) = link_events.recv().await {
             let event = match event {
-                LinkEvent::Up => Event::LinkUp,
-                LinkEvent::Down => continue,
+                LinkEvent::Up => {
+                    metrics.link_established();
+                    Event::LinkUp
+                }
+                LinkEvent::Down => {
+                    metrics.link_lost();
+                    continue;
+                }
                 LinkEvent::Stanza(stanza) => Event::Stanza(stanza.into()),
             };
             if forward
@@ -109,7 +151,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 break;
             }
         }
-    }));
+        metrics.link_lost();
+    });
 
     if let Some(email) = &config.email {
         start_email(email, &core, &store, &inputs_tx, &shutdown, &mut tasks).await?;
@@ -132,25 +175,159 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                     break;
                 }
             }
-            _ = stop.changed() => break,
+            _ = stop_requested(&mut stop) => break,
         }
-        let (core, store) = (core.clone(), store.clone());
-        tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?;
+        commit_batch(&core, &store, batch).await?;
     }
-    tracing::info!("shutting down");
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    // Shutdown, step 1: the listeners and senders finish what they are doing; what they hand
+    // over meanwhile is still handled and committed (and only then acknowledged).
+    tracing::info!("shutting down: finishing the work in progress");
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let finished = futures::future::join_all(tasks);
+    tokio::pin!(finished);
+    let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
+    tokio::pin!(deadline);
+    loop {
+        let mut batch = Vec::new();
+        let mut last = false;
+        tokio::select! {
+            received = inputs.recv_many(&mut batch, BATCH) => {
+                if received == 0 {
+                    break;
+                }
+            }
+            _ = &mut finished => {
+                // Nothing more comes from them: take what they handed over, then stop.
+                while let Ok(input) = inputs.try_recv() {
+                    batch.push(input);
+                }
+                last = true;
+            }
+            _ = &mut deadline => {
+                tracing::warn!(
+                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    "work still in progress after the shutdown grace period; abandoning it \
+                     (it was not acknowledged, and queued sends stay queued)"
+                );
+                for abort in &aborts {
+                    abort.abort();
+                }
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            commit_batch(&core, &store, batch).await?;
+        }
+        if last {
+            break;
+        }
     }
     store.flush()?;
+
+    // Step 2: the link writes what is queued and closes its stream.
+    let _ = link_stop.send(true);
+    let mut link_task = link_task;
+    if tokio::time::timeout(LINK_CLOSE_GRACE, &mut link_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the component link did not close in time");
+        link_task.abort();
+    }
+    // Step 3: stanzas the link read before closing are handled too (their answers wait in the
+    // outbox for the next start); the forwarder ends once the link is gone.
+    let _ = tokio::time::timeout(Duration::from_secs(1), link_forwarder).await;
+    let mut last = Vec::new();
+    while let Ok(input) = inputs.try_recv() {
+        last.push(input);
+    }
+    if !last.is_empty() {
+        commit_batch(&core, &store, last).await?;
+    }
+    drop(inputs);
+    store.flush()?;
+    tracing::info!("Reach stopped");
     Ok(())
 }
 
+/// Resolves once shutdown is asked for (the value is true, or the sender is gone).
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Handles one batch off the async threads and commits it.
+async fn commit_batch(
+    core: &Arc<Core>,
+    store: &Arc<Store>,
+    batch: Vec<Input>,
+) -> anyhow::Result<()> {
+    let (core, store) = (core.clone(), store.clone());
+    tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?;
+    Ok(())
+}
+
+/// The user a message event is for, when it is a message with a text to a reach address (the
+/// only kind the core may hold for the user's XMPP client).
+fn holdable_for(core: &Core, store: &Store, event: &Event) -> Option<String> {
+    let Event::Stanza(stanza) = event else {
+        return None;
+    };
+    if stanza.name() != "message" || !stanza.children().any(|c| c.name() == "body") {
+        return None;
+    }
+    let to = jid::Jid::new(stanza.attr("to")?).ok()?;
+    if to.domain().as_str() != core.settings().domain {
+        return None;
+    }
+    match classify_local(to.node().map(|n| n.as_str())) {
+        LocalTarget::User(handle) => Some(store.user_by_handle(&handle).ok()??.jid),
+        _ => None,
+    }
+}
+
+/// Counts the messages an action carries out (see `crate::metrics::RoutedTo`).
+fn count_routed(domain: &str, action: &Action) {
+    let metrics = crate::metrics::global();
+    match action {
+        // Messages with a text relayed between users and buddies (not the service's own chat).
+        Action::SendStanza(stanza)
+            if stanza.name() == "message"
+                && stanza.attr("type") != Some("error")
+                && stanza.attr("from") != Some(domain)
+                && stanza.children().any(|c| c.name() == "body") =>
+        {
+            metrics.routed(RoutedTo::Xmpp, 1);
+        }
+        // Forwards (verification mails and texts carry no conversation).
+        Action::SendEmail(job) if job.peer.is_some() => {
+            metrics.routed(RoutedTo::Email, job.items.len() as u64);
+        }
+        Action::SendSms(job) if job.peer.is_some() => {
+            metrics.routed(RoutedTo::Sms, job.items.len() as u64);
+        }
+        _ => {}
+    }
+}
+
 fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
+    let metrics = crate::metrics::global();
     let now = now();
     let mut answers = Vec::new();
     let (mut emails, mut texts) = (false, false);
     for Input { event, answer } in batch {
         let (mut mail_said, mut webhook_said, mut failed) = (None, None, false);
+        let hold_for = holdable_for(core, store, &event);
+        let held_before = hold_for
+            .as_deref()
+            .and_then(|jid| store.held_count(jid).ok());
         // A bug must cost one event, not the whole gateway: a panic is logged and the event is
         // answered as a temporary failure, and the batch goes on.
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -166,7 +343,12 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
         });
         match handled {
             Ok(actions) => {
+                if let (Some(jid), Some(before)) = (&hold_for, held_before) {
+                    let after = store.held_count(jid).unwrap_or(before);
+                    metrics.routed(RoutedTo::Held, after.saturating_sub(before) as u64);
+                }
                 for action in actions {
+                    count_routed(&core.settings().domain, &action);
                     let queued = match action {
                         Action::SendStanza(stanza) => store.enqueue_stanza(&stanza).map(|_| ()),
                         Action::SendEmail(job) => {
@@ -346,7 +528,7 @@ fn start_clock(
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
-                _ = stop.changed() => break,
+                _ = stop_requested(&mut stop) => break,
             }
             if ticks
                 .send(Input {
@@ -487,19 +669,32 @@ fn reply_of(answer: SmtpAnswer) -> Reply {
 
 impl SmtpHandler for ReplyHandler {
     async fn check_recipient(&self, envelope: &Envelope, rcpt: &str) -> Reply {
-        match self
-            .core
-            .check_mail_recipient(&self.store, now(), &envelope.mail_from, rcpt)
-        {
-            Ok(answer) => reply_of(answer),
-            Err(e) => {
-                tracing::error!("store failure while checking a recipient: {e}");
-                reply_of(temporary_failure())
-            }
+        let reply =
+            match self
+                .core
+                .check_mail_recipient(&self.store, now(), &envelope.mail_from, rcpt)
+            {
+                Ok(answer) => reply_of(answer),
+                Err(e) => {
+                    tracing::error!("store failure while checking a recipient: {e}");
+                    reply_of(temporary_failure())
+                }
+            };
+        if !reply.is_positive() {
+            crate::metrics::global().inbound_email(Inbound::of_smtp_code(reply.code));
         }
+        reply
     }
 
     async fn deliver(&self, envelope: Envelope, message: Vec<u8>) -> Reply {
+        let reply = self.deliver_reply(envelope, message).await;
+        crate::metrics::global().inbound_email(Inbound::of_smtp_code(reply.code));
+        reply
+    }
+}
+
+impl ReplyHandler {
+    async fn deliver_reply(&self, envelope: Envelope, message: Vec<u8>) -> Reply {
         let reply = match extract::parse_reply(&message) {
             Ok(reply) => reply,
             Err(e) => return Reply::new(550, "5.6.0", e.to_string()),

@@ -181,22 +181,40 @@ fn count_registration(
 }
 
 fn remove(core: &Core, store: &Store, iq: &Element, who: &Addressing, out: &mut Out) -> Handled {
-    let Some((user, buddies)) = store.remove_user(&who.from_bare)? else {
+    let Some(goodbyes) = core.purge_user(store, &who.from_bare)? else {
         return Err(registration_required().into());
     };
     out.send(iq_result(iq, None));
-    let address = core.reach_address(&user.handle);
-    for buddy in buddies {
-        out.send(presence(&address, &buddy, Some("unavailable")));
-        out.send(presence(&address, &buddy, Some("unsubscribed")));
-        out.send(presence(&address, &buddy, Some("unsubscribe")));
+    for stanza in goodbyes {
+        out.send(stanza);
     }
-    let service = &core.settings.domain;
-    out.send(presence(service, &user.jid, Some("unavailable")));
-    out.send(presence(service, &user.jid, Some("unsubscribed")));
-    out.send(presence(service, &user.jid, Some("unsubscribe")));
-    tracing::info!(handle = user.handle.as_str(), "user removed");
     Ok(())
+}
+
+impl Core {
+    /// Deletes the user with bare JID `jid` and everything Reach holds about them (terminals,
+    /// sessions, held and queued items), as XEP-0077 `<remove/>` does, and returns the presences
+    /// that tell their buddies and them (unavailable, unsubscribed, unsubscribe). `None` if no
+    /// such user is registered. The caller queues the stanzas and flushes; `reach purge` uses
+    /// this with the store of a stopped Reach.
+    pub fn purge_user(&self, store: &Store, jid: &str) -> Result<Option<Vec<Element>>, StoreError> {
+        let Some((user, buddies)) = store.remove_user(jid)? else {
+            return Ok(None);
+        };
+        let mut goodbyes = Vec::with_capacity(3 * buddies.len() + 3);
+        let address = self.reach_address(&user.handle);
+        for buddy in buddies {
+            goodbyes.push(presence(&address, &buddy, Some("unavailable")));
+            goodbyes.push(presence(&address, &buddy, Some("unsubscribed")));
+            goodbyes.push(presence(&address, &buddy, Some("unsubscribe")));
+        }
+        let service = &self.settings.domain;
+        goodbyes.push(presence(service, &user.jid, Some("unavailable")));
+        goodbyes.push(presence(service, &user.jid, Some("unsubscribed")));
+        goodbyes.push(presence(service, &user.jid, Some("unsubscribe")));
+        tracing::info!(handle = user.handle.as_str(), "user removed");
+        Ok(Some(goodbyes))
+    }
 }
 
 /// The values a client submitted, by form or by legacy fields. `None` = field absent.

@@ -66,6 +66,10 @@ pub async fn run_sender(
         };
         let busy = due.len() == PASS;
         for (seq, job) in due {
+            // At shutdown the send in progress finishes; the rest waits for the next start.
+            if *shutdown.borrow() {
+                break;
+            }
             if let Some(failure) = attempt(&store, &relay, seq, job).await {
                 if failures.send(failure).await.is_err() {
                     return;
@@ -92,14 +96,23 @@ pub async fn run_sender(
 
 /// One delivery attempt; returns the failure to report if the job failed for good.
 async fn attempt(store: &Store, relay: &Relay, seq: u64, mut job: EmailJob) -> Option<Failure> {
-    let outcome = match render(&job.email, SystemTime::now()) {
-        Ok(bytes) => relay.send(&job.envelope_from, &job.email.to, &bytes).await,
-        Err(e) => Err(SendError::Permanent(format!(
-            "the email could not be built: {e}"
-        ))),
+    let metrics = crate::metrics::global();
+    let started = std::time::Instant::now();
+    let (outcome, unbuildable) = match render(&job.email, SystemTime::now()) {
+        Ok(bytes) => (
+            relay.send(&job.envelope_from, &job.email.to, &bytes).await,
+            false,
+        ),
+        Err(e) => (
+            Err(SendError::Permanent(format!(
+                "the email could not be built: {e}"
+            ))),
+            true,
+        ),
     };
     match outcome {
         Ok(()) => {
+            metrics.email_sent(started.elapsed());
             tracing::debug!(seq, "email handed to the relay");
             if let Err(e) = store.remove_email_job(seq) {
                 tracing::error!("cannot remove a sent email from the queue: {e}");
@@ -107,6 +120,7 @@ async fn attempt(store: &Store, relay: &Relay, seq: u64, mut job: EmailJob) -> O
             None
         }
         Err(SendError::Transient(reason)) if now().saturating_sub(job.queued_at) < GIVE_UP_SECS => {
+            metrics.email_retry(started.elapsed());
             job.attempts += 1;
             job.next_attempt_at = now() + retry_delay(job.attempts);
             // The relay's text may quote the recipient's address: only at debug.
@@ -121,7 +135,14 @@ async fn attempt(store: &Store, relay: &Relay, seq: u64, mut job: EmailJob) -> O
             }
             None
         }
-        Err(SendError::Transient(reason) | SendError::Permanent(reason)) => {
+        Err(failed) => {
+            use crate::metrics::SendFailure;
+            let (why, reason) = match failed {
+                SendError::Transient(reason) => (SendFailure::Expired, reason),
+                SendError::Permanent(reason) if unbuildable => (SendFailure::Unbuildable, reason),
+                SendError::Permanent(reason) => (SendFailure::Permanent, reason),
+            };
+            metrics.email_failed(why);
             // Leave the job queued until the core has kept its messages elsewhere; meanwhile do
             // not try it again.
             let mut parked = job.clone();

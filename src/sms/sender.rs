@@ -106,8 +106,11 @@ async fn attempt<P: SmsProvider>(
         text: job.text.clone(),
         reference: job.reference.clone(),
     };
+    let metrics = crate::metrics::global();
+    let started = std::time::Instant::now();
     match provider.send(&sms).await {
         Ok(()) => {
+            metrics.sms_sent(started.elapsed());
             tracing::debug!(seq, "SMS handed to the provider");
             if let Err(e) = store.remove_sms_job(seq) {
                 tracing::error!("cannot remove a sent SMS from the queue: {e}");
@@ -117,6 +120,7 @@ async fn attempt<P: SmsProvider>(
         Err(SmsSendError::Transient(reason))
             if now().saturating_sub(job.queued_at) < GIVE_UP_SECS =>
         {
+            metrics.sms_retry(started.elapsed());
             job.attempts += 1;
             job.next_attempt_at = now() + retry_delay(job.attempts);
             tracing::warn!(
@@ -129,7 +133,12 @@ async fn attempt<P: SmsProvider>(
             }
             None
         }
-        Err(SmsSendError::Transient(reason) | SmsSendError::Permanent(reason)) => {
+        Err(failed) => {
+            let (why, reason) = match failed {
+                SmsSendError::Transient(reason) => (crate::metrics::SendFailure::Expired, reason),
+                SmsSendError::Permanent(reason) => (crate::metrics::SendFailure::Permanent, reason),
+            };
+            metrics.sms_failed(why);
             let mut parked = job.clone();
             parked.next_attempt_at = u64::MAX;
             let _ = store.update_sms_job(seq, &parked);

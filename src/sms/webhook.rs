@@ -185,7 +185,12 @@ async fn respond<H: WebhookHandler>(
     config: &WebhookConfig,
     handler: &H,
 ) -> Response<Empty<Bytes>> {
+    let incoming_sms = request.uri().path() == MO_PATH;
     let status = answer(request, peer, config, handler).await;
+    if incoming_sms {
+        let outcome = crate::metrics::Inbound::of_http_status(status.as_u16());
+        crate::metrics::global().inbound_sms(outcome);
+    }
     let mut response = Response::new(Empty::new());
     *response.status_mut() = status;
     if status == StatusCode::METHOD_NOT_ALLOWED {

@@ -178,6 +178,8 @@ impl Default for Tuning {
 
 /// How many queued items are written per flush.
 const BATCH: usize = 64;
+/// Bound on writing what is queued when shutdown is asked for.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 /// Longest reason text put into a `bad-request` bounce.
 const MAX_REASON_CHARS: usize = 200;
 
@@ -452,6 +454,10 @@ impl Session<'_> {
             };
             match wake {
                 Wake::Shutdown => {
+                    // What the runtime committed last goes out before the stream closes (the
+                    // rest stays queued for the next start).
+                    let last = async { while let Ok(true) = self.drain_batch(stream).await {} };
+                    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, last).await;
                     self.close(stream).await;
                     return Ended::Shutdown;
                 }
