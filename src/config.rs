@@ -277,6 +277,10 @@ pub struct SmsConfig {
     /// `rate_per_second` (optional, default 10): SMS per second towards the provider, all users.
     #[serde(default = "default_rate_per_second")]
     pub rate_per_second: u32,
+    /// `concurrency` (optional, default 4, 1 to 64): SMS requests to the provider in flight at
+    /// once (within `rate_per_second`).
+    #[serde(default = "default_sms_concurrency")]
+    pub concurrency: usize,
     /// `allowed_prefixes` (optional, default all): E.164 prefixes Reach may text, e.g.
     /// `["+1", "+44"]`; registration refuses other numbers.
     #[serde(default)]
@@ -298,6 +302,9 @@ fn default_daily_cap() -> u32 {
 }
 fn default_rate_per_second() -> u32 {
     10
+}
+fn default_sms_concurrency() -> usize {
+    4
 }
 
 /// Exactly one of an inline secret and a secret file, resolved.
@@ -359,6 +366,9 @@ impl SmsConfig {
         }
         if self.rate_per_second == 0 {
             return Err(origin.invalid("sms.rate_per_second", "must be at least 1"));
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            return Err(origin.invalid("sms.concurrency", "must be from 1 to 64"));
         }
         for prefix in &self.allowed_prefixes {
             let digits = prefix.strip_prefix('+').unwrap_or("");
@@ -455,6 +465,10 @@ pub struct EmailConfig {
     /// `max_connections` (optional, default 100): simultaneous SMTP connections to the listener.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// `connections` (optional, default 4, 1 to 64): emails handed to the relay at once, each on
+    /// its own relay connection (reused from one email to the next).
+    #[serde(default = "default_relay_connections")]
+    pub connections: usize,
     /// `tls_cert` and `tls_key` (optional, both or neither): PEM files; with them the listener
     /// offers STARTTLS.
     pub tls_cert: Option<PathBuf>,
@@ -483,6 +497,9 @@ fn default_max_message_bytes() -> usize {
 }
 fn default_max_connections() -> usize {
     100
+}
+fn default_relay_connections() -> usize {
+    4
 }
 fn default_digest_window_secs() -> u64 {
     30
@@ -529,6 +546,9 @@ impl EmailConfig {
         }
         if self.max_message_bytes < 1024 {
             return Err(origin.invalid("email.max_message_bytes", "must be at least 1024"));
+        }
+        if !(1..=64).contains(&self.connections) {
+            return Err(origin.invalid("email.connections", "must be from 1 to 64"));
         }
         if self.max_connections == 0 {
             return Err(origin.invalid("email.max_connections", "must be at least 1"));

@@ -11,6 +11,7 @@ pub mod address;
 pub mod admin;
 pub mod config;
 pub mod core;
+pub mod delivery;
 pub mod email;
 pub mod metrics;
 pub mod runtime;

@@ -26,12 +26,14 @@ use crate::config::{Config, EmailConfig, SmsConfig};
 use crate::core::email::{EmailSettings, InboundMail, SmtpAnswer};
 use crate::core::sms::{SmsSettings, WebhookAnswer};
 use crate::core::{Action, Core, Event, Settings};
+use crate::delivery::{self, Courier, Failure, Pace};
 use crate::email::outbound::{Relay, RelayConfig};
+use crate::email::sender::EmailCourier;
 use crate::email::smtp::{self, Envelope, Reply, SmtpConfig, SmtpHandler};
-use crate::email::{auth, extract, sender};
+use crate::email::{auth, extract};
 use crate::metrics::{Inbound, RoutedTo};
 use crate::sms::kannel::{Kannel, KannelConfig};
-use crate::sms::sender as sms_sender;
+use crate::sms::sender::SmsCourier;
 use crate::sms::webhook::{self, WebhookConfig, WebhookHandler, WebhookRefusal};
 use crate::sms::{DeliveryReport, IncomingSms};
 use crate::store::Store;
@@ -448,35 +450,25 @@ async fn start_email(
         password: email.relay_password().map(|p| p.expose().to_owned()),
         hello_name: email.hostname().to_owned(),
         timeout: Duration::from_secs(30),
+        connections: email.connections,
     })?;
-    let (failed_tx, mut failed) = mpsc::channel(256);
-    tasks.push(tokio::spawn(sender::run_sender(
-        store.clone(),
-        relay,
-        failed_tx,
-        shutdown.clone(),
-    )));
-    let forward = inputs.clone();
-    tasks.push(tokio::spawn(async move {
-        while let Some(failure) = failed.recv().await {
-            let sender::Failure { seq, job, reason } = failure;
-            let event = Event::EmailFailed {
-                seq,
-                job: Box::new(job),
-                reason,
-            };
-            if forward
-                .send(Input {
-                    event,
-                    answer: None,
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    }));
+    let pace = Pace {
+        concurrency: email.connections,
+        per_second: None,
+    };
+    start_delivery(
+        store,
+        EmailCourier::new(relay),
+        pace,
+        inputs,
+        shutdown,
+        tasks,
+        |failure| Event::EmailFailed {
+            seq: failure.seq,
+            job: Box::new(failure.job),
+            reason: failure.reason,
+        },
+    );
 
     // Inbound: Reach's own SMTP listener.
     let tls = match (&email.tls_cert, &email.tls_key) {
@@ -513,6 +505,41 @@ async fn start_email(
         shutdown.clone(),
     )));
     Ok(())
+}
+
+/// A durable queue's courier, and the jobs it gives up on turned into core events (the core
+/// tells the buddies and keeps their messages for XMPP).
+fn start_delivery<C: Courier + 'static>(
+    store: &Arc<Store>,
+    courier: C,
+    pace: Pace,
+    inputs: &mpsc::Sender<Input>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    to_event: fn(Failure<C::Job>) -> Event,
+) where
+    C::Job: 'static,
+{
+    let (failed_tx, mut failed) = mpsc::channel(256);
+    tasks.push(tokio::spawn(delivery::run(
+        store.clone(),
+        courier,
+        pace,
+        failed_tx,
+        shutdown.clone(),
+    )));
+    let forward = inputs.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Some(failure) = failed.recv().await {
+            let input = Input {
+                event: to_event(failure),
+                answer: None,
+            };
+            if forward.send(input).await.is_err() {
+                break;
+            }
+        }
+    }));
 }
 
 /// The clock: forwards whose digest window or grace delay is over fall due every second.
@@ -568,34 +595,23 @@ async fn start_sms(
         dlr_url,
         timeout: Duration::from_secs(20),
     })?;
-    let (failed_tx, mut failed) = mpsc::channel(256);
-    tasks.push(tokio::spawn(sms_sender::run_sender(
-        store.clone(),
-        provider,
-        sms.rate_per_second,
-        failed_tx,
-        shutdown.clone(),
-    )));
-    let forward = inputs.clone();
-    tasks.push(tokio::spawn(async move {
-        while let Some(sms_sender::Failure { seq, job, reason }) = failed.recv().await {
-            let event = Event::SmsFailed {
-                seq,
-                job: Box::new(job),
-                reason,
-            };
-            if forward
-                .send(Input {
-                    event,
-                    answer: None,
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    }));
+    let pace = Pace {
+        concurrency: sms.concurrency,
+        per_second: Some(sms.rate_per_second),
+    };
+    start_delivery(
+        store,
+        SmsCourier::new(provider),
+        pace,
+        inputs,
+        shutdown,
+        tasks,
+        |failure| Event::SmsFailed {
+            seq: failure.seq,
+            job: Box::new(failure.job),
+            reason: failure.reason,
+        },
+    );
     let listener = tokio::net::TcpListener::bind(&sms.webhook_listen)
         .await
         .map_err(|e| {

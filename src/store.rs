@@ -372,21 +372,38 @@ pub struct Stats {
 }
 
 /// A job in one of the durable outbound queues (email, SMS), keyed by a big-endian sequence number.
-trait QueuedJob: Serialize + DeserializeOwned {
+pub trait QueuedJob: Serialize + DeserializeOwned {
     fn next_attempt_at(&self) -> u64;
+    /// Failed attempts so far.
+    fn attempts(&self) -> u32;
+    /// Seconds since the Unix epoch when it was queued.
+    fn queued_at(&self) -> u64;
+    /// Records `attempts` failed attempts and when to try next.
+    fn reschedule(&mut self, attempts: u32, next_attempt_at: u64);
 }
 
-impl QueuedJob for EmailJob {
-    fn next_attempt_at(&self) -> u64 {
-        self.next_attempt_at
-    }
+macro_rules! queued_job {
+    ($job:ty) => {
+        impl QueuedJob for $job {
+            fn next_attempt_at(&self) -> u64 {
+                self.next_attempt_at
+            }
+            fn attempts(&self) -> u32 {
+                self.attempts
+            }
+            fn queued_at(&self) -> u64 {
+                self.queued_at
+            }
+            fn reschedule(&mut self, attempts: u32, next_attempt_at: u64) {
+                self.attempts = attempts;
+                self.next_attempt_at = next_attempt_at;
+            }
+        }
+    };
 }
 
-impl QueuedJob for SmsJob {
-    fn next_attempt_at(&self) -> u64 {
-        self.next_attempt_at
-    }
-}
+queued_job!(EmailJob);
+queued_job!(SmsJob);
 
 /// A time index beside a tree of records that each have a due time: keys are the 8-byte
 /// big-endian due time followed by the record's key, values empty. Finding what is due reads only

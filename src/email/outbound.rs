@@ -337,6 +337,8 @@ pub struct RelayConfig {
     pub hello_name: String,
     /// Limit for connecting and for each SMTP command.
     pub timeout: Duration,
+    /// Relay connections kept open at most (one per email in flight).
+    pub connections: usize,
 }
 
 impl fmt::Debug for RelayConfig {
@@ -349,6 +351,7 @@ impl fmt::Debug for RelayConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("hello_name", &self.hello_name)
             .field("timeout", &self.timeout)
+            .field("connections", &self.connections)
             .finish()
     }
 }
@@ -502,7 +505,7 @@ impl Relay {
             .pool_config(
                 PoolConfig::new()
                     .min_idle(0)
-                    .max_size(4)
+                    .max_size(config.connections.max(1) as u32)
                     .idle_timeout(Duration::from_secs(60)),
             );
         if let Some(username) = &config.username {
@@ -919,6 +922,7 @@ mod tests {
             password: Some("hunter2".into()),
             hello_name: "reach.example.com".into(),
             timeout: Duration::from_secs(5),
+            connections: 4,
         };
         let text = format!("{config:?}");
         assert!(!text.contains("hunter2"), "{text}");
@@ -936,6 +940,7 @@ mod tests {
             password: None,
             hello_name: "reach.test".into(),
             timeout: Duration::from_secs(5),
+            connections: 4,
         })
         .unwrap()
     }

@@ -1,0 +1,433 @@
+//! Drains a durable job queue (email or SMS) through its courier, several sends at a time.
+//!
+//! A job leaves the queue only once the courier's peer accepted it, and that removal is committed
+//! with the others of the same pass (one flush per pass, not per send). A transient refusal
+//! retries with exponential backoff until the job is too old; a permanent one is reported to the
+//! core (through the failure channel), which tells the buddies and keeps their messages for the
+//! user's XMPP client, and removes the job in the same commit. Meanwhile the job stays queued but
+//! is never tried again. A crash after a send and before the commit sends that job again on the
+//! next start: at least once, never lost.
+//!
+//! What differs between email and SMS (the queue's trees, the peer, the retry policy, the
+//! metrics) is a [`Courier`]; the draining, the concurrency, the optional pacing and the
+//! shutdown are here, once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::metrics::SendFailure;
+use crate::store::{QueuedJob, Store, StoreError};
+
+/// Jobs read from the queue per pass; their removals are committed together.
+const PASS: usize = 64;
+
+/// Why a send did not go through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Worth trying again later (peer down, 4xx, timeouts).
+    Transient(String),
+    /// Never going to work (5xx, a refused number).
+    Permanent(String),
+    /// The job itself could not be turned into something to send.
+    Unbuildable(String),
+}
+
+/// Backoff between attempts and when to give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The delay after the first failure; doubles with each attempt.
+    pub first_secs: u64,
+    /// The longest delay between attempts.
+    pub max_secs: u64,
+    /// After this long in the queue a transient refusal counts as permanent.
+    pub give_up_secs: u64,
+}
+
+impl RetryPolicy {
+    /// The delay before attempt number `attempts + 1`.
+    pub fn delay(&self, attempts: u32) -> u64 {
+        self.first_secs
+            .saturating_mul(1u64 << attempts.min(20))
+            .min(self.max_secs)
+    }
+}
+
+/// How many sends run at once, and how fast they may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// Sends in flight at most (at least 1).
+    pub concurrency: usize,
+    /// Sends started per second at most, for all users together; `None` for no limit.
+    pub per_second: Option<u32>,
+}
+
+/// A job the courier's peer refused for good.
+#[derive(Debug)]
+pub struct Failure<J> {
+    pub seq: u64,
+    pub job: J,
+    pub reason: String,
+}
+
+/// One kind of outbound delivery: its queue in the store, its peer, its policy, its metrics.
+pub trait Courier: Send + Sync {
+    type Job: QueuedJob + Clone + Send + Sync;
+    /// "email" or "SMS", for the log.
+    const KIND: &'static str;
+    const RETRY: RetryPolicy;
+
+    fn due(
+        &self,
+        store: &Store,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Self::Job)>, StoreError>;
+    fn next_attempt(&self, store: &Store) -> Result<Option<u64>, StoreError>;
+    fn put(&self, store: &Store, seq: u64, job: &Self::Job) -> Result<(), StoreError>;
+    fn remove(&self, store: &Store, seq: u64) -> Result<(), StoreError>;
+    fn wake(&self, store: &Store) -> Arc<Notify>;
+
+    /// Hands one job to the peer.
+    fn deliver(&self, job: &Self::Job) -> impl Future<Output = Result<(), Refusal>> + Send;
+
+    fn count_sent(&self, took: Duration);
+    fn count_retry(&self, took: Duration);
+    fn count_failure(&self, why: SendFailure);
+}
+
+fn now() -> u64 {
+    crate::runtime::now()
+}
+
+/// Runs until `shutdown` turns true or the failure receiver is gone. At shutdown no new send
+/// starts; those in flight finish (each bounded by the courier's own timeout) and are committed.
+pub async fn run<C: Courier>(
+    store: Arc<Store>,
+    courier: C,
+    pace: Pace,
+    failures: mpsc::Sender<Failure<C::Job>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let wake = courier.wake(&store);
+    let mut pacer = pace.per_second.map(|rate| {
+        let mut interval = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
+    let concurrency = pace.concurrency.max(1);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let due = match courier.due(&store, now(), PASS) {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::error!("cannot read the {} queue: {e}", C::KIND);
+                Vec::new()
+            }
+        };
+        let busy = due.len() == PASS;
+        let mut waiting = due.into_iter().peekable();
+        let mut in_flight = FuturesUnordered::new();
+        let mut receiver_gone = false;
+        let mut stopping = false;
+        loop {
+            let may_start = in_flight.len() < concurrency
+                && waiting.peek().is_some()
+                && !stopping
+                && !*shutdown.borrow()
+                && !receiver_gone;
+            tokio::select! {
+                biased;
+                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Some(failure) = outcome {
+                        if failures.send(failure).await.is_err() {
+                            receiver_gone = true;
+                        }
+                    }
+                }
+                _ = next_start(&mut pacer), if may_start => {
+                    if let Some((seq, job)) = waiting.next() {
+                        in_flight.push(attempt(&store, &courier, seq, job));
+                    }
+                }
+                changed = shutdown.changed(), if may_start => {
+                    // The sender side gone counts as a shutdown.
+                    stopping = changed.is_err() || *shutdown.borrow();
+                }
+                else => break,
+            }
+        }
+        if let Err(e) = store.flush() {
+            tracing::error!("cannot commit the {} queue: {e}", C::KIND);
+        }
+        if receiver_gone {
+            return;
+        }
+        if busy {
+            continue;
+        }
+        let wait = match courier.next_attempt(&store) {
+            Ok(Some(at)) => Duration::from_secs(at.saturating_sub(now()).clamp(1, 60)),
+            _ => Duration::from_secs(60),
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Waits until the next send may start (at once without a rate limit).
+async fn next_start(pacer: &mut Option<tokio::time::Interval>) {
+    if let Some(interval) = pacer {
+        interval.tick().await;
+    }
+}
+
+/// One delivery attempt; returns the failure to report if the job failed for good.
+async fn attempt<C: Courier>(
+    store: &Store,
+    courier: &C,
+    seq: u64,
+    mut job: C::Job,
+) -> Option<Failure<C::Job>> {
+    let started = Instant::now();
+    let outcome = courier.deliver(&job).await;
+    let took = started.elapsed();
+    match outcome {
+        Ok(()) => {
+            courier.count_sent(took);
+            tracing::debug!(seq, "{} handed over", C::KIND);
+            if let Err(e) = courier.remove(store, seq) {
+                tracing::error!("cannot remove a sent {} from the queue: {e}", C::KIND);
+            }
+            None
+        }
+        Err(Refusal::Transient(reason))
+            if now().saturating_sub(job.queued_at()) < C::RETRY.give_up_secs =>
+        {
+            courier.count_retry(took);
+            let attempts = job.attempts() + 1;
+            job.reschedule(attempts, now() + C::RETRY.delay(attempts));
+            // The peer's text may quote the recipient's address or number: only at debug.
+            tracing::warn!(seq, attempts, "{} failed for now, will retry", C::KIND);
+            tracing::debug!(seq, "the peer said: {reason}");
+            if let Err(e) = courier.put(store, seq, &job) {
+                tracing::error!("cannot reschedule a queued {}: {e}", C::KIND);
+            }
+            None
+        }
+        Err(refusal) => {
+            let (why, reason) = match refusal {
+                Refusal::Transient(reason) => (SendFailure::Expired, reason),
+                Refusal::Permanent(reason) => (SendFailure::Permanent, reason),
+                Refusal::Unbuildable(reason) => (SendFailure::Unbuildable, reason),
+            };
+            courier.count_failure(why);
+            // Queued until the core has kept its messages elsewhere; meanwhile never tried again.
+            let mut parked = job.clone();
+            parked.reschedule(job.attempts(), u64::MAX);
+            if let Err(e) = courier.put(store, seq, &parked) {
+                tracing::error!("cannot park a failed {}: {e}", C::KIND);
+            }
+            Some(Failure { seq, job, reason })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::sms::sender::SmsCourier;
+    use crate::sms::{OutgoingSms, SmsProvider, SmsSendError};
+    use crate::store::SmsJob;
+
+    /// An SMS provider answering from a script, counting how many sends run at once.
+    struct Scripted {
+        answers: Mutex<Vec<Result<(), SmsSendError>>>,
+        running: AtomicUsize,
+        most_at_once: AtomicUsize,
+        delivered: Mutex<Vec<String>>,
+    }
+
+    impl Scripted {
+        fn new(answers: Vec<Result<(), SmsSendError>>) -> Scripted {
+            Scripted {
+                answers: Mutex::new(answers),
+                running: AtomicUsize::new(0),
+                most_at_once: AtomicUsize::new(0),
+                delivered: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl SmsProvider for Arc<Scripted> {
+        fn send(&self, sms: &OutgoingSms) -> impl Future<Output = Result<(), SmsSendError>> + Send {
+            let this = self.clone();
+            let text = sms.text.clone();
+            async move {
+                let now_running = this.running.fetch_add(1, Ordering::SeqCst) + 1;
+                this.most_at_once.fetch_max(now_running, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                this.running.fetch_sub(1, Ordering::SeqCst);
+                let answer = {
+                    let mut answers = this.answers.lock().unwrap();
+                    if answers.is_empty() {
+                        Ok(())
+                    } else {
+                        answers.remove(0)
+                    }
+                };
+                if answer.is_ok() {
+                    this.delivered.lock().unwrap().push(text);
+                }
+                answer
+            }
+        }
+    }
+
+    fn job(text: &str) -> SmsJob {
+        SmsJob {
+            user: "a@x".into(),
+            peer: None,
+            to: "+15550001111".into(),
+            text: text.into(),
+            reference: text.into(),
+            items: Vec::new(),
+            attempts: 0,
+            next_attempt_at: 0,
+            queued_at: now(),
+        }
+    }
+
+    async fn drain(
+        store: &Arc<Store>,
+        courier: &Arc<Scripted>,
+        pace: Pace,
+        until: impl Fn() -> bool,
+    ) -> Vec<Failure<SmsJob>> {
+        let (failures_tx, mut failures_rx) = mpsc::channel(16);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            store.clone(),
+            SmsCourier::new(courier.clone()),
+            pace,
+            failures_tx,
+            stop_rx,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !until() {
+            assert!(Instant::now() < deadline, "the queue did not drain");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        let mut failures = Vec::new();
+        while let Ok(f) = failures_rx.try_recv() {
+            failures.push(f);
+        }
+        failures
+    }
+
+    #[tokio::test]
+    async fn sends_run_several_at_a_time_and_leave_the_queue_once_accepted() {
+        let store = Arc::new(Store::temporary().unwrap());
+        for i in 0..20 {
+            store.enqueue_sms(&job(&format!("j{i}"))).unwrap();
+        }
+        let courier = Arc::new(Scripted::new(Vec::new()));
+        let c = courier.clone();
+        let pace = Pace {
+            concurrency: 4,
+            per_second: None,
+        };
+        let failures = drain(&store, &courier, pace, || {
+            c.delivered.lock().unwrap().len() == 20
+        })
+        .await;
+        assert!(failures.is_empty());
+        assert_eq!(courier.most_at_once.load(Ordering::SeqCst), 4);
+        assert_eq!(store.stats().unwrap().sms_queue, 0);
+    }
+
+    #[tokio::test]
+    async fn a_transient_refusal_retries_later_and_a_permanent_one_is_reported_and_parked() {
+        let store = Arc::new(Store::temporary().unwrap());
+        store.enqueue_sms(&job("later")).unwrap();
+        store.enqueue_sms(&job("never")).unwrap();
+        let courier = Arc::new(Scripted::new(vec![
+            Err(SmsSendError::Transient("busy".into())),
+            Err(SmsSendError::Permanent("no such number".into())),
+        ]));
+        let pace = Pace {
+            concurrency: 1,
+            per_second: None,
+        };
+        let s = store.clone();
+        let failures = drain(&store, &courier, pace, || {
+            s.due_sms_jobs(u64::MAX - 1, 10)
+                .unwrap()
+                .iter()
+                .all(|(_, j)| j.attempts == 1)
+        })
+        .await;
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].job.text, "never");
+        assert_eq!(failures[0].reason, "no such number");
+        let queued = store.due_sms_jobs(u64::MAX - 1, 10).unwrap();
+        assert_eq!(queued.len(), 1, "the parked job is never due");
+        assert_eq!(queued[0].1.text, "later");
+        assert!(queued[0].1.next_attempt_at >= now() + 3);
+        assert!(courier.delivered.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_pace_limits_how_fast_sends_start() {
+        let store = Arc::new(Store::temporary().unwrap());
+        for i in 0..6 {
+            store.enqueue_sms(&job(&format!("j{i}"))).unwrap();
+        }
+        let courier = Arc::new(Scripted::new(Vec::new()));
+        let c = courier.clone();
+        let started = Instant::now();
+        let pace = Pace {
+            concurrency: 4,
+            per_second: Some(20),
+        };
+        drain(&store, &courier, pace, || {
+            c.delivered.lock().unwrap().len() == 6
+        })
+        .await;
+        // Six starts 50 ms apart (the first at once): at least 250 ms.
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        let policy = RetryPolicy {
+            first_secs: 2,
+            max_secs: 300,
+            give_up_secs: 0,
+        };
+        let delays: Vec<u64> = (1..=10).map(|a| policy.delay(a)).collect();
+        assert_eq!(delays, vec![4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(policy.delay(u32::MAX), 300);
+    }
+}
