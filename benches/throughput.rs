@@ -126,7 +126,11 @@ async fn bobs_raw(
             support::wait_for_component(&mut c, D).await;
         }
         let (stream, pending) = c.into_parts();
-        out.push(load::xmpp::count_messages(stream, &pending, received.clone()));
+        out.push(load::xmpp::count_messages(
+            stream,
+            &pending,
+            received.clone(),
+        ));
     }
     out
 }
@@ -154,20 +158,31 @@ async fn xmpp_routing(size: Size) -> Vec<Row> {
         .enumerate()
         .map(|(i, w)| {
             load::xmpp::closed_loop_sender(w, gate.clone(), move |n| {
-                chat(&format!("alice{i}@{D}"), &format!("n{n}"), &format!("load {n}"))
+                chat(
+                    &format!("alice{i}@{D}"),
+                    &format!("n{n}"),
+                    &format!("load {n}"),
+                )
             })
         })
         .collect();
     let (null_rate, null_sent, null_got) =
-        load::xmpp::measure_closed_loop(&gate, senders, Duration::from_secs(1), size.measure)
-            .await;
-    println!("   null component: {} ({null_got}/{null_sent} received)", fmt_rate(null_rate));
+        load::xmpp::measure_closed_loop(&gate, senders, Duration::from_secs(1), size.measure).await;
+    println!(
+        "   null component: {} ({null_got}/{null_sent} received)",
+        fmt_rate(null_rate)
+    );
     drop(null);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Reach.
     let state = tempfile::tempdir().unwrap();
-    load::seed::users(&state.path().join("store"), "alice", 0..pairs, load::seed::Terminals::None);
+    load::seed::users(
+        &state.path().join("store"),
+        "alice",
+        0..pairs,
+        load::seed::Terminals::None,
+    );
     let mut reach = start_reach(&server, state.path(), "").await;
     let delivered = Arc::new(AtomicU64::new(0));
     let ignored = Arc::new(AtomicU64::new(0));
@@ -200,7 +215,11 @@ async fn xmpp_routing(size: Size) -> Vec<Row> {
             reach.log()
         );
         let (stream, pending) = a.into_parts();
-        raw_alices.push(load::xmpp::count_messages(stream, &pending, delivered.clone()));
+        raw_alices.push(load::xmpp::count_messages(
+            stream,
+            &pending,
+            delivered.clone(),
+        ));
     }
     let gate = load::xmpp::Gate::new(window, delivered.clone());
     let senders = bobs
@@ -208,14 +227,20 @@ async fn xmpp_routing(size: Size) -> Vec<Row> {
         .enumerate()
         .map(|(i, w)| {
             load::xmpp::closed_loop_sender(w, gate.clone(), move |n| {
-                chat(&format!("alice{i}@{D}"), &format!("r{n}"), &format!("load {n}"))
+                chat(
+                    &format!("alice{i}@{D}"),
+                    &format!("r{n}"),
+                    &format!("load {n}"),
+                )
             })
         })
         .collect();
     let (reach_rate, sent, got) =
-        load::xmpp::measure_closed_loop(&gate, senders, Duration::from_secs(1), size.measure)
-            .await;
-    println!("   reach: {} ({got}/{sent} delivered)", fmt_rate(reach_rate));
+        load::xmpp::measure_closed_loop(&gate, senders, Duration::from_secs(1), size.measure).await;
+    println!(
+        "   reach: {} ({got}/{sent} delivered)",
+        fmt_rate(reach_rate)
+    );
     reach.stop().await;
     drop(raw_alices);
     let ratio = reach_rate / null_rate;
@@ -232,7 +257,8 @@ async fn xmpp_routing(size: Size) -> Vec<Row> {
 
 // ---- 2. XMPP -> email -----------------------------------------------------------------------
 
-const EMAIL_EXTRA: &str = "[routing]\ngrace_delay_secs = 0\n\n[limits]\nemails_per_user_per_hour = 100000\n";
+const EMAIL_EXTRA: &str =
+    "[routing]\ngrace_delay_secs = 0\n\n[limits]\nemails_per_user_per_hour = 100000\n";
 
 fn email_config(sink_port: u16, listen_port: u16) -> String {
     format!(
@@ -256,9 +282,19 @@ async fn xmpp_to_email(size: Size) -> Vec<Row> {
     let server = Server::start(ServerKind::Prosody).await;
     load::xmpp::register_accounts(&server, "bob", buddies).await;
     let state = tempfile::tempdir().unwrap();
-    load::seed::users(&state.path().join("store"), "u", 0..users, load::seed::Terminals::Email);
+    load::seed::users(
+        &state.path().join("store"),
+        "u",
+        0..users,
+        load::seed::Terminals::Email,
+    );
     let sink = load::mail::Sink::start(None).await;
-    let mut reach = start_reach(&server, state.path(), &email_config(sink.port, load::port())).await;
+    let mut reach = start_reach(
+        &server,
+        state.path(),
+        &email_config(sink.port, load::port()),
+    )
+    .await;
     let ignored = Arc::new(AtomicU64::new(0));
     let bobs = bobs_raw(&server, buddies, &ignored, true).await;
 
@@ -271,7 +307,11 @@ async fn xmpp_to_email(size: Size) -> Vec<Row> {
         writers.push(tokio::spawn(async move {
             let mut buf = String::new();
             for j in (k..burst).step_by(buddies) {
-                buf.push_str(&chat(&format!("u{}@{D}", j / buddies), &format!("e{j}"), &format!("mail load {j}")));
+                buf.push_str(&chat(
+                    &format!("u{}@{D}", j / buddies),
+                    &format!("e{j}"),
+                    &format!("mail load {j}"),
+                ));
                 if buf.len() > 16_000 {
                     bob.write_all(buf.as_bytes()).await.unwrap();
                     buf.clear();
@@ -285,12 +325,16 @@ async fn xmpp_to_email(size: Size) -> Vec<Row> {
     for w in writers {
         bobs.push(w.await.unwrap());
     }
-    let limit = Duration::from_secs(if size.quick { 60 } else { 120 });
+    let limit = Duration::from_secs(60);
     let done = load::wait_until(limit, || sink.count() >= before + burst as u64).await;
     let accepted = sink.count() - before;
     let elapsed = done.map_or(t0.elapsed(), |d| d - t0);
     let burst_rate = load::rate(accepted, elapsed);
-    println!("   reach burst: {} ({accepted}/{burst} emails in {:.1} s)", fmt_rate(burst_rate), elapsed.as_secs_f64());
+    println!(
+        "   reach burst: {} ({accepted}/{burst} emails in {:.1} s)",
+        fmt_rate(burst_rate),
+        elapsed.as_secs_f64()
+    );
 
     // Latency at a fixed offered rate: message j at j / rate seconds.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -304,7 +348,11 @@ async fn xmpp_to_email(size: Size) -> Vec<Row> {
                 let user = (burst + j) / buddies;
                 (
                     Duration::from_secs_f64(j as f64 / paced_rate),
-                    chat(&format!("u{user}@{D}"), &format!("p{j}"), &format!("paced {j}")),
+                    chat(
+                        &format!("u{user}@{D}"),
+                        &format!("p{j}"),
+                        &format!("paced {j}"),
+                    ),
                 )
             })
             .collect();
@@ -314,7 +362,10 @@ async fn xmpp_to_email(size: Size) -> Vec<Row> {
     for j in jobs {
         sent_at.extend(j.await.unwrap().1);
     }
-    load::wait_until(Duration::from_secs(30), || sink.count() >= before + paced as u64).await;
+    load::wait_until(Duration::from_secs(30), || {
+        sink.count() >= before + paced as u64
+    })
+    .await;
     sent_at.sort();
     let accepted_at = sink.times(before, paced as u64);
     let mut latencies: Vec<Duration> = sent_at
@@ -324,7 +375,10 @@ async fn xmpp_to_email(size: Size) -> Vec<Row> {
         .collect();
     latencies.sort();
     let lost = accepted_at.iter().filter(|a| a.is_none()).count();
-    let (p50, p99) = (load::quantile_ms(&latencies, 0.5), load::quantile_ms(&latencies, 0.99));
+    let (p50, p99) = (
+        load::quantile_ms(&latencies, 0.5),
+        load::quantile_ms(&latencies, 0.99),
+    );
     println!("   reach at {paced_rate}/s: p50 {p50:.0} ms, p99 {p99:.0} ms ({lost} not accepted in time)");
     reach.stop().await;
     vec![
@@ -363,7 +417,12 @@ async fn email_replies(size: Size) -> Vec<Row> {
     let server = Server::start(ServerKind::Prosody).await;
     load::xmpp::register_accounts(&server, "bob", buddies).await;
     let state = tempfile::tempdir().unwrap();
-    load::seed::users(&state.path().join("store"), "u", 0..users, load::seed::Terminals::Email);
+    load::seed::users(
+        &state.path().join("store"),
+        "u",
+        0..users,
+        load::seed::Terminals::Email,
+    );
     let dump = tempfile::tempdir().unwrap();
     std::process::Command::new("chown")
         .arg("nobody")
@@ -380,17 +439,30 @@ async fn email_replies(size: Size) -> Vec<Row> {
     use tokio::io::AsyncWriteExt;
     for i in 0..users {
         let stanza = chat(&format!("u{i}@{D}"), &format!("f{i}"), "please reply");
-        bobs[i % buddies].write_all(stanza.as_bytes()).await.unwrap();
+        bobs[i % buddies]
+            .write_all(stanza.as_bytes())
+            .await
+            .unwrap();
     }
     load::wait_until(Duration::from_secs(60), || sink.count() >= users as u64).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let forwarded = load::mail::dumped(dump.path());
-    assert_eq!(forwarded.len(), users, "forwarded mails captured by smtp-sink -d");
+    assert_eq!(
+        forwarded.len(),
+        users,
+        "forwarded mails captured by smtp-sink -d"
+    );
     let run = std::process::id();
     let submissions: Vec<load::mail::Submission> = (0..replies)
         .map(|m| {
             let f = &forwarded[m % users];
-            load::mail::reply(&f.to, &f.alias, &f.message_id, &format!("r{m}-{run}@mail.example"), &format!("reply number {m}"))
+            load::mail::reply(
+                &f.to,
+                &f.alias,
+                &f.message_id,
+                &format!("r{m}-{run}@mail.example"),
+                &format!("reply number {m}"),
+            )
         })
         .collect();
 
@@ -401,7 +473,10 @@ async fn email_replies(size: Size) -> Vec<Row> {
     let pf_rate = load::rate(pf_ok, pf_elapsed);
     let held = postfix.held();
     postfix.stop().await;
-    println!("   postfix: {} ({pf_ok} accepted, {pf_refused} refused, {held} in its queue)", fmt_rate(pf_rate));
+    println!(
+        "   postfix: {} ({pf_ok} accepted, {pf_refused} refused, {held} in its queue)",
+        fmt_rate(pf_rate)
+    );
 
     // Reach.
     let before = relayed.load(Ordering::Relaxed);
@@ -412,7 +487,10 @@ async fn email_replies(size: Size) -> Vec<Row> {
     })
     .await;
     let delivered = relayed.load(Ordering::Relaxed) - before;
-    println!("   reach: {} ({ok} accepted, {refused} refused, {delivered} relayed to buddies)", fmt_rate(reach_rate));
+    println!(
+        "   reach: {} ({ok} accepted, {refused} refused, {delivered} relayed to buddies)",
+        fmt_rate(reach_rate)
+    );
     reach.stop().await;
     let ratio = reach_rate / pf_rate;
     vec![Row {
@@ -465,7 +543,12 @@ async fn xmpp_to_sms(size: Size) -> Vec<Row> {
     let server = Server::start(ServerKind::Prosody).await;
     load::xmpp::register_accounts(&server, "bob", buddies).await;
     let state = tempfile::tempdir().unwrap();
-    load::seed::users(&state.path().join("store"), "u", 0..users, load::seed::Terminals::Phone);
+    load::seed::users(
+        &state.path().join("store"),
+        "u",
+        0..users,
+        load::seed::Terminals::Phone,
+    );
     let extra = format!(
         "[sms]\nsendsms_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nfrom = \"+15550000000\"\n\
          webhook_listen = \"127.0.0.1:{webhook}\"\nwebhook_url = \"http://127.0.0.1:{webhook}\"\n\
@@ -485,7 +568,11 @@ async fn xmpp_to_sms(size: Size) -> Vec<Row> {
         writers.push(tokio::spawn(async move {
             let mut buf = String::new();
             for j in (k..total).step_by(buddies) {
-                buf.push_str(&chat(&format!("u{}@{D}", j % users), &format!("s{j}"), &format!("load message {j}")));
+                buf.push_str(&chat(
+                    &format!("u{}@{D}", j % users),
+                    &format!("s{j}"),
+                    &format!("load message {j}"),
+                ));
                 if buf.len() > 16_000 {
                     bob.write_all(buf.as_bytes()).await.unwrap();
                     buf.clear();
@@ -499,12 +586,16 @@ async fn xmpp_to_sms(size: Size) -> Vec<Row> {
     for w in writers {
         _bobs.push(w.await.unwrap());
     }
-    let limit = Duration::from_secs(if size.quick { 60 } else { 120 });
+    let limit = Duration::from_secs(60);
     let done = load::wait_until(limit, || handset.count() >= before + total as u64).await;
     let got = handset.count() - before;
     let elapsed = done.map_or(t0.elapsed(), |d| d - t0);
     let reach_rate = load::rate(got, elapsed);
-    println!("   reach: {} ({got}/{total} SMS reached the handset in {:.1} s)", fmt_rate(reach_rate), elapsed.as_secs_f64());
+    println!(
+        "   reach: {} ({got}/{total} SMS reached the handset in {:.1} s)",
+        fmt_rate(reach_rate),
+        elapsed.as_secs_f64()
+    );
     reach.stop().await;
     let ratio = reach_rate / base_rate;
     vec![Row {
@@ -514,6 +605,8 @@ async fn xmpp_to_sms(size: Size) -> Vec<Row> {
         ratio: Some(ratio),
         target: ">= 0.50",
         pass: Some(ratio >= 0.5 && got == total as u64),
-        note: format!("{got}/{total} SMS at the handset; {users} users, {buddies} buddies; rate limit lifted"),
+        note: format!(
+            "{got}/{total} SMS at the handset; {users} users, {buddies} buddies; rate limit lifted"
+        ),
     }]
 }

@@ -104,7 +104,13 @@ pub async fn source_to_sink(messages: u64, sessions: u32) -> f64 {
     let port = sink.port;
     let status = tokio::task::spawn_blocking(move || {
         Command::new("smtp-source")
-            .args(["-s", &sessions.to_string(), "-m", &messages.to_string(), "-d"])
+            .args([
+                "-s",
+                &sessions.to_string(),
+                "-m",
+                &messages.to_string(),
+                "-d",
+            ])
             .args(["-f", "bench@localhost", "-t", "u0@mail.example"])
             .arg(format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
@@ -312,7 +318,10 @@ async fn submit_share(port: u16, share: Vec<Submission>) -> (u64, u64) {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     expect_code(&mut read, 220).await;
-    write.write_all(b"EHLO bench.mail.example\r\n").await.unwrap();
+    write
+        .write_all(b"EHLO bench.mail.example\r\n")
+        .await
+        .unwrap();
     expect_code(&mut read, 250).await;
     let (mut ok, mut refused) = (0, 0);
     for m in share {

@@ -27,7 +27,10 @@ impl Handset {
             tokio::time::sleep(Duration::from_millis(30)).await;
         };
         while !kannel.smsc_online().await {
-            assert!(Instant::now() < deadline, "fake SMSC did not take the handset");
+            assert!(
+                Instant::now() < deadline,
+                "fake SMSC did not take the handset"
+            );
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         let received = Arc::new(AtomicU64::new(0));

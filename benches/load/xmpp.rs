@@ -16,11 +16,7 @@ pub const D: &str = "reach.localhost";
 
 /// Starts a task counting `</message>` on `stream` into `counter` until the stream ends.
 /// Returns the write half, for the few stanzas a receiver still has to send.
-pub fn count_messages(
-    stream: TcpStream,
-    pending: &str,
-    counter: Arc<AtomicU64>,
-) -> OwnedWriteHalf {
+pub fn count_messages(stream: TcpStream, pending: &str, counter: Arc<AtomicU64>) -> OwnedWriteHalf {
     let (mut read, write) = stream.into_split();
     let mut matcher = Matcher::new(b"</message>");
     counter.fetch_add(matcher.feed(pending.as_bytes()), Ordering::Relaxed);
