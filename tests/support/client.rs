@@ -247,6 +247,13 @@ impl Client {
         reply
     }
 
+    /// Hands over the logged-in connection and the bytes received but not parsed yet, for load
+    /// generators (benches) that write and count raw XML themselves.
+    pub fn into_parts(self) -> (TcpStream, String) {
+        let pending = self.parser.pending();
+        (self.stream, pending)
+    }
+
     /// Whether the server ended the stream or closed the connection.
     pub fn is_closed(&self) -> bool {
         self.closed

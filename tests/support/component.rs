@@ -83,6 +83,11 @@ impl RawComponent {
         }
     }
 
+    /// Hands over the authenticated connection, for load generators (benches) that count raw XML.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed
     }

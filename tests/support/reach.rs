@@ -57,6 +57,12 @@ impl Reach {
 
     /// Writes `config` verbatim to `state_dir/reach.toml` and starts Reach with it.
     pub async fn start_config(state_dir: &Path, config: &str) -> Reach {
+        Reach::start_config_with_log(state_dir, config, "reach=debug").await
+    }
+
+    /// Like [`Reach::start_config`], with `rust_log` as Reach's `RUST_LOG` (benches run it at
+    /// `warn`, since debug logging of every message would be measured too).
+    pub async fn start_config_with_log(state_dir: &Path, config: &str, rust_log: &str) -> Reach {
         std::fs::create_dir_all(state_dir).expect("create state dir");
         let config_path = state_dir.join("reach.toml");
         std::fs::write(&config_path, config).expect("write reach.toml");
@@ -65,7 +71,7 @@ impl Reach {
         let child = Command::new(env!("CARGO_BIN_EXE_reach"))
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "reach=debug")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
