@@ -179,7 +179,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             }
             _ = stop_requested(&mut stop) => break,
         }
-        commit_batch(&core, &store, batch).await?;
+        if commit_batch(&core, &store, batch).await? {
+            // A forward fell due at once: send it now rather than on the next second's tick
+            // (what this tick itself makes due waits for the clock).
+            let tick = Input {
+                event: Event::Tick,
+                answer: None,
+            };
+            commit_batch(&core, &store, vec![tick]).await?;
+        }
     }
 
     // Shutdown, step 1: the listeners and senders finish what they are doing; what they hand
@@ -265,15 +273,15 @@ async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Handles one batch off the async threads and commits it.
+/// Handles one batch off the async threads and commits it. True if the core asked for a clock
+/// tick right away ([`Action::TickSoon`]).
 async fn commit_batch(
     core: &Arc<Core>,
     store: &Arc<Store>,
     batch: Vec<Input>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let (core, store) = (core.clone(), store.clone());
-    tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?;
-    Ok(())
+    Ok(tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?)
 }
 
 /// The user a message event is for, when it is a message with a text to a reach address (the
@@ -319,9 +327,10 @@ fn count_routed(domain: &str, action: &Action) {
     }
 }
 
-fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
+fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) -> bool {
     let metrics = crate::metrics::global();
     let now = now();
+    let mut tick_soon = false;
     let mut answers = Vec::new();
     let (mut emails, mut texts) = (false, false);
     for Input { event, answer } in batch {
@@ -367,6 +376,10 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
                         }
                         Action::AnswerWebhook(answer) => {
                             webhook_said = Some(answer);
+                            Ok(())
+                        }
+                        Action::TickSoon => {
+                            tick_soon = true;
                             Ok(())
                         }
                     };
@@ -422,6 +435,7 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
             store.wake_sms();
         }
     }
+    tick_soon && flushed.is_ok()
 }
 
 fn temporary_failure() -> SmtpAnswer {

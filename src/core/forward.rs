@@ -103,7 +103,11 @@ pub(super) fn decide(
 
 /// Queues a message for the terminal the decision chose: it joins the conversation's pending
 /// forward. An email waits at least the digest window; items for the same terminal in one
-/// conversation go together, at the earliest of their times.
+/// conversation go together, at the earliest of their times. An item due at once (no digest
+/// window, no grace delay, no quiet hours) asks for a clock tick right after this batch, so it
+/// leaves within milliseconds instead of on the next second's tick (and the messages of one
+/// batch still go together).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn queue(
     core: &Core,
     store: &Store,
@@ -112,6 +116,7 @@ pub(super) fn queue(
     peer: &str,
     mut item: PendingItem,
     forward: rules::Forward,
+    out: &mut Out,
 ) -> Result<(), StoreError> {
     let digest = match forward.terminal {
         TerminalKind::Email => core
@@ -122,9 +127,14 @@ pub(super) fn queue(
         TerminalKind::Phone => 0,
     };
     item.terminal = Some(forward.terminal);
-    item.due_at = Some(forward.not_before.max(now + digest));
+    let due_at = forward.not_before.max(now + digest);
+    item.due_at = Some(due_at);
     item.unconditional = forward.unconditional;
-    requeue(store, &user.jid, peer, vec![item])
+    requeue(store, &user.jid, peer, vec![item])?;
+    if due_at <= now {
+        out.tick_soon();
+    }
+    Ok(())
 }
 
 /// Adds items (each with its terminal and due time) to the conversation's pending forward.
@@ -235,6 +245,21 @@ pub(super) fn on_tick(
     out: &mut Out,
 ) -> Result<(), StoreError> {
     for (jid, pending) in store.due_pending(now)? {
+        deliver_due(core, store, now, &jid, pending, out)?;
+    }
+    Ok(())
+}
+
+/// Sends what is due of one conversation's pending forward; the rest stays pending.
+fn deliver_due(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    jid: &str,
+    pending: Pending,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    {
         let pending = normalised(pending);
         let peer = pending.peer.clone();
         let (due, later): (Vec<PendingItem>, Vec<PendingItem>) = pending
@@ -243,16 +268,15 @@ pub(super) fn on_tick(
             .partition(|i| i.due_at.is_some_and(|d| d <= now));
         put_or_remove(
             store,
-            &jid,
+            jid,
             Pending {
                 peer: peer.clone(),
                 due_at: pending.due_at,
                 items: later,
             },
         )?;
-        let Some(user) = store.user(&jid)? else {
-            store.remove_pending(&jid, &peer)?;
-            continue;
+        let Some(user) = store.user(jid)? else {
+            return store.remove_pending(jid, &peer);
         };
         // One batch per planned terminal, in the order the items arrived.
         let mut batches: Vec<(Option<TerminalKind>, Vec<PendingItem>)> = Vec::new();
@@ -401,6 +425,7 @@ pub(super) fn forward_held(
     store: &Store,
     now: u64,
     user: &User,
+    out: &mut Out,
 ) -> Result<(), StoreError> {
     let xmpp = xmpp_state(store, user)?;
     for held in store.take_held(&user.jid)? {
@@ -430,7 +455,7 @@ pub(super) fn forward_held(
                     due_at: None,
                     unconditional: false,
                 };
-                queue(core, store, now, user, &held.peer, item, forward)?;
+                queue(core, store, now, user, &held.peer, item, forward, out)?;
             }
             _ => store.hold(&user.jid, &held)?,
         }
@@ -559,6 +584,30 @@ mod tests {
         let (emails, texts) = tick(&t);
         assert_eq!((emails.len(), texts.len()), (1, 0));
         assert_eq!(tick(&t), (vec![], vec![]), "nothing is forwarded twice");
+    }
+
+    #[test]
+    fn a_forward_due_at_once_asks_for_a_tick_right_away() {
+        let asks = |t: &Harness, id: &str| {
+            t.actions(Event::Stanza(
+                format!(
+                    "<message xmlns='jabber:component:accept' type='chat' id='{id}' from='{BOB}/x' to='alice@{D}'><body>b</body></message>"
+                )
+                .parse()
+                .unwrap(),
+            ))
+            .iter()
+            .filter(|a| matches!(a, Action::TickSoon))
+            .count()
+        };
+        // The phone takes forwards at once: one request per event.
+        let t = Harness::new();
+        alice(&t, never(), Preferences::default(), None);
+        assert_eq!(asks(&t, "p1"), 1);
+        // An email waits for its digest window: no early tick.
+        let t = Harness::new();
+        alice(&t, Preferences::default(), Preferences::default(), None);
+        assert_eq!(asks(&t, "e1"), 0);
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub enum Action {
     SendSms(Box<crate::store::SmsJob>),
     /// Answer the provider's webhook call that brought an SMS event.
     AnswerWebhook(sms::WebhookAnswer),
+    /// A forward fell due at once: feed [`Event::Tick`] right after this batch rather than on
+    /// the next second.
+    TickSoon,
 }
 
 /// The fixed facts the core decides with.
@@ -120,6 +123,13 @@ impl Out {
 
     pub(crate) fn push(&mut self, action: Action) {
         self.actions.push(action);
+    }
+
+    /// Asks for a clock tick right after this batch (once per event).
+    pub(crate) fn tick_soon(&mut self) {
+        if !self.actions.iter().any(|a| matches!(a, Action::TickSoon)) {
+            self.actions.push(Action::TickSoon);
+        }
     }
 }
 

@@ -125,6 +125,7 @@ fn relay_to_user(
                 peer,
                 item(&relayed, true, text.clone()),
                 to,
+                out,
             )?;
         }
         out.send(relayed);
@@ -137,9 +138,16 @@ fn relay_to_user(
                 .build(),
         );
         match (body, decision.forward) {
-            (Some(text), Some(to)) => {
-                forward::queue(core, store, now, user, peer, item(&held, false, text), to)?
-            }
+            (Some(text), Some(to)) => forward::queue(
+                core,
+                store,
+                now,
+                user,
+                peer,
+                item(&held, false, text),
+                to,
+                out,
+            )?,
             _ => {
                 // Nothing is dropped: no client and no terminal may take it now.
                 store.hold(

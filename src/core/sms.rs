@@ -288,7 +288,7 @@ fn confirm_phone(
     store.remove_verification(&user.jid, TerminalKind::Phone)?;
     tracing::info!(handle = user.handle.as_str(), "phone terminal verified");
     if !super::presence::global_presence(store, &user)?.is_available() {
-        super::forward::forward_held(core, store, now, &user)?;
+        super::forward::forward_held(core, store, now, &user, out)?;
     }
     super::presence::refresh_global(core, store, now, &user, out)?;
     Ok(format!("Your phone {number} is verified. Reach forwards messages there while you are away from XMPP."))
