@@ -1,7 +1,7 @@
 //! Drains a durable job queue (email or SMS) through its courier, several sends at a time.
 //!
-//! A job leaves the queue only once the courier's peer accepted it, and that removal is committed
-//! with the others of the same pass (one flush per pass, not per send). A transient refusal
+//! A job leaves the queue only once the courier's peer accepted it; removals are committed
+//! together, before the drainer goes idle and at most every 250 ms while a backlog drains. A transient refusal
 //! retries with exponential backoff until the job is too old; a permanent one is reported to the
 //! core (through the failure channel), which tells the buddies and keeps their messages for the
 //! user's XMPP client, and removes the job in the same commit. Meanwhile the job stays queued but
@@ -22,8 +22,11 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::metrics::SendFailure;
 use crate::store::{QueuedJob, Store, StoreError};
 
-/// Jobs read from the queue per pass; their removals are committed together.
+/// Jobs read from the queue per pass.
 const PASS: usize = 64;
+/// Longest time a drained job's removal waits for its commit while a backlog drains (what a
+/// crash in that time would send again).
+const COMMIT_EVERY: Duration = Duration::from_millis(250);
 
 /// Why a send did not go through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,12 +116,9 @@ pub async fn run<C: Courier>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let wake = courier.wake(&store);
-    let mut pacer = pace.per_second.map(|rate| {
-        let mut interval = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        interval
-    });
+    let mut pacer = pace.per_second.map(Pacer::new);
     let concurrency = pace.concurrency.max(1);
+    let mut last_commit = Instant::now();
     loop {
         if *shutdown.borrow() {
             return;
@@ -139,12 +139,18 @@ pub async fn run<C: Courier>(
         let mut in_flight = FuturesUnordered::new();
         let mut receiver_gone = false;
         let mut stopping = false;
+        // The start time booked for the next send, kept until that send starts.
+        let mut slot: Option<Instant> = None;
         loop {
             let may_start = in_flight.len() < concurrency
                 && waiting.peek().is_some()
                 && !stopping
                 && !*shutdown.borrow()
                 && !receiver_gone;
+            if may_start && slot.is_none() {
+                slot = Some(pacer.as_mut().map_or_else(Instant::now, Pacer::book));
+            }
+            let start_at = slot.unwrap_or_else(Instant::now);
             tokio::select! {
                 biased;
                 Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
@@ -154,7 +160,8 @@ pub async fn run<C: Courier>(
                         }
                     }
                 }
-                _ = next_start(&mut pacer), if may_start => {
+                _ = wait_until(start_at), if may_start => {
+                    slot = None;
                     if let Some((seq, job)) = waiting.next() {
                         in_flight.push(attempt(&store, &courier, seq, job));
                     }
@@ -166,8 +173,14 @@ pub async fn run<C: Courier>(
                 else => break,
             }
         }
-        if let Err(e) = store.flush() {
-            tracing::error!("cannot commit the {} queue: {e}", C::KIND);
+        // Committing a pass's removals only makes a crash resend less; sending never waits for
+        // it. While a backlog drains, commit at most every COMMIT_EVERY (the runtime's own
+        // batch commits carry the rest), and always before going idle.
+        if !busy || last_commit.elapsed() >= COMMIT_EVERY {
+            if let Err(e) = store.flush() {
+                tracing::error!("cannot commit the {} queue: {e}", C::KIND);
+            }
+            last_commit = Instant::now();
         }
         if receiver_gone {
             return;
@@ -187,10 +200,35 @@ pub async fn run<C: Courier>(
     }
 }
 
-/// Waits until the next send may start (at once without a rate limit).
-async fn next_start(pacer: &mut Option<tokio::time::Interval>) {
-    if let Some(interval) = pacer {
-        interval.tick().await;
+/// Returns at `at`, at once when it is past (no trip through the timer).
+async fn wait_until(at: Instant) {
+    if at > Instant::now() {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Spaces the starts of sends `1/rate` seconds apart on average. Unlike a timer tick per send
+/// (whose 1 ms resolution would cap a high rate near 1,000/s), it only sleeps when the sends are
+/// ahead of the schedule, and a slow moment is not made up with a burst.
+struct Pacer {
+    spacing: Duration,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(per_second: u32) -> Pacer {
+        Pacer {
+            spacing: Duration::from_secs(1) / per_second.max(1),
+            next: Instant::now(),
+        }
+    }
+
+    /// When the next send may start; books that slot (the caller starts a send then).
+    fn book(&mut self) -> Instant {
+        let now = Instant::now();
+        let at = self.next.max(now);
+        self.next = at + self.spacing;
+        at
     }
 }
 
