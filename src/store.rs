@@ -1618,6 +1618,21 @@ impl OutboundQueue for Store {
 mod tests {
     use super::*;
 
+    /// Opens the store again once the previous `Store` is dropped. sled lets go of its file lock
+    /// a moment after the drop (its flusher thread ends on its own), so wait for it briefly.
+    fn reopen(path: &std::path::Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(path) {
+                Ok(store) => return store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot reopen the store: {e}"),
+            }
+        }
+    }
+
     fn alice() -> User {
         User {
             jid: "alice@example.org".into(),
@@ -1727,7 +1742,7 @@ mod tests {
     fn outbox_is_fifo_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path());
             for i in 0..3 {
                 let el: Element = format!("<message xmlns='jabber:component:accept' id='m{i}'/>")
                     .parse()
@@ -1739,7 +1754,7 @@ mod tests {
             store.mark_sent(&[first[0].0]);
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let ids: Vec<String> = store
             .pending(10)
             .into_iter()
@@ -1770,7 +1785,7 @@ mod tests {
     fn queued_jobs_come_due_by_time_through_the_index() {
         let dir = tempfile::tempdir().unwrap();
         let (a, c) = {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path());
             let a = store.enqueue_sms(&sms_job("a", 30)).unwrap();
             store.enqueue_sms(&sms_job("b", 10)).unwrap();
             let c = store.enqueue_sms(&sms_job("c", 20)).unwrap();
@@ -1784,7 +1799,7 @@ mod tests {
             store.flush().unwrap();
             (a, c)
         };
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         // A retry moves a job later; a sent job leaves; the old index entries do not resurface.
         store.update_sms_job(c, &sms_job("c", 50)).unwrap();
         let b = store.due_sms_jobs(25, 10).unwrap()[0].0;
@@ -1832,7 +1847,7 @@ mod tests {
     fn indexes_are_built_for_stores_written_before_them() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path());
             store.enqueue_sms(&sms_job("old", 10)).unwrap();
             store
                 .put_pending(
@@ -1849,7 +1864,7 @@ mod tests {
             store.pending_due.0.clear().unwrap();
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(texts(&store.due_sms_jobs(10, 10).unwrap()), vec!["old"]);
         assert_eq!(store.due_pending(5).unwrap().len(), 1);
     }
@@ -1858,7 +1873,7 @@ mod tests {
     fn taken_ids_are_remembered_until_forgotten_by_age() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path());
             assert!(store.first_sight_of_mail("<a@x>", 100).unwrap());
             assert!(store.first_sight_of_sms("k-1", 200).unwrap());
             assert!(store.first_sight_of_mail("<b@x>", 300).unwrap());
@@ -1869,7 +1884,7 @@ mod tests {
             assert!(store.first_sight_of_mail("sms", 300).unwrap());
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert!(!store.first_sight_of_mail("<a@x>", 400).unwrap());
         assert_eq!(store.forget_seen_before(100).unwrap(), 0);
         assert_eq!(store.forget_seen_before(201).unwrap(), 2);
@@ -1895,7 +1910,7 @@ mod tests {
             seen.insert(b"<new@x>", &1000u64.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.forget_seen_before(500).unwrap(), 1);
         assert!(store.first_sight_of_mail("<old@x>", 1100).unwrap());
         assert!(!store.first_sight_of_mail("<new@x>", 1100).unwrap());
