@@ -2,9 +2,14 @@
 //! through the configured SMTP relay.
 //!
 //! Everything an email says (who it is from, its subject, its threading, its text) is decided by
-//! the caller; this module only renders and sends. It never decides whether to retry: [`Relay::send`]
-//! classifies a failure as [`SendError::Transient`] (retry later) or [`SendError::Permanent`]
-//! (give up and report), and the durable outbound queue acts on that.
+//! the caller; this module only renders and sends. It never decides whether to retry later:
+//! [`Relay::send`] classifies a failure as [`SendError::Transient`] (retry later) or
+//! [`SendError::Permanent`] (give up and report), and the durable outbound queue acts on that.
+//! The one resend it does itself is when a kept-open relay connection turns out to have been
+//! closed before the relay saw anything of the email.
+//!
+//! [`Relay`] opens its own TCP connections to the relay (with `TCP_NODELAY`) and speaks SMTP over
+//! them with lettre's connection type; it keeps up to `connections` of them open between emails.
 //!
 //! Text that ends up in a header (display name, subject) is sanitised here: control characters,
 //! CR and LF included, become spaces, so no caller-supplied text can start a header of its own.
