@@ -130,6 +130,8 @@ async fn main() {
         in_flight_total as f64 / elapsed.as_secs_f64()
     );
 
+    drop(relay);
+    drop(sink); // exit() below skips destructors: stop smtp-sink first.
     if p99 > P99_LIMIT {
         eprintln!(
             "FAIL: p99 {:.2} ms > {} ms for one send (Nagle? TCP_NODELAY lost?)",
