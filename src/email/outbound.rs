@@ -2,23 +2,45 @@
 //! through the configured SMTP relay.
 //!
 //! Everything an email says (who it is from, its subject, its threading, its text) is decided by
-//! the caller; this module only renders and sends. It never decides whether to retry: [`Relay::send`]
-//! classifies a failure as [`SendError::Transient`] (retry later) or [`SendError::Permanent`]
-//! (give up and report), and the durable outbound queue acts on that.
+//! the caller; this module only renders and sends. It never decides whether to retry later:
+//! [`Relay::send`] classifies a failure as [`SendError::Transient`] (retry later) or
+//! [`SendError::Permanent`] (give up and report), and the durable outbound queue acts on that.
+//! The one resend it does itself is when a kept-open relay connection turns out to have been
+//! closed before the relay saw anything of the email.
+//!
+//! [`Relay`] opens its own TCP connections to the relay (with `TCP_NODELAY`) and speaks SMTP over
+//! them with lettre's connection type; it keeps up to `connections` of them open between emails.
 //!
 //! Text that ends up in a header (display name, subject) is sanitised here: control characters,
 //! CR and LF included, become spaces, so no caller-supplied text can start a header of its own.
 
 use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use lettre::address::Envelope;
 use lettre::message::header::{Header, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
-use lettre::transport::smtp::PoolConfig;
-use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
+use lettre::{Address, Message};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 /// One email Reach sends: everything is decided by the caller; this module only renders and sends.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -428,20 +450,181 @@ impl RelayConfig {
     }
 }
 
-/// The SMTP relay: a pooled lettre transport, so consecutive sends reuse a connection. Cheap to
-/// clone (clones share the pool).
+/// Idle relay connections are closed after this long, never reused.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// How a new relay connection is secured once its TCP socket is open.
 #[derive(Clone)]
-pub struct Relay {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+enum Security {
+    /// Nothing: SMTP in the clear.
+    Plain,
+    /// STARTTLS after the first EHLO, required; lettre does the handshake and the second EHLO.
+    StartTls(TlsParameters),
+    /// TLS from the first byte, handshake done here (lettre cannot wrap a socket it did not open).
+    Tls {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    },
+}
+
+/// An implicit-TLS stream handed to lettre as its transport.
+#[derive(Debug)]
+struct TlsSocket(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl AsyncRead for TlsSocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsSocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for TlsSocket {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().0.peer_addr()
+    }
+}
+
+/// Why one exchange with the relay failed, before it is classified as a [`SendError`].
+#[derive(Debug)]
+enum Failure {
+    /// lettre's error: a negative reply, an unreadable reply, the connection breaking, STARTTLS.
+    Smtp(lettre::transport::smtp::Error),
+    /// No answer to this step within the timeout.
+    TimedOut(&'static str),
+    /// The TCP connection could not be opened or set up.
+    Connect(io::Error),
+    /// The implicit TLS handshake failed (certificate refused, protocol error...).
+    Tls(io::Error),
+    /// The relay lacks an extension this message needs.
+    Unsupported(&'static str),
+}
+
+impl Failure {
+    /// The queue's view: only a 5xx reply (other than about our credentials) is permanent.
+    fn outcome(&self, timeout: Duration) -> SendError {
+        match self {
+            Failure::Smtp(err) => classify(err),
+            Failure::TimedOut(what) => SendError::Transient(format!(
+                "timed out talking to the relay: no answer to {what} within {} s",
+                timeout.as_secs_f32()
+            )),
+            Failure::Connect(err) => {
+                SendError::Transient(format!("cannot talk to the relay: {err}"))
+            }
+            Failure::Tls(err) => SendError::Transient(format!("TLS with the relay failed: {err}")),
+            Failure::Unsupported(why) => {
+                SendError::Transient(format!("cannot talk to the relay: {why}"))
+            }
+        }
+    }
+
+    /// The connection broke (closed, reset, unreadable) rather than the relay answering.
+    fn connection_lost(&self) -> bool {
+        match self {
+            Failure::Smtp(err) => err.status().is_none() && !err.is_client(),
+            _ => false,
+        }
+    }
+
+    /// The relay answered with a reply code: the connection still works and deserves a QUIT.
+    fn relay_replied(&self) -> bool {
+        matches!(self, Failure::Smtp(err) if err.status().is_some())
+    }
+}
+
+/// A failed mail transaction, and whether it failed at its first command (so the relay cannot
+/// have received the message yet).
+struct Failed {
+    at_first_command: bool,
+    failure: Failure,
+}
+
+/// Runs one lettre step with the relay timeout.
+async fn step<T>(
+    timeout: Duration,
+    what: &'static str,
+    exchange: impl Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result.map_err(Failure::Smtp),
+        Err(_) => Err(Failure::TimedOut(what)),
+    }
+}
+
+/// A connection waiting for the next email, and since when.
+struct IdleConnection {
+    connection: AsyncSmtpConnection,
+    since: Instant,
+}
+
+/// What every clone of a [`Relay`] shares.
+struct Shared {
     host: String,
     port: u16,
+    security: Security,
+    hello_name: ClientId,
+    credentials: Option<Credentials>,
+    timeout: Duration,
+    /// Connections open at most, in use or idle.
+    connections: usize,
+    /// One permit per connection: at most `connections` sends (and so connections) at once.
+    slots: Semaphore,
+    /// Idle connections, oldest first.
+    idle: Mutex<Vec<IdleConnection>>,
+    /// How long a connection may stay idle ([`IDLE_LIMIT`] but in tests).
+    idle_limit: Duration,
+    /// Starts the task closing idle connections, at the first parked one.
+    reaper: Once,
+}
+
+/// The SMTP relay: opens its own TCP connections with `TCP_NODELAY` (lettre writes the final
+/// `.` of DATA as a separate small segment, which Nagle's algorithm would hold back for the
+/// relay's delayed ACK, ~40 ms) and runs SMTP over them with lettre's connection. Keeps up to
+/// `connections` of them open between emails, closing those idle for 60 s. Cheap to clone (clones
+/// share the connections).
+#[derive(Clone)]
+pub struct Relay {
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Relay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Relay")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("host", &self.shared.host)
+            .field("port", &self.shared.port)
             .finish_non_exhaustive()
     }
 }
@@ -478,53 +661,93 @@ fn classify(err: &lettre::transport::smtp::Error) -> SendError {
 }
 
 impl Relay {
-    /// Sets up the transport; connects lazily on the first send. Call it (and drop the relay)
-    /// inside the Tokio runtime: lettre's pool spawns its cleanup task at once.
+    /// Sets up the relay; connects lazily on the first send. Certificates are checked against
+    /// the Mozilla roots (webpki-roots) and the relay's host name, as lettre does.
     pub fn new(config: &RelayConfig) -> Result<Relay, OutboundError> {
-        let tls_parameters = || {
-            TlsParameters::new(config.host.clone()).map_err(|err| OutboundError::Tls {
-                host: config.host.clone(),
-                reason: err.to_string(),
-            })
+        Relay::build(config, &[], IDLE_LIMIT)
+    }
+
+    /// [`Relay::new`], also trusting `extra_roots` and closing connections idle for
+    /// `idle_limit` (tests use a private certificate and do not wait a minute).
+    fn build(
+        config: &RelayConfig,
+        extra_roots: &[CertificateDer<'static>],
+        idle_limit: Duration,
+    ) -> Result<Relay, OutboundError> {
+        let tls_error = |reason: String| OutboundError::Tls {
+            host: config.host.clone(),
+            reason,
         };
-        let tls = match config.security {
-            RelaySecurity::Plain => Tls::None,
-            RelaySecurity::StartTls => Tls::Required(tls_parameters()?),
-            RelaySecurity::Tls => Tls::Wrapper(tls_parameters()?),
+        let security = match config.security {
+            RelaySecurity::Plain => Security::Plain,
+            RelaySecurity::StartTls => {
+                let mut builder = TlsParameters::builder(config.host.clone());
+                for root in extra_roots {
+                    builder = builder.add_root_certificate(
+                        Certificate::from_der(root.to_vec())
+                            .map_err(|err| tls_error(err.to_string()))?,
+                    );
+                }
+                Security::StartTls(builder.build().map_err(|err| tls_error(err.to_string()))?)
+            }
+            RelaySecurity::Tls => {
+                let mut roots = RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                };
+                for root in extra_roots {
+                    roots
+                        .add(root.clone())
+                        .map_err(|err| tls_error(err.to_string()))?;
+                }
+                // An explicit provider, like the listener's (src/email/smtp.rs `load_tls`).
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let tls = ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|err| tls_error(err.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                let name = ServerName::try_from(config.host.clone())
+                    .map_err(|err| tls_error(err.to_string()))?;
+                Security::Tls {
+                    connector: TlsConnector::from(Arc::new(tls)),
+                    name,
+                }
+            }
         };
         let hello_name = if config.hello_name.trim().is_empty() {
             ClientId::default()
         } else {
             ClientId::Domain(config.hello_name.trim().to_owned())
         };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
-            .port(config.port)
-            .tls(tls)
-            .hello_name(hello_name)
-            .timeout(Some(config.timeout))
-            .pool_config(
-                PoolConfig::new()
-                    .min_idle(0)
-                    .max_size(config.connections.max(1) as u32)
-                    .idle_timeout(Duration::from_secs(60)),
-            );
-        if let Some(username) = &config.username {
-            builder =
-                builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
-                    username.clone(),
-                    config.password.clone().unwrap_or_default(),
-                ));
-        }
+        let credentials = config.username.as_ref().map(|username| {
+            Credentials::new(
+                username.clone(),
+                config.password.clone().unwrap_or_default(),
+            )
+        });
         Ok(Relay {
-            transport: builder.build(),
-            host: config.host.clone(),
-            port: config.port,
+            shared: Arc::new(Shared {
+                host: config.host.clone(),
+                port: config.port,
+                security,
+                hello_name,
+                credentials,
+                timeout: config.timeout,
+                connections: config.connections.max(1),
+                slots: Semaphore::new(config.connections.max(1)),
+                idle: Mutex::new(Vec::new()),
+                idle_limit,
+                reaper: Once::new(),
+            }),
         })
     }
 
     /// Sends the rendered bytes with this envelope. `envelope_from` may be empty for the null
     /// reverse path. Transient = 4xx, connection refused/reset, timeouts, TLS handshake trouble;
     /// Permanent = 5xx (and a refused recipient, or an address no relay could accept).
+    ///
+    /// Uses an idle connection when there is one; if that connection turns out to be closed
+    /// before the relay saw anything of this email, sends once more on a new connection.
     pub async fn send(
         &self,
         envelope_from: &str,
@@ -543,18 +766,274 @@ impl Relay {
             .map_err(|err| SendError::Permanent(format!("invalid recipient {to:?}: {err}")))?;
         let envelope = Envelope::new(sender, vec![recipient])
             .map_err(|err| SendError::Permanent(format!("invalid envelope: {err}")))?;
-        match self.transport.send_raw(&envelope, message).await {
+        let shared = &self.shared;
+        let _slot =
+            shared.slots.acquire().await.map_err(|_| {
+                SendError::Transient("the relay client is shutting down".to_owned())
+            })?;
+        match shared.deliver(&envelope, message).await {
             Ok(response) => {
-                tracing::debug!(relay = %self.host, port = self.port, code = %response.code(), "relay accepted the message");
+                tracing::debug!(relay = %shared.host, port = shared.port, code = %response.code(), "relay accepted the message");
                 Ok(())
             }
-            Err(err) => {
-                let outcome = classify(&err);
-                tracing::warn!(relay = %self.host, port = self.port, permanent = matches!(outcome, SendError::Permanent(_)), "relay did not take the message");
-                tracing::debug!(relay = %self.host, error = %outcome, "relay's answer");
+            Err(failure) => {
+                let outcome = failure.outcome(shared.timeout);
+                tracing::warn!(relay = %shared.host, port = shared.port, permanent = matches!(outcome, SendError::Permanent(_)), "relay did not take the message");
+                tracing::debug!(relay = %shared.host, error = %outcome, "relay's answer");
                 Err(outcome)
             }
         }
+    }
+}
+
+impl Shared {
+    /// One email on an idle connection if there is one, else (or if that one had been closed
+    /// under us) on a new connection.
+    async fn deliver(
+        self: &Arc<Self>,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<Response, Failure> {
+        if let Some(mut connection) = self.take_idle() {
+            match self.transaction(&mut connection, envelope, message).await {
+                Ok(response) => {
+                    self.park(connection);
+                    return Ok(response);
+                }
+                Err(Failed {
+                    at_first_command: true,
+                    failure,
+                }) if failure.connection_lost() => {
+                    tracing::debug!(relay = %self.host, port = self.port, "idle relay connection was closed; opening a new one");
+                }
+                Err(Failed { failure, .. }) => {
+                    self.discard(connection, &failure);
+                    return Err(failure);
+                }
+            }
+        }
+        let mut connection = self.connect().await?;
+        match self.transaction(&mut connection, envelope, message).await {
+            Ok(response) => {
+                self.park(connection);
+                Ok(response)
+            }
+            Err(Failed { failure, .. }) => {
+                self.discard(connection, &failure);
+                Err(failure)
+            }
+        }
+    }
+
+    /// Opens a connection ready for MAIL FROM: TCP with `TCP_NODELAY`, implicit TLS or the
+    /// greeting, EHLO, STARTTLS and EHLO again when configured, AUTH when configured.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, Failure> {
+        let timeout = self.timeout;
+        let addresses = match tokio::time::timeout(
+            timeout,
+            tokio::net::lookup_host((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Ok(addresses) => addresses.map_err(Failure::Connect)?,
+            Err(_) => return Err(Failure::TimedOut("the relay's name lookup")),
+        };
+        let mut tcp = None;
+        let mut last = Failure::Connect(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the relay's name has no address",
+        ));
+        for address in addresses {
+            match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Ok(Err(err)) => last = Failure::Connect(err),
+                Err(_) => last = Failure::TimedOut("connecting"),
+            }
+        }
+        let tcp = tcp.ok_or(last)?;
+        tcp.set_nodelay(true).map_err(Failure::Connect)?;
+        let transport: Box<dyn AsyncTokioStream> = match &self.security {
+            Security::Tls { connector, name } => {
+                match tokio::time::timeout(timeout, connector.connect(name.clone(), tcp)).await {
+                    Ok(tls) => Box::new(TlsSocket(tls.map_err(Failure::Tls)?)),
+                    Err(_) => return Err(Failure::TimedOut("the TLS handshake")),
+                }
+            }
+            Security::Plain | Security::StartTls(_) => Box::new(tcp),
+        };
+        let mut connection = step(
+            timeout,
+            "the greeting and EHLO",
+            AsyncSmtpConnection::connect_with_transport(transport, &self.hello_name),
+        )
+        .await?;
+        if let Security::StartTls(parameters) = &self.security {
+            step(
+                timeout,
+                "STARTTLS",
+                connection.starttls(parameters.clone(), &self.hello_name),
+            )
+            .await?;
+        }
+        if let Some(credentials) = &self.credentials {
+            step(
+                timeout,
+                "AUTH",
+                connection.auth(DEFAULT_MECHANISMS, credentials),
+            )
+            .await?;
+        }
+        tracing::debug!(relay = %self.host, port = self.port, "relay connection open");
+        Ok(connection)
+    }
+
+    /// MAIL FROM, RCPT TO, DATA and the message, each with the timeout.
+    async fn transaction(
+        &self,
+        connection: &mut AsyncSmtpConnection,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<Response, Failed> {
+        let timeout = self.timeout;
+        let first = |failure| Failed {
+            at_first_command: true,
+            failure,
+        };
+        let later = |failure| Failed {
+            at_first_command: false,
+            failure,
+        };
+        let server = connection.server_info();
+        let mut parameters = Vec::new();
+        let ascii_envelope = envelope
+            .from()
+            .into_iter()
+            .chain(envelope.to())
+            .all(|address| AsRef::<str>::as_ref(address).is_ascii());
+        if !ascii_envelope {
+            if !server.supports_feature(Extension::SmtpUtfEight) {
+                return Err(first(Failure::Unsupported(
+                    "the relay does not offer SMTPUTF8, needed for a non-ASCII address",
+                )));
+            }
+            parameters.push(MailParameter::SmtpUtfEight);
+        }
+        if !message.is_ascii() {
+            if !server.supports_feature(Extension::EightBitMime) {
+                return Err(first(Failure::Unsupported(
+                    "the relay does not offer 8BITMIME, needed for a non-ASCII message",
+                )));
+            }
+            parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        let mail = Mail::new(envelope.from().cloned(), parameters);
+        step(timeout, "MAIL FROM", connection.command(mail))
+            .await
+            .map_err(first)?;
+        for recipient in envelope.to() {
+            let rcpt = Rcpt::new(recipient.clone(), Vec::new());
+            step(timeout, "RCPT TO", connection.command(rcpt))
+                .await
+                .map_err(later)?;
+        }
+        step(timeout, "DATA", connection.command(Data))
+            .await
+            .map_err(later)?;
+        step(timeout, "the message", connection.message(message))
+            .await
+            .map_err(later)
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Vec<IdleConnection>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used idle connection, if it has not been idle too long. Older ones are
+    /// closed on the way.
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        let now = Instant::now();
+        let (expired, fresh) = {
+            let mut idle = self.idle();
+            let expired = self.split_expired(&mut idle, now);
+            (expired, idle.pop())
+        };
+        self.close(expired);
+        fresh.map(|idle| idle.connection)
+    }
+
+    /// Removes and returns the connections idle for the idle limit or longer (the oldest).
+    fn split_expired(
+        &self,
+        idle: &mut Vec<IdleConnection>,
+        now: Instant,
+    ) -> Vec<AsyncSmtpConnection> {
+        let count = idle.partition_point(|c| now.duration_since(c.since) >= self.idle_limit);
+        idle.drain(..count).map(|c| c.connection).collect()
+    }
+
+    /// Keeps a connection that just delivered an email for the next one.
+    fn park(self: &Arc<Self>, connection: AsyncSmtpConnection) {
+        if connection.has_broken() {
+            return;
+        }
+        {
+            let mut idle = self.idle();
+            if idle.len() >= self.connections {
+                drop(idle);
+                self.close(vec![connection]);
+                return;
+            }
+            idle.push(IdleConnection {
+                connection,
+                since: Instant::now(),
+            });
+        }
+        self.reaper.call_once(|| {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        });
+    }
+
+    /// Drops a connection after a failure: politely (QUIT) if the relay is still answering.
+    fn discard(&self, connection: AsyncSmtpConnection, failure: &Failure) {
+        if failure.relay_replied() {
+            self.close(vec![connection]);
+        }
+    }
+
+    /// Says QUIT on each connection and closes it, in the background.
+    fn close(&self, connections: Vec<AsyncSmtpConnection>) {
+        if connections.is_empty() {
+            return;
+        }
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            for mut connection in connections {
+                let _ = tokio::time::timeout(timeout, connection.abort()).await;
+            }
+        });
+    }
+}
+
+/// Closes connections idle for the idle limit; ends once every clone of the relay is gone.
+async fn reap(shared: Weak<Shared>) {
+    loop {
+        let wake = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let now = Instant::now();
+            let (expired, oldest) = {
+                let mut idle = shared.idle();
+                let expired = shared.split_expired(&mut idle, now);
+                (expired, idle.first().map(|c| c.since))
+            };
+            shared.close(expired);
+            oldest.unwrap_or(now) + shared.idle_limit
+        };
+        tokio::time::sleep_until(wake).await;
     }
 }
 
@@ -932,17 +1411,7 @@ mod tests {
     // ---- against real SMTP servers ----
 
     fn relay_to(port: u16) -> Relay {
-        Relay::new(&RelayConfig {
-            host: "127.0.0.1".into(),
-            port,
-            security: RelaySecurity::Plain,
-            username: None,
-            password: None,
-            hello_name: "reach.test".into(),
-            timeout: Duration::from_secs(5),
-            connections: 4,
-        })
-        .unwrap()
+        Relay::new(&test_config(port)).unwrap()
     }
 
     fn free_port() -> u16 {
@@ -979,13 +1448,24 @@ mod tests {
                 .spawn()
                 .expect("python3 -m aiosmtpd (PyPI aiosmtpd) must be installed");
             let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let mut probe = loop {
+                if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    break stream;
+                }
                 assert!(
                     Instant::now() < deadline,
                     "aiosmtpd did not start on {port}"
                 );
                 std::thread::sleep(Duration::from_millis(25));
-            }
+            };
+            // Wait for its first greeting too: the relay's timeout is short, and aiosmtpd's
+            // first session (host name lookup, lazy imports) can be slow on a loaded machine.
+            probe
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut banner = [0u8; 3];
+            std::io::Read::read_exact(&mut probe, &mut banner).expect("aiosmtpd greets");
+            assert_eq!(&banner, b"220");
             Sink { child, port, dir }
         }
 
@@ -1083,95 +1563,481 @@ mod tests {
         ));
     }
 
-    /// A tiny SMTP server answering RCPT TO with `rcpt_reply` and the end of DATA with
-    /// `data_reply`; counts the connections it accepted.
-    async fn scripted_server(
-        rcpt_reply: &'static str,
-        data_reply: &'static str,
-    ) -> (u16, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counter = connections.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve_scripted(stream, rcpt_reply, data_reply));
-            }
-        });
-        (port, connections)
+    /// How a test relay secures its connections.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum TestTls {
+        None,
+        /// Offers STARTTLS (with the `relay-cert.pem` fixture).
+        StartTls,
+        /// TLS from the first byte (same certificate).
+        Implicit,
     }
 
-    async fn serve_scripted(
-        stream: tokio::net::TcpStream,
+    /// What a test relay answers.
+    #[derive(Clone, Copy)]
+    struct Script {
         rcpt_reply: &'static str,
         data_reply: &'static str,
+        /// Waits this long before answering the end of DATA.
+        data_delay: Duration,
+        /// Closes the connection right after answering each message.
+        close_after_message: bool,
+        tls: TestTls,
+        /// Offers AUTH PLAIN LOGIN and wants this `AUTH PLAIN` argument before MAIL.
+        auth_plain: Option<&'static str>,
+    }
+
+    impl Script {
+        fn accepting() -> Script {
+            Script {
+                rcpt_reply: "250 ok\r\n",
+                data_reply: "250 2.0.0 queued\r\n",
+                data_delay: Duration::ZERO,
+                close_after_message: false,
+                tls: TestTls::None,
+                auth_plain: None,
+            }
+        }
+    }
+
+    /// What a test relay saw.
+    #[derive(Default)]
+    struct Seen {
+        /// Connections accepted.
+        connections: AtomicUsize,
+        /// Connections open now, and the most open at once.
+        open: AtomicUsize,
+        max_open: AtomicUsize,
+        /// Messages answered after DATA, and those of them that came over TLS.
+        messages: AtomicUsize,
+        messages_over_tls: AtomicUsize,
+        /// MAIL commands seen (refused or not).
+        mail_commands: AtomicUsize,
+        /// QUIT commands seen.
+        quits: AtomicUsize,
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    fn relay_certificate() -> CertificateDer<'static> {
+        let pem = std::fs::read(fixture("relay-cert.pem")).unwrap();
+        let first = rustls_pemfile::certs(&mut &pem[..]).next();
+        first.unwrap().unwrap()
+    }
+
+    /// A tiny SMTP server on loopback that follows `script`; says what it saw.
+    async fn test_relay(script: Script) -> (u16, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Seen::default());
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            crate::email::smtp::load_tls(&fixture("relay-cert.pem"), &fixture("relay-key.pem"))
+                .unwrap(),
+        );
+        let counters = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counters.connections.fetch_add(1, Ordering::SeqCst);
+                let open = counters.open.fetch_add(1, Ordering::SeqCst) + 1;
+                counters.max_open.fetch_max(open, Ordering::SeqCst);
+                let (seen, acceptor) = (counters.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    serve_connection(stream, script, acceptor, &seen).await;
+                    seen.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    async fn serve_connection(
+        stream: tokio::net::TcpStream,
+        script: Script,
+        acceptor: tokio_rustls::TlsAcceptor,
+        seen: &Seen,
     ) {
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        if write.write_all(b"220 test ESMTP\r\n").await.is_err() {
+        if script.tls == TestTls::Implicit {
+            if let Ok(tls) = acceptor.accept(stream).await {
+                serve_session(&mut BufReader::new(tls), script, true, true, seen).await;
+            }
             return;
         }
-        let mut in_data = false;
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut io = BufReader::new(stream);
+        if serve_session(&mut io, script, true, false, seen).await == Ended::StartTls {
+            if let Ok(tls) = acceptor.accept(io.into_inner()).await {
+                serve_session(&mut BufReader::new(tls), script, false, true, seen).await;
+            }
+        }
+    }
+
+    #[derive(PartialEq, Eq)]
+    enum Ended {
+        Closed,
+        StartTls,
+    }
+
+    async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut BufReader<S>,
+        script: Script,
+        greet: bool,
+        over_tls: bool,
+        seen: &Seen,
+    ) -> Ended {
+        if greet && io.write_all(b"220 test ESMTP\r\n").await.is_err() {
+            return Ended::Closed;
+        }
+        let (mut in_data, mut authenticated) = (false, false);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match io.read_line(&mut line).await {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => {}
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
             if in_data {
                 if line == "." {
                     in_data = false;
-                    if write.write_all(data_reply.as_bytes()).await.is_err() {
-                        return;
+                    tokio::time::sleep(script.data_delay).await;
+                    seen.messages.fetch_add(1, Ordering::SeqCst);
+                    if over_tls {
+                        seen.messages_over_tls.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if io.write_all(script.data_reply.as_bytes()).await.is_err()
+                        || script.close_after_message
+                    {
+                        return Ended::Closed;
                     }
                 }
                 continue;
             }
             let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-            let reply: &str = match verb.as_str() {
-                "EHLO" | "HELO" => "250-test\r\n250 8BITMIME\r\n",
-                "MAIL" | "RSET" | "NOOP" => "250 2.0.0 ok\r\n",
-                "RCPT" => rcpt_reply,
+            let reply: String = match verb.as_str() {
+                "EHLO" | "HELO" => {
+                    let mut reply = String::from("250-test\r\n");
+                    if script.tls == TestTls::StartTls && !over_tls {
+                        reply.push_str("250-STARTTLS\r\n");
+                    }
+                    if script.auth_plain.is_some() {
+                        reply.push_str("250-AUTH PLAIN LOGIN\r\n");
+                    }
+                    reply + "250 8BITMIME\r\n"
+                }
+                "STAR" if script.tls == TestTls::StartTls && !over_tls => {
+                    if io.write_all(b"220 2.0.0 go ahead\r\n").await.is_err() {
+                        return Ended::Closed;
+                    }
+                    return Ended::StartTls;
+                }
+                "AUTH" => match (script.auth_plain, line.split(' ').nth(2)) {
+                    (Some(wanted), Some(given)) if given == wanted => {
+                        authenticated = true;
+                        "235 2.7.0 ok\r\n".into()
+                    }
+                    _ => "535 5.7.8 bad credentials\r\n".into(),
+                },
+                "MAIL" => {
+                    seen.mail_commands.fetch_add(1, Ordering::SeqCst);
+                    if script.auth_plain.is_some() && !authenticated {
+                        "530 5.7.0 Authentication required\r\n".into()
+                    } else {
+                        "250 2.0.0 ok\r\n".into()
+                    }
+                }
+                "RSET" | "NOOP" => "250 2.0.0 ok\r\n".into(),
+                "RCPT" => script.rcpt_reply.into(),
                 "DATA" => {
                     in_data = true;
-                    "354 go ahead\r\n"
+                    "354 go ahead\r\n".into()
                 }
                 "QUIT" => {
-                    let _ = write.write_all(b"221 bye\r\n").await;
-                    return;
+                    seen.quits.fetch_add(1, Ordering::SeqCst);
+                    let _ = io.write_all(b"221 bye\r\n").await;
+                    return Ended::Closed;
                 }
-                _ => "502 5.5.1 what?\r\n",
+                _ => "502 5.5.1 what?\r\n".into(),
             };
-            if write.write_all(reply.as_bytes()).await.is_err() {
-                return;
+            if io.write_all(reply.as_bytes()).await.is_err() {
+                return Ended::Closed;
             }
         }
+    }
+
+    fn test_config(port: u16) -> RelayConfig {
+        RelayConfig {
+            host: "127.0.0.1".into(),
+            port,
+            security: RelaySecurity::Plain,
+            username: None,
+            password: None,
+            hello_name: "reach.test".into(),
+            timeout: Duration::from_secs(5),
+            connections: 4,
+        }
+    }
+
+    /// A relay trusting the test certificate.
+    fn test_relay_client(config: &RelayConfig, idle_limit: Duration) -> Relay {
+        Relay::build(config, &[relay_certificate()], idle_limit).unwrap()
+    }
+
+    async fn send_sample(relay: &Relay) -> Result<(), SendError> {
+        let raw = render(&sample(), at()).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            relay.send("b@reply.example.com", "alice@example.org", &raw),
+        )
+        .await
+        .expect("send finished")
     }
 
     async fn send_to_scripted(
         rcpt_reply: &'static str,
         data_reply: &'static str,
     ) -> Result<(), SendError> {
-        let (port, _) = scripted_server(rcpt_reply, data_reply).await;
-        let raw = render(&sample(), at()).unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            relay_to(port).send("b@reply.example.com", "alice@example.org", &raw),
-        )
-        .await
-        .expect("send finished")
+        let (port, _) = test_relay(Script {
+            rcpt_reply,
+            data_reply,
+            ..Script::accepting()
+        })
+        .await;
+        send_sample(&relay_to(port)).await
     }
 
     #[tokio::test]
     async fn consecutive_sends_reuse_one_connection() {
-        let (port, connections) = scripted_server("250 ok\r\n", "250 2.0.0 queued\r\n").await;
+        let (port, seen) = test_relay(Script::accepting()).await;
         let relay = relay_to(port);
-        let raw = render(&sample(), at()).unwrap();
-        for _ in 0..3 {
-            relay
-                .send("b@reply.example.com", "alice@example.org", &raw)
-                .await
-                .unwrap();
-            // lettre parks a used connection from a spawned task: give it a moment.
+        for _ in 0..50 {
+            send_sample(&relay).await.unwrap();
+        }
+        assert_eq!(seen.messages.load(Ordering::SeqCst), 50);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_sends_use_connections_up_to_the_limit() {
+        let (port, seen) = test_relay(Script {
+            data_delay: Duration::from_millis(100),
+            ..Script::accepting()
+        })
+        .await;
+        let relay = Relay::new(&RelayConfig {
+            connections: 3,
+            ..test_config(port)
+        })
+        .unwrap();
+        for _round in 0..2 {
+            let sends = (0..12).map(|_| send_sample(&relay));
+            for result in futures::future::join_all(sends).await {
+                result.unwrap();
+            }
+        }
+        assert_eq!(seen.messages.load(Ordering::SeqCst), 24);
+        assert_eq!(seen.max_open.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            seen.connections.load(Ordering::SeqCst),
+            3,
+            "the second round reuses the first round's connections"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_relay_closing_an_idle_connection_does_not_fail_the_next_send() {
+        let (port, seen) = test_relay(Script {
+            close_after_message: true,
+            ..Script::accepting()
+        })
+        .await;
+        let relay = relay_to(port);
+        for sent in 1..=3 {
+            send_sample(&relay).await.unwrap();
+            // Let the relay's close reach us, as it would between two emails.
+            while seen.open.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(seen.messages.load(Ordering::SeqCst), sent);
+        }
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_limit() {
+        let (port, seen) = test_relay(Script::accepting()).await;
+        let relay = test_relay_client(&test_config(port), Duration::from_millis(200));
+        send_sample(&relay).await.unwrap();
+        assert_eq!(seen.open.load(Ordering::SeqCst), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.open.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "the idle connection stayed open");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.quits.load(Ordering::SeqCst), 1, "closed with QUIT");
+        send_sample(&relay).await.unwrap();
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_email_does_not_reuse_its_connection() {
+        let (port, seen) = test_relay(Script {
+            rcpt_reply: "451 4.3.0 try later\r\n",
+            ..Script::accepting()
+        })
+        .await;
+        let relay = relay_to(port);
+        for _ in 0..2 {
+            assert!(matches!(
+                send_sample(&relay).await,
+                Err(SendError::Transient(_))
+            ));
+        }
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.mail_commands.load(Ordering::SeqCst), 2, "no retry");
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_sends_over_tls() {
+        let (port, seen) = test_relay(Script {
+            tls: TestTls::Implicit,
+            ..Script::accepting()
+        })
+        .await;
+        let config = RelayConfig {
+            security: RelaySecurity::Tls,
+            ..test_config(port)
+        };
+        let relay = test_relay_client(&config, IDLE_LIMIT);
+        send_sample(&relay).await.unwrap();
+        send_sample(&relay).await.unwrap();
+        assert_eq!(seen.messages_over_tls.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_refuses_an_unknown_certificate() {
+        let (port, seen) = test_relay(Script {
+            tls: TestTls::Implicit,
+            ..Script::accepting()
+        })
+        .await;
+        let relay = Relay::new(&RelayConfig {
+            security: RelaySecurity::Tls,
+            ..test_config(port)
+        })
+        .unwrap();
+        match send_sample(&relay).await {
+            Err(SendError::Transient(why)) => assert!(why.contains("TLS"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(seen.messages.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn starttls_sends_over_tls() {
+        let (port, seen) = test_relay(Script {
+            tls: TestTls::StartTls,
+            ..Script::accepting()
+        })
+        .await;
+        let config = RelayConfig {
+            security: RelaySecurity::StartTls,
+            ..test_config(port)
+        };
+        let relay = test_relay_client(&config, IDLE_LIMIT);
+        send_sample(&relay).await.unwrap();
+        send_sample(&relay).await.unwrap();
+        assert_eq!(seen.messages_over_tls.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn starttls_is_required_when_configured() {
+        let (port, seen) = test_relay(Script::accepting()).await;
+        let config = RelayConfig {
+            security: RelaySecurity::StartTls,
+            ..test_config(port)
+        };
+        let relay = test_relay_client(&config, IDLE_LIMIT);
+        assert!(matches!(
+            send_sample(&relay).await,
+            Err(SendError::Transient(_))
+        ));
+        assert_eq!(seen.mail_commands.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn starttls_refuses_an_unknown_certificate() {
+        let (port, seen) = test_relay(Script {
+            tls: TestTls::StartTls,
+            ..Script::accepting()
+        })
+        .await;
+        let relay = Relay::new(&RelayConfig {
+            security: RelaySecurity::StartTls,
+            ..test_config(port)
+        })
+        .unwrap();
+        assert!(matches!(
+            send_sample(&relay).await,
+            Err(SendError::Transient(_))
+        ));
+        assert_eq!(seen.mail_commands.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn authenticates_when_configured() {
+        // base64("\0reach\0hunter2")
+        let (port, seen) = test_relay(Script {
+            tls: TestTls::StartTls,
+            auth_plain: Some("AHJlYWNoAGh1bnRlcjI="),
+            ..Script::accepting()
+        })
+        .await;
+        let config = RelayConfig {
+            security: RelaySecurity::StartTls,
+            username: Some("reach".into()),
+            password: Some("hunter2".into()),
+            ..test_config(port)
+        };
+        send_sample(&test_relay_client(&config, IDLE_LIMIT))
+            .await
+            .unwrap();
+        assert_eq!(seen.messages_over_tls.load(Ordering::SeqCst), 1);
+
+        let wrong = RelayConfig {
+            password: Some("hunter3".into()),
+            ..config
+        };
+        assert!(matches!(
+            send_sample(&test_relay_client(&wrong, IDLE_LIMIT)).await,
+            Err(SendError::Transient(why)) if why.contains("credentials")
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_relay_times_out_as_transient() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts, then never says a word.
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let relay = Relay::new(&RelayConfig {
+            timeout: Duration::from_millis(300),
+            ..test_config(port)
+        })
+        .unwrap();
+        match send_sample(&relay).await {
+            Err(SendError::Transient(why)) => assert!(why.contains("timed out"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
