@@ -408,9 +408,14 @@ queued_job!(SmsJob);
 /// A time index beside a tree of records that each have a due time: keys are the 8-byte
 /// big-endian due time followed by the record's key, values empty. Finding what is due reads only
 /// the entries due, however many records wait. Entries are hints: each write of a record adds one
-/// for its due time, and an entry whose record is gone or now due at another time is dropped when
-/// it is met. So records are written without reading the previous entry, and a crash between
-/// a record and its entry leaves at worst a stale entry (the entry is written first).
+/// for its due time (the entry first, so a crash between the two leaves at worst an entry
+/// without a record, never a record without an entry), and an entry whose record is now due at
+/// another time is dropped when it is met.
+///
+/// The job queues are written by the core and walked by their drainer at the same time, so there
+/// an entry without its record may be a record about to be written: it is skipped, not dropped.
+/// Their drainer removes a job's entry with the job, and entries a crash left without a record
+/// are dropped when the store opens.
 struct DueIndex(sled::Tree);
 
 impl DueIndex {
@@ -423,6 +428,25 @@ impl DueIndex {
 
     fn add(&self, at: u64, record_key: &[u8]) -> Result<()> {
         self.0.insert(Self::entry(at, record_key), &[])?;
+        Ok(())
+    }
+
+    fn remove(&self, at: u64, record_key: &[u8]) -> Result<()> {
+        self.0.remove(Self::entry(at, record_key))?;
+        Ok(())
+    }
+
+    /// Drops the entries whose record is gone (what a crash between the two writes can leave).
+    fn drop_orphans(&self, records: &sled::Tree) -> Result<()> {
+        for kv in self.0.iter() {
+            let (k, _) = kv?;
+            if !k
+                .get(8..)
+                .is_some_and(|r| records.contains_key(r).unwrap_or(true))
+            {
+                self.0.remove(&k)?;
+            }
+        }
         Ok(())
     }
 
@@ -489,21 +513,49 @@ fn queue_put<T: Serialize + QueuedJob>(
     Ok(())
 }
 
-/// The job stored under an index entry, if it is still due at the entry's time.
+/// What an index entry of a job queue points at.
+enum Indexed<T> {
+    /// The job, due at the entry's time.
+    Due(u64, T),
+    /// The job was rescheduled: the entry is stale.
+    Moved,
+    /// No job (yet: the core may be about to write it): skip the entry, keep it.
+    Absent,
+}
+
 fn indexed_job<T: QueuedJob>(
     tree: &sled::Tree,
     name: &str,
     at: u64,
     record_key: &[u8],
-) -> Result<Option<(u64, T)>> {
+) -> Result<Indexed<T>> {
     let Some(v) = tree.get(record_key)? else {
-        return Ok(None);
+        return Ok(Indexed::Absent);
     };
     let job: T = decode(name, &v)?;
     let seq = <[u8; 8]>::try_from(record_key)
         .map(u64::from_be_bytes)
         .unwrap_or_default();
-    Ok((job.next_attempt_at() == at).then_some((seq, job)))
+    Ok(if job.next_attempt_at() == at {
+        Indexed::Due(seq, job)
+    } else {
+        Indexed::Moved
+    })
+}
+
+/// Removes a job and its index entry.
+fn queue_remove<T: QueuedJob>(
+    tree: &sled::Tree,
+    index: &DueIndex,
+    name: &str,
+    seq: u64,
+) -> Result<()> {
+    if let Some(v) = tree.remove(seq.to_be_bytes())? {
+        if let Ok(job) = decode::<T>(name, &v) {
+            index.remove(job.next_attempt_at(), &seq.to_be_bytes())?;
+        }
+    }
+    Ok(())
 }
 
 fn queue_due<T: QueuedJob>(
@@ -519,11 +571,12 @@ fn queue_due<T: QueuedJob>(
             return Ok(Visit::Stop);
         }
         Ok(match indexed_job(tree, name, at, record_key)? {
-            Some(found) => {
-                out.push(found);
+            Indexed::Due(seq, job) => {
+                out.push((seq, job));
                 Visit::Keep
             }
-            None => Visit::Stale,
+            Indexed::Moved => Visit::Stale,
+            Indexed::Absent => Visit::Keep,
         })
     })?;
     Ok(out)
@@ -537,11 +590,12 @@ fn queue_next<T: QueuedJob>(
     let mut next = None;
     index.walk(u64::MAX, |at, record_key| {
         Ok(match indexed_job::<T>(tree, name, at, record_key)? {
-            Some(_) => {
+            Indexed::Due(..) => {
                 next = Some(at);
                 Visit::Stop
             }
-            None => Visit::Stale,
+            Indexed::Moved => Visit::Stale,
+            Indexed::Absent => Visit::Keep,
         })
     })?;
     Ok(next)
@@ -704,6 +758,8 @@ impl Store {
         })?;
         self.email_due.build_if_missing(&self.email_jobs, job_due)?;
         self.sms_due.build_if_missing(&self.sms_jobs, job_due)?;
+        self.email_due.drop_orphans(&self.email_jobs)?;
+        self.sms_due.drop_orphans(&self.sms_jobs)?;
         self.rechecks_due
             .build_if_missing(&self.buddy_alert_rechecks, |v| {
                 serde_json::from_slice::<(u64, String, TerminalKind, String)>(v)
@@ -841,14 +897,20 @@ impl Store {
         }
         for kv in self.email_jobs.iter() {
             let (k, v) = kv?;
-            if decode::<EmailJob>("email_jobs", &v).is_ok_and(|job| job.user == jid) {
-                self.email_jobs.remove(k)?;
+            if let Ok(job) = decode::<EmailJob>("email_jobs", &v) {
+                if job.user == jid {
+                    self.email_due.remove(job.next_attempt_at, &k)?;
+                    self.email_jobs.remove(k)?;
+                }
             }
         }
         for kv in self.sms_jobs.iter() {
             let (k, v) = kv?;
-            if decode::<SmsJob>("sms_jobs", &v).is_ok_and(|job| job.user == jid) {
-                self.sms_jobs.remove(k)?;
+            if let Ok(job) = decode::<SmsJob>("sms_jobs", &v) {
+                if job.user == jid {
+                    self.sms_due.remove(job.next_attempt_at, &k)?;
+                    self.sms_jobs.remove(k)?;
+                }
             }
         }
         for counts in [&self.sms_counts, &self.email_counts] {
@@ -1294,8 +1356,7 @@ impl Store {
     }
 
     pub fn remove_email_job(&self, seq: u64) -> Result<()> {
-        self.email_jobs.remove(seq.to_be_bytes())?;
-        Ok(())
+        queue_remove::<EmailJob>(&self.email_jobs, &self.email_due, "email_jobs", seq)
     }
 
     pub fn wake_email(&self) {
@@ -1327,8 +1388,7 @@ impl Store {
     }
 
     pub fn remove_sms_job(&self, seq: u64) -> Result<()> {
-        self.sms_jobs.remove(seq.to_be_bytes())?;
-        Ok(())
+        queue_remove::<SmsJob>(&self.sms_jobs, &self.sms_due, "sms_jobs", seq)
     }
 
     fn queue_push<T: Serialize + QueuedJob>(
@@ -1810,6 +1870,30 @@ mod tests {
         assert_eq!(store.next_sms_attempt().unwrap(), Some(50));
         assert_eq!(texts(&store.due_sms_jobs(u64::MAX, 10).unwrap()), vec!["c"]);
         assert_eq!(store.sms_due.0.len(), 1, "stale entries were dropped");
+    }
+
+    #[test]
+    fn a_job_being_written_while_the_drainer_walks_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = reopen(dir.path());
+            // The core has written the index entry and not yet the job (another thread).
+            let seq = 99u64.to_be_bytes();
+            store.sms_due.add(5, &seq).unwrap();
+            assert!(store.due_sms_jobs(10, 10).unwrap().is_empty());
+            assert_eq!(store.next_sms_attempt().unwrap(), None);
+            store
+                .sms_jobs
+                .insert(seq, encode(&sms_job("late", 5)))
+                .unwrap();
+            assert_eq!(texts(&store.due_sms_jobs(10, 10).unwrap()), vec!["late"]);
+            // An entry a crash left without its job is dropped when the store opens.
+            store.sms_due.add(7, &100u64.to_be_bytes()).unwrap();
+            store.flush().unwrap();
+        }
+        let store = reopen(dir.path());
+        assert_eq!(store.sms_due.0.len(), 1);
+        assert_eq!(texts(&store.due_sms_jobs(10, 10).unwrap()), vec!["late"]);
     }
 
     #[test]
