@@ -650,6 +650,9 @@ pub struct Store {
     outbox_wake: Arc<Notify>,
     sms_wake: Arc<Notify>,
     email_wake: Arc<Notify>,
+    /// Outbox keys below this are durable (committed by a flush): the only ones the link may
+    /// send, so that nothing (a receipt, a relayed message) leaves before its batch is committed.
+    outbox_committed: std::sync::atomic::AtomicU64,
 }
 
 fn key(owner: &str, item: &str) -> Vec<u8> {
@@ -744,8 +747,13 @@ impl Store {
             outbox_wake: Arc::new(Notify::new()),
             email_wake: Arc::new(Notify::new()),
             sms_wake: Arc::new(Notify::new()),
+            outbox_committed: std::sync::atomic::AtomicU64::new(0),
             db,
         };
+        // Everything already in the store is committed.
+        store
+            .outbox_committed
+            .store(store.outbox_end()?, std::sync::atomic::Ordering::SeqCst);
         store.index_seen_ids()?;
         store.build_due_indexes()?;
         Ok(store)
@@ -793,8 +801,22 @@ impl Store {
 
     /// Makes every write so far durable (one fsync for the whole batch).
     pub fn flush(&self) -> Result<()> {
+        // Outbox keys are written in order by one thread (the runtime's), so every key below
+        // this end was written before the flush began, and is durable once it returns.
+        let end = self.outbox_end()?;
         self.db.flush()?;
+        self.outbox_committed
+            .fetch_max(end, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// One past the newest outbox key (0 for an empty outbox).
+    fn outbox_end(&self) -> Result<u64> {
+        Ok(self
+            .outbox
+            .last()?
+            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+            .map_or(0, |k| u64::from_be_bytes(k).saturating_add(1)))
     }
 
     // ---- users ----
@@ -1640,9 +1662,13 @@ impl Store {
 }
 
 impl OutboundQueue for Store {
+    /// The oldest committed stanzas; what the current batch queued waits for its flush.
     fn pending(&self, limit: usize) -> Vec<(u64, Element)> {
         let mut out = Vec::new();
-        for kv in self.outbox.iter().take(limit) {
+        let committed = self
+            .outbox_committed
+            .load(std::sync::atomic::Ordering::SeqCst);
+        for kv in self.outbox.range(..committed.to_be_bytes()).take(limit) {
             let Ok((k, v)) = kv else { break };
             let Ok(seq) = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) else {
                 continue;
@@ -1998,6 +2024,30 @@ mod tests {
         assert_eq!(store.forget_seen_before(500).unwrap(), 1);
         assert!(store.first_sight_of_mail("<old@x>", 1100).unwrap());
         assert!(!store.first_sight_of_mail("<new@x>", 1100).unwrap());
+    }
+
+    #[test]
+    fn the_link_gets_only_stanzas_whose_batch_is_committed() {
+        let store = Store::temporary().unwrap();
+        let stanza = |id: &str| -> Element {
+            format!("<message xmlns='jabber:component:accept' id='{id}'/>")
+                .parse()
+                .unwrap()
+        };
+        store.enqueue_stanza(&stanza("a")).unwrap();
+        assert!(store.pending(10).is_empty(), "queued, not yet committed");
+        store.flush().unwrap();
+        store.enqueue_stanza(&stanza("b")).unwrap();
+        let ids = |store: &Store| -> Vec<String> {
+            store
+                .pending(10)
+                .into_iter()
+                .map(|(_, el)| el.attr("id").unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(ids(&store), vec!["a"]);
+        store.flush().unwrap();
+        assert_eq!(ids(&store), vec!["a", "b"]);
     }
 
     #[test]
