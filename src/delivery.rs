@@ -1,7 +1,8 @@
 //! Drains a durable job queue (email or SMS) through its courier, several sends at a time.
 //!
 //! A job leaves the queue only once the courier's peer accepted it; removals are committed
-//! together, before the drainer goes idle and at most every 250 ms while a backlog drains. A transient refusal
+//! together, before the drainer goes idle and at most every 250 ms while a backlog drains. Each
+//! send is its own task, and a new one starts as soon as a slot frees. A transient refusal
 //! retries with exponential backoff until the job is too old; a permanent one is reported to the
 //! core (through the failure channel), which tells the buddies and keeps their messages for the
 //! user's XMPP client, and removes the job in the same commit. Meanwhile the job stays queued but
@@ -12,12 +13,13 @@
 //! metrics) is a [`Courier`]; the draining, the concurrency, the optional pacing and the
 //! shutdown are here, once.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
 
 use crate::metrics::SendFailure;
 use crate::store::{QueuedJob, Store, StoreError};
@@ -108,7 +110,11 @@ fn now() -> u64 {
 
 /// Runs until `shutdown` turns true or the failure receiver is gone. At shutdown no new send
 /// starts; those in flight finish (each bounded by the courier's own timeout) and are committed.
-pub async fn run<C: Courier>(
+///
+/// Sends start as soon as a slot is free, not pass by pass: one slow answer (a peer's delayed
+/// ACK, a retry) holds up its own slot only. Due jobs are read from the store a batch at a time,
+/// leaving out those in flight.
+pub async fn run<C: Courier + 'static>(
     store: Arc<Store>,
     courier: C,
     pace: Pace,
@@ -116,76 +122,72 @@ pub async fn run<C: Courier>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let wake = courier.wake(&store);
+    let courier = Arc::new(courier);
     let mut pacer = pace.per_second.map(Pacer::new);
     let concurrency = pace.concurrency.max(1);
     let mut last_commit = Instant::now();
+    let mut waiting: VecDeque<(u64, C::Job)> = VecDeque::new();
+    let mut flying: HashSet<u64> = HashSet::new();
+    let mut in_flight: JoinSet<(u64, Option<Failure<C::Job>>)> = JoinSet::new();
+    let mut sender_gone = false;
     loop {
-        if *shutdown.borrow() {
+        let stopping = sender_gone || *shutdown.borrow();
+        if stopping && in_flight.is_empty() {
+            commit(&store, C::KIND);
             return;
         }
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        let due = match courier.due(&store, now(), PASS) {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::error!("cannot read the {} queue: {e}", C::KIND);
-                Vec::new()
+        if !stopping && waiting.is_empty() && in_flight.len() < concurrency {
+            match courier.due(&store, now(), PASS + flying.len()) {
+                Ok(due) => waiting.extend(due.into_iter().filter(|(seq, _)| !flying.contains(seq))),
+                Err(e) => tracing::error!("cannot read the {} queue: {e}", C::KIND),
             }
-        };
-        let busy = due.len() == PASS;
-        let mut waiting = due.into_iter().peekable();
-        let mut in_flight = FuturesUnordered::new();
-        let mut receiver_gone = false;
-        let mut stopping = false;
-        // The start time booked for the next send, kept until that send starts.
-        let mut slot: Option<Instant> = None;
-        loop {
-            let may_start = in_flight.len() < concurrency
-                && waiting.peek().is_some()
-                && !stopping
-                && !*shutdown.borrow()
-                && !receiver_gone;
-            if may_start && slot.is_none() {
-                slot = Some(pacer.as_mut().map_or_else(Instant::now, Pacer::book));
+        }
+        while !stopping && in_flight.len() < concurrency {
+            let Some((seq, job)) = waiting.pop_front() else {
+                break;
+            };
+            if let Some(pacer) = pacer.as_mut() {
+                wait_until(pacer.book()).await;
             }
-            let start_at = slot.unwrap_or_else(Instant::now);
+            flying.insert(seq);
+            let (store, courier) = (store.clone(), courier.clone());
+            in_flight.spawn(async move { (seq, guarded_attempt(store, courier, seq, job).await) });
+        }
+
+        // Committing removals only makes a crash resend less; sending never waits for it.
+        // While a backlog drains, commit at most every COMMIT_EVERY (the runtime's own batch
+        // commits carry the rest), and always before going idle.
+        let idle = in_flight.is_empty() && waiting.is_empty();
+        if idle || last_commit.elapsed() >= COMMIT_EVERY {
+            commit(&store, C::KIND);
+            last_commit = Instant::now();
+        }
+
+        if !in_flight.is_empty() {
             tokio::select! {
-                biased;
-                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Some(failure) = outcome {
-                        if failures.send(failure).await.is_err() {
-                            receiver_gone = true;
+                done = in_flight.join_next() => {
+                    // A send never panics out of `guarded_attempt`; a task is only cancelled
+                    // when this drainer is dropped.
+                    if let Some(Ok((seq, outcome))) = done {
+                        flying.remove(&seq);
+                        if let Some(failure) = outcome {
+                            if failures.send(failure).await.is_err() {
+                                return;
+                            }
                         }
                     }
                 }
-                _ = wait_until(start_at), if may_start => {
-                    slot = None;
-                    if let Some((seq, job)) = waiting.next() {
-                        in_flight.push(attempt(&store, &courier, seq, job));
-                    }
+                changed = shutdown.changed(), if !stopping => {
+                    sender_gone |= changed.is_err();
                 }
-                changed = shutdown.changed(), if may_start => {
-                    // The sender side gone counts as a shutdown.
-                    stopping = changed.is_err() || *shutdown.borrow();
-                }
-                else => break,
             }
+            continue;
         }
-        // Committing a pass's removals only makes a crash resend less; sending never waits for
-        // it. While a backlog drains, commit at most every COMMIT_EVERY (the runtime's own
-        // batch commits carry the rest), and always before going idle.
-        if !busy || last_commit.elapsed() >= COMMIT_EVERY {
-            if let Err(e) = store.flush() {
-                tracing::error!("cannot commit the {} queue: {e}", C::KIND);
-            }
-            last_commit = Instant::now();
-        }
-        if receiver_gone {
-            return;
-        }
-        if busy {
+        if !waiting.is_empty() || stopping {
             continue;
         }
         let wait = match courier.next_attempt(&store) {
@@ -195,8 +197,16 @@ pub async fn run<C: Courier>(
         tokio::select! {
             _ = notified => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+            changed = shutdown.changed() => {
+                sender_gone |= changed.is_err();
+            }
         }
+    }
+}
+
+fn commit(store: &Store, kind: &str) {
+    if let Err(e) = store.flush() {
+        tracing::error!("cannot commit the {kind} queue: {e}");
     }
 }
 
@@ -232,10 +242,38 @@ impl Pacer {
     }
 }
 
+/// [`attempt`], with a panic (a bug) costing one try of one job: it is logged and the job is
+/// retried later like a transient failure, never dropped.
+async fn guarded_attempt<C: Courier>(
+    store: Arc<Store>,
+    courier: Arc<C>,
+    seq: u64,
+    job: C::Job,
+) -> Option<Failure<C::Job>> {
+    use futures::FutureExt;
+    let mut retry = job.clone();
+    let outcome = std::panic::AssertUnwindSafe(attempt(store.clone(), courier.clone(), seq, job))
+        .catch_unwind()
+        .await;
+    outcome.unwrap_or_else(|_| {
+        tracing::error!(
+            seq,
+            "sending a queued {} panicked; it will be tried again",
+            C::KIND
+        );
+        let attempts = retry.attempts() + 1;
+        retry.reschedule(attempts, now() + C::RETRY.delay(attempts));
+        if let Err(e) = courier.put(&store, seq, &retry) {
+            tracing::error!("cannot reschedule a queued {}: {e}", C::KIND);
+        }
+        None
+    })
+}
+
 /// One delivery attempt; returns the failure to report if the job failed for good.
 async fn attempt<C: Courier>(
-    store: &Store,
-    courier: &C,
+    store: Arc<Store>,
+    courier: Arc<C>,
     seq: u64,
     mut job: C::Job,
 ) -> Option<Failure<C::Job>> {
@@ -246,7 +284,7 @@ async fn attempt<C: Courier>(
         Ok(()) => {
             courier.count_sent(took);
             tracing::debug!(seq, "{} handed over", C::KIND);
-            if let Err(e) = courier.remove(store, seq) {
+            if let Err(e) = courier.remove(&store, seq) {
                 tracing::error!("cannot remove a sent {} from the queue: {e}", C::KIND);
             }
             None
@@ -260,7 +298,7 @@ async fn attempt<C: Courier>(
             // The peer's text may quote the recipient's address or number: only at debug.
             tracing::warn!(seq, attempts, "{} failed for now, will retry", C::KIND);
             tracing::debug!(seq, "the peer said: {reason}");
-            if let Err(e) = courier.put(store, seq, &job) {
+            if let Err(e) = courier.put(&store, seq, &job) {
                 tracing::error!("cannot reschedule a queued {}: {e}", C::KIND);
             }
             None
@@ -275,7 +313,7 @@ async fn attempt<C: Courier>(
             // Queued until the core has kept its messages elsewhere; meanwhile never tried again.
             let mut parked = job.clone();
             parked.reschedule(job.attempts(), u64::MAX);
-            if let Err(e) = courier.put(store, seq, &parked) {
+            if let Err(e) = courier.put(&store, seq, &parked) {
                 tracing::error!("cannot park a failed {}: {e}", C::KIND);
             }
             Some(Failure { seq, job, reason })
