@@ -130,9 +130,13 @@ pub async fn run<C: Courier + 'static>(
     let mut flying: HashSet<u64> = HashSet::new();
     let mut in_flight: JoinSet<(u64, Option<Failure<C::Job>>)> = JoinSet::new();
     let mut sender_gone = false;
+    let mut committing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let stopping = sender_gone || *shutdown.borrow();
         if stopping && in_flight.is_empty() {
+            if let Some(running) = committing.take() {
+                let _ = running.await;
+            }
             commit(&store, C::KIND);
             return;
         }
@@ -161,9 +165,19 @@ pub async fn run<C: Courier + 'static>(
         // Committing removals only makes a crash resend less; sending never waits for it.
         // While a backlog drains, commit at most every COMMIT_EVERY (the runtime's own batch
         // commits carry the rest), and always before going idle.
+        // The commit runs on a blocking thread: an fsync must not hold up the sends (nor the
+        // other tasks of this worker thread). One at a time.
         let idle = in_flight.is_empty() && waiting.is_empty();
-        if idle || last_commit.elapsed() >= COMMIT_EVERY {
-            commit(&store, C::KIND);
+        if idle {
+            // Going idle: whatever was removed must be in a commit that starts now.
+            if let Some(running) = committing.take() {
+                let _ = running.await;
+            }
+        }
+        let previous_done = committing.as_ref().is_none_or(|c| c.is_finished());
+        if previous_done && (idle || last_commit.elapsed() >= COMMIT_EVERY) {
+            let store = store.clone();
+            committing = Some(tokio::task::spawn_blocking(move || commit(&store, C::KIND)));
             last_commit = Instant::now();
         }
 
