@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod delivery;
 pub mod email;
+mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod sms;

@@ -25,7 +25,6 @@
 //! | `reach_xmpp_link_up` | gauge | |
 //! | `reach_xmpp_link_reconnects_total` | counter | |
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,10 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{header, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -575,7 +571,7 @@ pub async fn serve(listener: TcpListener, store: Arc<Store>, mut shutdown: watch
         while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stopped(&mut shutdown) => break,
+            _ = crate::http::shutdown_requested(&mut shutdown) => break,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -590,28 +586,17 @@ pub async fn serve(listener: TcpListener, store: Arc<Store>, mut shutdown: watch
             continue;
         }
         let store = store.clone();
-        let mut shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |request| {
+        connections.spawn(crate::http::serve_connection(
+            stream,
+            peer,
+            HEADER_TIMEOUT,
+            shutdown.clone(),
+            "metrics",
+            move |request| {
                 let store = store.clone();
-                async move { Ok::<_, Infallible>(respond(&request, store).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = stopped(&mut shutdown) => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
-            }
-        });
+                async move { respond(&request, store).await }
+            },
+        ));
     }
     drop(listener);
     let drain = async { while connections.join_next().await.is_some() {} };
@@ -624,17 +609,6 @@ pub async fn serve(listener: TcpListener, store: Arc<Store>, mut shutdown: watch
 }
 
 /// Resolves once shutdown is asked for (the value is true, or the sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 async fn respond(request: &Request<Incoming>, store: Arc<Store>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path != METRICS_PATH && path != STATS_PATH {

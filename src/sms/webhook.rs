@@ -28,7 +28,6 @@
 //!
 //! No routing decisions here; numbers and texts are logged at `debug` only, the secret never.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,10 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{header, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -121,7 +117,7 @@ pub async fn serve<H: WebhookHandler>(
                 Ok(permit) => permit,
                 Err(_) => break,
             },
-            _ = shutdown_signal(&mut shutdown) => break,
+            _ = crate::http::shutdown_requested(&mut shutdown) => break,
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -133,49 +129,30 @@ pub async fn serve<H: WebhookHandler>(
                     continue;
                 }
             },
-            _ = shutdown_signal(&mut shutdown) => break,
+            _ = crate::http::shutdown_requested(&mut shutdown) => break,
         };
         let config = config.clone();
         let handler = handler.clone();
-        let mut shutdown = shutdown.clone();
+        let shutdown = shutdown.clone();
         connections.spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |request| {
-                let config = config.clone();
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(respond(request, peer, &config, &*handler).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = shutdown_signal(&mut shutdown) => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "SMS webhook connection ended with an error");
-            }
+            crate::http::serve_connection(
+                stream,
+                peer,
+                HEADER_TIMEOUT,
+                shutdown,
+                "SMS webhook",
+                move |request| {
+                    let config = config.clone();
+                    let handler = handler.clone();
+                    async move { respond(request, peer, &config, &*handler).await }
+                },
+            )
+            .await
         });
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
-}
-
-/// Resolves once shutdown is asked for (the value is true, or the sender is gone).
-async fn shutdown_signal(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 /// The answer to one request: a status and an empty body.
