@@ -221,7 +221,8 @@ impl<S> DepthGuard<S> {
 
 /// Something to do on the socket after each read that brought data.
 pub trait AfterRead {
-    fn after_read(&self) {}
+    /// Called with how many bytes the read brought.
+    fn after_read(&self, _bytes: usize) {}
 }
 
 impl AfterRead for tokio::io::DuplexStream {}
@@ -229,13 +230,22 @@ impl AfterRead for tokio::io::DuplexStream {}
 /// The server's stanzas come with nothing for Reach to answer most of the time, so the kernel
 /// would delay its ACKs (up to 40 ms), and a server using Nagle's algorithm then holds its next
 /// small write until that ACK: a stanza in a hundred waited ~40 ms. Acknowledge at once instead
-/// (Linux re-enters delayed-ACK mode by itself, so this is asked again after every read).
+/// (Linux re-enters delayed-ACK mode by itself, so this is asked again after each small read;
+/// large reads mean a busy stream whose ACKs flow anyway, and an ACK per read would only add
+/// packets for the server to handle).
 impl AfterRead for tokio::net::TcpStream {
-    fn after_read(&self) {
+    fn after_read(&self, bytes: usize) {
         #[cfg(target_os = "linux")]
-        let _ = socket2::SockRef::from(self).set_tcp_quickack(true);
+        if bytes < QUICKACK_BELOW {
+            let _ = socket2::SockRef::from(self).set_tcp_quickack(true);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = bytes;
     }
 }
+
+/// Reads smaller than this (a few stanzas) ask for an immediate ACK.
+const QUICKACK_BELOW: usize = 4096;
 
 impl<S: AsyncRead + AfterRead + Unpin> AsyncRead for DepthGuard<S> {
     fn poll_read(
@@ -265,7 +275,7 @@ impl<S: AsyncRead + AfterRead + Unpin> AsyncRead for DepthGuard<S> {
                         // End of stream.
                         return Poll::Ready(Ok(()));
                     }
-                    this.inner.after_read();
+                    this.inner.after_read(got.len());
                     this.filter.feed(got, &mut this.ready);
                     // Everything read may have been dropped: read on.
                 }
