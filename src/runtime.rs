@@ -21,7 +21,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::address::{classify_local, LocalTarget};
 use crate::config::{Config, EmailConfig, SmsConfig};
 use crate::core::email::{EmailSettings, InboundMail, SmtpAnswer};
 use crate::core::sms::{SmsSettings, WebhookAnswer};
@@ -179,15 +178,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             }
             _ = stop_requested(&mut stop) => break,
         }
-        if commit_batch(&core, &store, batch).await? {
-            // A forward fell due at once: send it now rather than on the next second's tick
-            // (what this tick itself makes due waits for the clock).
-            let tick = Input {
-                event: Event::Tick,
-                answer: None,
-            };
-            commit_batch(&core, &store, vec![tick]).await?;
-        }
+        commit_batch(&core, &store, batch).await?;
     }
 
     // Shutdown, step 1: the listeners and senders finish what they are doing; what they hand
@@ -273,34 +264,15 @@ async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Handles one batch off the async threads and commits it. True if the core asked for a clock
-/// tick right away ([`Action::TickSoon`]).
+/// Handles one batch off the async threads and commits it.
 async fn commit_batch(
     core: &Arc<Core>,
     store: &Arc<Store>,
     batch: Vec<Input>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<()> {
     let (core, store) = (core.clone(), store.clone());
-    Ok(tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?)
-}
-
-/// The user a message event is for, when it is a message with a text to a reach address (the
-/// only kind the core may hold for the user's XMPP client).
-fn holdable_for(core: &Core, store: &Store, event: &Event) -> Option<String> {
-    let Event::Stanza(stanza) = event else {
-        return None;
-    };
-    if stanza.name() != "message" || !stanza.children().any(|c| c.name() == "body") {
-        return None;
-    }
-    let to = jid::Jid::new(stanza.attr("to")?).ok()?;
-    if to.domain().as_str() != core.settings().domain {
-        return None;
-    }
-    match classify_local(to.node().map(|n| n.as_str())) {
-        LocalTarget::User(handle) => Some(store.user_by_handle(&handle).ok()??.jid),
-        _ => None,
-    }
+    tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?;
+    Ok(())
 }
 
 /// Counts the messages an action carries out (see `crate::metrics::RoutedTo`).
@@ -323,22 +295,22 @@ fn count_routed(domain: &str, action: &Action) {
         Action::SendSms(job) if job.peer.is_some() => {
             metrics.routed(RoutedTo::Sms, job.items.len() as u64);
         }
+        Action::Held => metrics.routed(RoutedTo::Held, 1),
         _ => {}
     }
 }
 
-fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) -> bool {
-    let metrics = crate::metrics::global();
+fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     let now = now();
-    let mut tick_soon = false;
+    // A forward that fell due at once ([`Action::TickSoon`]) goes out with this batch: one clock
+    // tick is added at its end, committed with the rest (what that tick makes due waits for
+    // the clock).
+    let mut batch = std::collections::VecDeque::from(batch);
+    let mut tick_added = false;
     let mut answers = Vec::new();
     let (mut emails, mut texts) = (false, false);
-    for Input { event, answer } in batch {
+    while let Some(Input { event, answer }) = batch.pop_front() {
         let (mut mail_said, mut webhook_said, mut failed) = (None, None, false);
-        let hold_for = holdable_for(core, store, &event);
-        let held_before = hold_for
-            .as_deref()
-            .and_then(|jid| store.held_count(jid).ok());
         // A bug must cost one event, not the whole gateway: a panic is logged and the event is
         // answered as a temporary failure, and the batch goes on.
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -354,10 +326,6 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) -> bool {
         });
         match handled {
             Ok(actions) => {
-                if let (Some(jid), Some(before)) = (&hold_for, held_before) {
-                    let after = store.held_count(jid).unwrap_or(before);
-                    metrics.routed(RoutedTo::Held, after.saturating_sub(before) as u64);
-                }
                 for action in actions {
                     count_routed(&core.settings().domain, &action);
                     let queued = match action {
@@ -379,9 +347,16 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) -> bool {
                             Ok(())
                         }
                         Action::TickSoon => {
-                            tick_soon = true;
+                            if !tick_added {
+                                tick_added = true;
+                                batch.push_back(Input {
+                                    event: Event::Tick,
+                                    answer: None,
+                                });
+                            }
                             Ok(())
                         }
+                        Action::Held => Ok(()),
                     };
                     if let Err(e) = queued {
                         tracing::error!("could not queue an outbound item: {e}");
@@ -435,7 +410,6 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) -> bool {
             store.wake_sms();
         }
     }
-    tick_soon && flushed.is_ok()
 }
 
 fn temporary_failure() -> SmtpAnswer {

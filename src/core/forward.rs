@@ -104,7 +104,7 @@ pub(super) fn decide(
 /// Queues a message for the terminal the decision chose: it joins the conversation's pending
 /// forward. An email waits at least the digest window; items for the same terminal in one
 /// conversation go together, at the earliest of their times. An item due at once (no digest
-/// window, no grace delay, no quiet hours) asks for a clock tick right after this batch, so it
+/// window, no grace delay, no quiet hours) asks for a clock tick at the end of its batch, so it
 /// leaves within milliseconds instead of on the next second's tick (and the messages of one
 /// batch still go together).
 #[allow(clippy::too_many_arguments)]

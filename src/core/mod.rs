@@ -77,9 +77,12 @@ pub enum Action {
     SendSms(Box<crate::store::SmsJob>),
     /// Answer the provider's webhook call that brought an SMS event.
     AnswerWebhook(sms::WebhookAnswer),
-    /// A forward fell due at once: feed [`Event::Tick`] right after this batch rather than on
-    /// the next second.
+    /// A forward fell due at once: feed [`Event::Tick`] at the end of this batch (committed with
+    /// it) rather than on the next second.
     TickSoon,
+    /// A message with a text was held for the user's XMPP client (no client and no terminal
+    /// could take it): for the metrics, nothing to carry out.
+    Held,
 }
 
 /// The fixed facts the core decides with.
@@ -125,7 +128,7 @@ impl Out {
         self.actions.push(action);
     }
 
-    /// Asks for a clock tick right after this batch (once per event).
+    /// Asks for a clock tick at the end of this batch (once per event).
     pub(crate) fn tick_soon(&mut self) {
         if !self.actions.iter().any(|a| matches!(a, Action::TickSoon)) {
             self.actions.push(Action::TickSoon);

@@ -15,7 +15,7 @@ use crate::xmpp::stanza::an;
 use xmpp_parsers::ns;
 
 use super::rules::{Decision, ItemKind};
-use super::{commands, forward, Addressing, Core, Handled, Out};
+use super::{commands, forward, Action, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
 use crate::store::{HeldMessage, PendingItem, Store, StoreError, User};
 use crate::xmpp::stanza::{attr, child_text, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
@@ -137,6 +137,7 @@ fn relay_to_user(
                 .attr(an("stamp"), iso8601(now))
                 .build(),
         );
+        let has_text = body.is_some();
         match (body, decision.forward) {
             (Some(text), Some(to)) => forward::queue(
                 core,
@@ -158,6 +159,9 @@ fn relay_to_user(
                         held_at: now,
                     },
                 )?;
+                if has_text {
+                    out.push(Action::Held);
+                }
                 tracing::debug!(
                     handle = user.handle.as_str(),
                     "message held until the user is online"
