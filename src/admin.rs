@@ -1,5 +1,6 @@
-//! The admin commands behind `reach stats`, `reach export` and `reach purge`: counts of what the
-//! store holds, everything held about one user (for privacy requests), and deleting a user.
+//! The admin commands behind `reach stats`, `reach export`, `reach purge` and
+//! `reach dead-letters`: counts of what the store holds, everything held about one user (for
+//! privacy requests), deleting a user, and the inputs set aside because handling them failed.
 //!
 //! They open the store themselves, so they work while Reach is stopped. While Reach runs its
 //! store is locked: `stats` then asks the running Reach's metrics endpoint (`GET /stats`) when
@@ -254,6 +255,100 @@ pub fn purge(config: &Config, store: &Store, jid: &str) -> Result<Purged, AdminE
         jid: jid.to_owned(),
         queued_stanzas: goodbyes.len(),
     })
+}
+
+/// One line of `reach dead-letters`: what was set aside, when and why, without its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterLine {
+    pub id: u64,
+    pub at: u64,
+    pub kind: String,
+    pub reason: String,
+    pub redrive: bool,
+    /// The size of the input kept, in bytes.
+    pub bytes: usize,
+}
+
+impl fmt::Display for DeadLetterLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}\t{}\t{}\t{} bytes\t{}{}",
+            self.id,
+            self.at,
+            self.kind,
+            self.bytes,
+            self.reason,
+            if self.redrive {
+                " (re-drive at next start)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// What `reach dead-letters` was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterCommand {
+    /// List them.
+    List,
+    /// Print one input, as kept (it may hold message text and addresses).
+    Show(u64),
+    /// Handle it again at the next start.
+    Redrive(u64),
+    /// Delete it.
+    Drop(u64),
+}
+
+/// Why a dead-letter command found nothing to do.
+#[derive(Debug, thiserror::Error)]
+#[error("there is no dead letter {0} (`reach dead-letters` lists them)")]
+pub struct NoDeadLetter(pub u64);
+
+/// `reach dead-letters`: lists, shows, marks for re-drive or deletes; durable when this returns.
+/// Returns the lines to print.
+pub fn dead_letters(store: &Store, command: DeadLetterCommand) -> anyhow::Result<Vec<String>> {
+    let letters = store.dead_letters()?;
+    let find = |id: u64| {
+        letters
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, l)| l)
+            .ok_or(NoDeadLetter(id))
+    };
+    let lines = match command {
+        DeadLetterCommand::List => letters
+            .iter()
+            .map(|(id, l)| {
+                DeadLetterLine {
+                    id: *id,
+                    at: l.at,
+                    kind: l.kind.clone(),
+                    reason: l.reason.clone(),
+                    redrive: l.redrive,
+                    bytes: l.payload.len(),
+                }
+                .to_string()
+            })
+            .collect(),
+        DeadLetterCommand::Show(id) => vec![find(id)?.payload.clone()],
+        DeadLetterCommand::Redrive(id) => {
+            find(id)?;
+            store.mark_for_redrive(id)?;
+            store.flush()?;
+            vec![format!(
+                "dead letter {id} will be handled again when Reach next starts"
+            )]
+        }
+        DeadLetterCommand::Drop(id) => {
+            find(id)?;
+            store.remove_dead_letter(id)?;
+            store.flush()?;
+            vec![format!("dead letter {id} deleted")]
+        }
+    };
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -20,6 +20,10 @@ const USAGE: &str = "usage:
                                 delete a user and everything held about them, as XEP-0077
                                 <remove/> does (only while Reach is stopped; the unsubscriptions
                                 are sent when it next starts)
+  reach dead-letters --config FILE [show ID | redrive ID | drop ID]
+                                list the inputs set aside because handling them failed; print
+                                one (it may hold message text), have it handled again when Reach
+                                next starts, or delete it (only while Reach is stopped)
   reach --version
   reach --help
 
@@ -42,6 +46,10 @@ enum Command {
     Purge {
         config: String,
         jid: String,
+    },
+    DeadLetters {
+        config: String,
+        command: reach::admin::DeadLetterCommand,
     },
     Version,
     Help,
@@ -94,6 +102,24 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             jid: (*jid).to_owned(),
         }),
         ["export" | "purge"] => Err(format!("{} needs a USER_JID", words[0])),
+        ["dead-letters", rest @ ..] => {
+            use reach::admin::DeadLetterCommand as D;
+            let id = |s: &str| {
+                s.parse::<u64>()
+                    .map_err(|_| format!("'{s}' is not a dead letter id (a number)"))
+            };
+            let command = match rest {
+                [] | ["list"] => D::List,
+                ["show", n] => D::Show(id(n)?),
+                ["redrive", n] => D::Redrive(id(n)?),
+                ["drop", n] => D::Drop(id(n)?),
+                _ => return Err("dead-letters takes: show ID, redrive ID or drop ID".to_owned()),
+            };
+            Ok(Command::DeadLetters {
+                config: need_config("dead-letters")?,
+                command,
+            })
+        }
         _ => Err(format!("unexpected arguments: {}", words.join(" "))),
     }
 }
@@ -154,6 +180,20 @@ fn main() -> ExitCode {
                  connects to the XMPP server",
                 purged.jid, purged.queued_stanzas
             );
+            Ok(())
+        }),
+        Command::DeadLetters { config, command } => admin(&config, |config| {
+            let store = reach::admin::open_store(
+                config,
+                "Stop Reach first (the store can be used by one process at a time).",
+            )?;
+            let lines = reach::admin::dead_letters(&store, command)?;
+            if lines.is_empty() {
+                eprintln!("no dead letters");
+            }
+            for line in lines {
+                println!("{line}");
+            }
             Ok(())
         }),
         Command::Version => {

@@ -167,6 +167,33 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     drop(inputs_tx);
     tracing::info!(domain = %config.component.domain, email = config.email.is_some(), "Reach started");
 
+    // Dead letters the admin asked to re-drive (`reach dead-letters redrive`) go first.
+    let redriven: Vec<Input> = store
+        .take_redrives()?
+        .iter()
+        .filter_map(|letter| {
+            let event = crate::core::dead_letter::revive(letter);
+            if event.is_none() {
+                tracing::warn!(
+                    kind = letter.kind.as_str(),
+                    "a dead letter cannot be read; dropped"
+                );
+            }
+            event
+        })
+        .map(|event| Input {
+            event,
+            answer: None,
+        })
+        .collect();
+    if !redriven.is_empty() {
+        tracing::info!(
+            count = redriven.len(),
+            "handling dead letters again, as asked"
+        );
+        commit_batch(&core, &store, redriven).await?;
+    }
+
     let mut stop = shutdown.clone();
     loop {
         let mut batch = Vec::new();
@@ -309,93 +336,44 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     let mut tick_added = false;
     let mut answers = Vec::new();
     let (mut emails, mut texts) = (false, false);
-    while let Some(Input { event, answer }) = batch.pop_front() {
-        let (mut mail_said, mut webhook_said, mut failed) = (None, None, false);
-        // A bug must cost one event, not the whole gateway: a panic is logged and the event is
-        // answered as a temporary failure, and the batch goes on.
-        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            core.handle(store, now, event)
-        }))
-        .unwrap_or_else(|_| {
-            tracing::error!(
-                "the core panicked on an event; it is dropped and the next one goes on"
-            );
-            Err(crate::store::StoreError::Corrupt(
-                "internal error while handling an event".to_owned(),
-            ))
-        });
-        match handled {
-            Ok(actions) => {
-                for action in actions {
-                    count_routed(&core.settings().domain, &action);
-                    let queued = match action {
-                        Action::SendStanza(stanza) => store.enqueue_stanza(&stanza).map(|_| ()),
-                        Action::SendEmail(job) => {
-                            emails = true;
-                            store.enqueue_email(&job).map(|_| ())
-                        }
-                        Action::SendSms(job) => {
-                            texts = true;
-                            store.enqueue_sms(&job).map(|_| ())
-                        }
-                        Action::AnswerMail(answer) => {
-                            mail_said = Some(answer);
-                            Ok(())
-                        }
-                        Action::AnswerWebhook(answer) => {
-                            webhook_said = Some(answer);
-                            Ok(())
-                        }
-                        Action::TickSoon => {
-                            if !tick_added {
-                                tick_added = true;
-                                batch.push_back(Input {
-                                    event: Event::Tick,
-                                    answer: None,
-                                });
-                            }
-                            Ok(())
-                        }
-                        Action::Held => Ok(()),
-                    };
-                    if let Err(e) = queued {
-                        tracing::error!("could not queue an outbound item: {e}");
-                        failed = true;
-                    }
+    while let Some(Input { mut event, answer }) = batch.pop_front() {
+        crate::core::clean_event(&mut event);
+        let said = match guarded(core, store, now, &event) {
+            Handled::Done(carried) => {
+                emails |= carried.emails;
+                texts |= carried.texts;
+                if carried.tick_soon && !tick_added {
+                    tick_added = true;
+                    batch.push_back(Input {
+                        event: Event::Tick,
+                        answer: None,
+                    });
                 }
+                Said::Answer(carried.mail, carried.webhook)
             }
-            Err(e) => {
-                tracing::error!("store failure while handling an event: {e}");
-                failed = true;
-            }
-        }
+            Handled::Failed => Said::Temporary,
+            Handled::Bug(reason) => set_aside(store, now, &event, &reason),
+        };
         if let Some(responder) = answer {
-            answers.push((
-                responder,
-                if failed {
-                    (None, None)
-                } else {
-                    (mail_said, webhook_said)
-                },
-            ));
+            answers.push((responder, said));
         }
     }
     let flushed = store.flush();
     if let Err(e) = &flushed {
         tracing::error!("store flush failed; nothing of this batch is sent or acknowledged: {e}");
     }
-    for (responder, (mail_said, webhook_said)) in answers {
+    for (responder, said) in answers {
+        let (mail_said, webhook_said) = match said {
+            Said::Answer(mail, webhook) if flushed.is_ok() => (mail, webhook),
+            Said::Answer(..) | Said::Temporary => (None, None),
+        };
         match responder {
             Responder::Mail(tx) => {
-                let _ = tx.send(
-                    mail_said
-                        .filter(|_| flushed.is_ok())
-                        .unwrap_or_else(temporary_failure),
-                );
+                let _ = tx.send(mail_said.unwrap_or_else(temporary_failure));
             }
             Responder::Webhook(tx) => {
                 let _ =
-                    tx.send(webhook_said.filter(|_| flushed.is_ok()).unwrap_or_else(|| {
+                    tx.send(webhook_said.unwrap_or_else(|| {
                         WebhookAnswer::Temporary("temporary failure".to_owned())
                     }));
             }
@@ -409,6 +387,159 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
         if texts {
             store.wake_sms();
         }
+    }
+}
+
+/// What one event came to in [`handle_batch`].
+enum Handled {
+    /// Its actions are queued.
+    Done(Carried),
+    /// The store failed: nothing of it is acknowledged, and the sender may retry.
+    Failed,
+    /// A bug (a panic, or a stanza that cannot be written): it is set aside, never retried.
+    Bug(String),
+}
+
+/// What the actions of one handled event asked of the rest of the batch.
+#[derive(Default)]
+struct Carried {
+    mail: Option<SmtpAnswer>,
+    webhook: Option<WebhookAnswer>,
+    emails: bool,
+    texts: bool,
+    tick_soon: bool,
+}
+
+/// What the waiting SMTP client or webhook call hears once the batch is committed.
+enum Said {
+    Answer(Option<SmtpAnswer>, Option<WebhookAnswer>),
+    Temporary,
+}
+
+/// Handles one event and queues its actions, with every step guarded: a panic anywhere in the
+/// core or in queueing, and a stanza that cannot be written as XML, cost this event only.
+/// The stanzas are checked before anything is queued, so such an event queues nothing.
+fn guarded(core: &Core, store: &Store, now: u64, event: &Event) -> Handled {
+    if let Some(fingerprint) = crate::core::dead_letter::resend_fingerprint(event) {
+        match store.dead_letter_by_fingerprint(&fingerprint) {
+            Ok(Some(id)) => {
+                tracing::debug!(id, "a resend of a dead letter; refused again");
+                return Handled::Bug(String::new());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!("store failure while handling an event: {e}");
+                return Handled::Failed;
+            }
+        }
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let actions = match core.handle_cleaned(store, now, event) {
+            Ok(actions) => actions,
+            Err(e) => {
+                tracing::error!("store failure while handling an event: {e}");
+                return Handled::Failed;
+            }
+        };
+        for action in &actions {
+            if let Action::SendStanza(stanza) = action {
+                if let Err(e) = crate::xmpp::xml_text::check(stanza) {
+                    return Handled::Bug(format!("an answer cannot be written as XML: {e}"));
+                }
+            }
+        }
+        let mut carried = Carried::default();
+        for action in actions {
+            count_routed(&core.settings().domain, &action);
+            let queued = match action {
+                Action::SendStanza(stanza) => store.enqueue_stanza(&stanza),
+                Action::SendEmail(job) => {
+                    carried.emails = true;
+                    store.enqueue_email(&job).map(|_| ())
+                }
+                Action::SendSms(job) => {
+                    carried.texts = true;
+                    store.enqueue_sms(&job).map(|_| ())
+                }
+                Action::AnswerMail(answer) => {
+                    carried.mail = Some(answer);
+                    Ok(())
+                }
+                Action::AnswerWebhook(answer) => {
+                    carried.webhook = Some(answer);
+                    Ok(())
+                }
+                Action::TickSoon => {
+                    carried.tick_soon = true;
+                    Ok(())
+                }
+                Action::Held => Ok(()),
+            };
+            if let Err(e) = queued {
+                tracing::error!("could not queue an outbound item: {e}");
+                return Handled::Failed;
+            }
+        }
+        Handled::Done(carried)
+    }));
+    outcome.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        Handled::Bug(format!("the core panicked: {what}"))
+    })
+}
+
+/// Sets a failed event aside as a dead letter (see [`crate::core::dead_letter`]), queues the
+/// refusal a stanza's sender gets, and says what a waiting SMTP client or webhook call hears.
+/// An empty `reason` is a resend of a dead letter: only refused again.
+fn set_aside(store: &Store, now: u64, event: &Event, reason: &str) -> Said {
+    use crate::core::dead_letter;
+    if !reason.is_empty() {
+        match dead_letter::set_aside(event, now, reason) {
+            Some(letter) => match store.put_dead_letter(&letter) {
+                Ok(id) => tracing::error!(
+                    id,
+                    kind = letter.kind.as_str(),
+                    reason,
+                    "an input could not be handled; it is set aside as a dead letter \
+                     (`reach dead-letters` lists it)"
+                ),
+                Err(e) => {
+                    tracing::error!("could not set a failed input aside: {e}");
+                    return Said::Temporary;
+                }
+            },
+            None => {
+                log_internal_failure(reason);
+                return Said::Temporary;
+            }
+        }
+        if let Some(refusal) = dead_letter::stanza_refusal(event) {
+            if let Err(e) = store.enqueue_stanza(&refusal) {
+                tracing::error!("could not queue the refusal of a dead letter: {e}");
+            }
+        }
+    }
+    Said::Answer(
+        Some(dead_letter::mail_refusal()),
+        Some(dead_letter::webhook_refusal()),
+    )
+}
+
+/// Logs a failure on an internal event (a tick, a sender's report) once per distinct reason, so
+/// that a bug met on every tick does not flood the log.
+fn log_internal_failure(reason: &str) {
+    static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if *last != reason {
+        tracing::error!(
+            reason,
+            "an internal event could not be handled; the next one goes on"
+        );
+        reason.clone_into(&mut last);
     }
 }
 
@@ -643,6 +774,7 @@ impl WebhookInputs {
         match rx.await {
             Ok(WebhookAnswer::Accepted) => Ok(()),
             Ok(WebhookAnswer::Temporary(why)) => Err(WebhookRefusal::Temporary(why)),
+            Ok(WebhookAnswer::Rejected(why)) => Err(WebhookRefusal::Rejected(why)),
             Err(_) => Err(WebhookRefusal::Temporary("shutting down".to_owned())),
         }
     }
@@ -766,4 +898,121 @@ impl ReplyHandler {
 
 fn peer_ip(peer: SocketAddr) -> std::net::IpAddr {
     peer.ip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::{register_form, Harness, D};
+    use crate::store::Terminal;
+
+    const ALICE: &str = "alice@example.org";
+    const PHONE: &str = "+15551234567";
+
+    /// Alice with a verified phone, in conversation with Bob.
+    fn alice_texting_bob() -> Harness {
+        let t = Harness::new();
+        t.run(&register_form(ALICE, "alice", "", PHONE));
+        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        user.phone = Some(Terminal {
+            verified: true,
+            ..Terminal::unverified(user.phone.unwrap().address)
+        });
+        t.store.put_user(&user).unwrap();
+        t.run(&format!(
+            "<message type='chat' id='m1' from='bob@example.net/pc' to='alice@{D}'>\
+             <body>hi</body></message>"
+        ));
+        t.advance(60);
+        t.actions(Event::Tick);
+        t
+    }
+
+    fn sms(text: &str, id: &str) -> Event {
+        Event::SmsReceived(IncomingSms {
+            from: PHONE.into(),
+            to: "+15550000000".into(),
+            text: text.into(),
+            provider_id: Some(id.into()),
+        })
+    }
+
+    fn outbox_len(store: &Store) -> usize {
+        store.stats().unwrap().outbox
+    }
+
+    #[test]
+    fn an_answer_that_cannot_be_written_is_set_aside_and_its_resend_refused_unhandled() {
+        let t = alice_texting_bob();
+        let before = outbox_len(&t.store);
+        // Uncleaned (as if a door forgot the cleaning): the relayed stanza cannot be written.
+        let event = sms("yes\u{1} I am", "k1");
+        let Handled::Bug(reason) = guarded(&t.core, &t.store, t.now.get(), &event) else {
+            panic!("expected the event to be set aside");
+        };
+        assert!(reason.contains("U+0001"), "{reason}");
+        assert_eq!(outbox_len(&t.store), before, "nothing of it is queued");
+        let Said::Answer(_, Some(webhook)) = set_aside(&t.store, t.now.get(), &event, &reason)
+        else {
+            panic!("a webhook answer");
+        };
+        assert!(matches!(webhook, WebhookAnswer::Rejected(_)));
+        let letters = t.store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].1.kind, "sms");
+        assert!(
+            !letters[0].1.reason.contains("yes"),
+            "no message text in the reason"
+        );
+        // Kannel retries: the same SMS is refused at once, without being handled again.
+        assert!(matches!(
+            guarded(&t.core, &t.store, t.now.get(), &event),
+            Handled::Bug(r) if r.is_empty()
+        ));
+        assert_eq!(t.store.dead_letters().unwrap().len(), 1);
+        // Re-driven, it comes back as the same event.
+        assert!(t.store.mark_for_redrive(letters[0].0).unwrap());
+        let again = t.store.take_redrives().unwrap();
+        assert_eq!(
+            format!("{:?}", crate::core::dead_letter::revive(&again[0]).unwrap()),
+            format!("{event:?}")
+        );
+        assert!(t.store.dead_letters().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_batch_cleans_the_text_and_accepts_it_after_the_commit() {
+        let t = alice_texting_bob();
+        let before = outbox_len(&t.store);
+        let (tx, mut rx) = oneshot::channel();
+        handle_batch(
+            &t.core,
+            &t.store,
+            vec![Input {
+                event: sms("page one\u{C}page two", "k2"),
+                answer: Some(Responder::Webhook(tx)),
+            }],
+        );
+        assert_eq!(rx.try_recv().unwrap(), WebhookAnswer::Accepted);
+        assert_eq!(outbox_len(&t.store), before + 1);
+        assert!(t.store.dead_letters().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_stanza_set_aside_is_answered_with_an_error_to_its_sender() {
+        let t = Harness::new();
+        let stanza: minidom::Element = format!(
+            "<message xmlns='jabber:component:accept' from='bob@example.net/pc' \
+             to='alice@{D}' id='x'><body>hi</body></message>"
+        )
+        .parse()
+        .unwrap();
+        let event = Event::Stanza(stanza);
+        assert!(matches!(
+            set_aside(&t.store, 1, &event, "the core panicked: test"),
+            Said::Answer(..)
+        ));
+        assert_eq!(outbox_len(&t.store), 1);
+        assert_eq!(t.store.dead_letters().unwrap()[0].1.kind, "stanza");
+    }
 }

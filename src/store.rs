@@ -27,6 +27,26 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// Progress of the walk over all users after a reconnect (see [`Store::presence_walk`]).
 const PRESENCE_WALK_KEY: &[u8] = b"presence_walk";
 
+/// An input whose handling failed for good (a bug: a panic, or a stanza that cannot be
+/// written), set aside so that it is not retried into a crash loop. `reach dead-letters` lists
+/// them; marked for re-drive, they are handled again at the next start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// When it was set aside.
+    pub at: u64,
+    /// What kind of input: `stanza`, `email`, `sms`, `sms-report`.
+    pub kind: String,
+    /// Why it was set aside (no message text in it).
+    pub reason: String,
+    /// The input itself, as the core's encoding of it (see `crate::core::dead_letter`).
+    pub payload: String,
+    /// Identifies the input, so that a resend of the same one is refused without handling.
+    pub fingerprint: Vec<u8>,
+    /// The admin asked for it to be handled again.
+    #[serde(default)]
+    pub redrive: bool,
+}
+
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,6 +58,9 @@ pub enum StoreError {
     Schema { found: u32, expected: u32 },
     #[error("the handle is already taken")]
     HandleTaken,
+    /// A stanza that cannot be written as XML (see [`crate::xmpp::xml_text::to_xml`]).
+    #[error("cannot queue the stanza: {0}")]
+    Unwritable(#[from] crate::xmpp::xml_text::UnsafeXml),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -647,6 +670,10 @@ pub struct Store {
     counters: sled::Tree,
     /// Counters by the end of their window.
     counters_due: DueIndex,
+    /// Inputs set aside because handling them failed for good ([`DeadLetter`]), by id.
+    dead_letters: sled::Tree,
+    /// Dead letters by the fingerprint of their input, so that a resend is refused at once.
+    dead_by_fingerprint: sled::Tree,
     outbox_wake: Arc<Notify>,
     sms_wake: Arc<Notify>,
     email_wake: Arc<Notify>,
@@ -744,6 +771,8 @@ impl Store {
             rechecks_due: DueIndex(db.open_tree("rechecks_due")?),
             counters: db.open_tree("counters")?,
             counters_due: DueIndex(db.open_tree("counters_due")?),
+            dead_letters: db.open_tree("dead_letters")?,
+            dead_by_fingerprint: db.open_tree("dead_by_fingerprint")?,
             outbox_wake: Arc::new(Notify::new()),
             email_wake: Arc::new(Notify::new()),
             sms_wake: Arc::new(Notify::new()),
@@ -1638,10 +1667,78 @@ impl Store {
     /// Queues a stanza for the component link. Durable after the next [`Store::flush`]; the link
     /// is woken by [`Store::wake_outbox`] once the batch is flushed.
     pub fn enqueue_stanza(&self, stanza: &Element) -> Result<()> {
+        let xml = crate::xmpp::xml_text::to_xml(stanza)?;
         let seq = self.db.generate_id()?;
-        self.outbox
-            .insert(seq.to_be_bytes(), String::from(stanza).into_bytes())?;
+        self.outbox.insert(seq.to_be_bytes(), xml.into_bytes())?;
         Ok(())
+    }
+
+    // ---- dead letters: inputs set aside for the admin ----
+
+    /// Sets an input aside. Durable after the next [`Store::flush`]. Returns its id.
+    pub fn put_dead_letter(&self, letter: &DeadLetter) -> Result<u64> {
+        let id = self.db.generate_id()?;
+        self.dead_by_fingerprint
+            .insert(&letter.fingerprint, &id.to_be_bytes())?;
+        self.dead_letters.insert(id.to_be_bytes(), encode(letter))?;
+        Ok(id)
+    }
+
+    /// The dead letter whose input has this fingerprint, if one was set aside.
+    pub fn dead_letter_by_fingerprint(&self, fingerprint: &[u8]) -> Result<Option<u64>> {
+        Ok(self
+            .dead_by_fingerprint
+            .get(fingerprint)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>> {
+        self.dead_letters
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id = <[u8; 8]>::try_from(k.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("dead_letters key".into()))?;
+                Ok((id, decode("dead_letters", &v)?))
+            })
+            .collect()
+    }
+
+    /// Asks for the dead letter `id` to be handled again at the next start. False if none.
+    pub fn mark_for_redrive(&self, id: u64) -> Result<bool> {
+        let Some(v) = self.dead_letters.get(id.to_be_bytes())? else {
+            return Ok(false);
+        };
+        let mut letter: DeadLetter = decode("dead_letters", &v)?;
+        letter.redrive = true;
+        self.dead_letters
+            .insert(id.to_be_bytes(), encode(&letter))?;
+        Ok(true)
+    }
+
+    /// Deletes the dead letter `id`. False if there is none.
+    pub fn remove_dead_letter(&self, id: u64) -> Result<bool> {
+        let Some(v) = self.dead_letters.remove(id.to_be_bytes())? else {
+            return Ok(false);
+        };
+        let letter: DeadLetter = decode("dead_letters", &v)?;
+        self.dead_by_fingerprint.remove(&letter.fingerprint)?;
+        Ok(true)
+    }
+
+    /// Removes and returns the dead letters marked for re-drive, oldest first.
+    pub fn take_redrives(&self) -> Result<Vec<DeadLetter>> {
+        let mut out = Vec::new();
+        for (id, letter) in self.dead_letters()? {
+            if letter.redrive {
+                self.remove_dead_letter(id)?;
+                out.push(letter);
+            }
+        }
+        Ok(out)
     }
 
     /// Tells the link there is something to send (call after flushing).

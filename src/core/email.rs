@@ -62,7 +62,7 @@ impl SmtpAnswer {
 }
 
 /// A reply that reached the listener and was read.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InboundMail {
     /// The envelope sender (`""` for the null sender of bounces).
     pub envelope_from: String,

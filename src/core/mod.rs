@@ -11,6 +11,7 @@
 mod adhoc;
 mod alerts;
 mod commands;
+pub mod dead_letter;
 mod disco;
 pub mod email;
 mod forward;
@@ -186,11 +187,28 @@ impl Core {
 
     /// Handles one event. `now` is seconds since the Unix epoch. On a store error nothing should
     /// be acknowledged; the caller logs it and carries on with the next event.
-    pub fn handle(&self, store: &Store, now: u64, event: Event) -> Result<Vec<Action>, StoreError> {
+    pub fn handle(
+        &self,
+        store: &Store,
+        now: u64,
+        mut event: Event,
+    ) -> Result<Vec<Action>, StoreError> {
+        clean_event(&mut event);
+        self.handle_cleaned(store, now, &event)
+    }
+
+    /// [`Core::handle`] for an event that went through [`clean_event`] already; the caller keeps
+    /// the event (to set it aside if handling it fails for good).
+    pub fn handle_cleaned(
+        &self,
+        store: &Store,
+        now: u64,
+        event: &Event,
+    ) -> Result<Vec<Action>, StoreError> {
         let mut out = Out::default();
         match event {
             Event::LinkUp => presence::on_link_up(self, store, now, &mut out)?,
-            Event::Stanza(stanza) => self.on_stanza(store, now, &stanza, &mut out)?,
+            Event::Stanza(stanza) => self.on_stanza(store, now, stanza, &mut out)?,
             Event::Tick => {
                 store.prune_counters(now)?;
                 store.forget_seen_before(now.saturating_sub(SEEN_IDS_KEPT_SECS))?;
@@ -199,24 +217,24 @@ impl Core {
                 alerts::on_tick(self, store, now, &mut out)?;
             }
             Event::EmailReply(mail) => {
-                let answer = email::on_reply(self, store, now, &mail, &mut out)?;
+                let answer = email::on_reply(self, store, now, mail, &mut out)?;
                 out.push(Action::AnswerMail(answer));
             }
             Event::SmsReceived(sms) => {
-                let answer = sms::on_incoming(self, store, now, &sms, &mut out)?;
+                let answer = sms::on_incoming(self, store, now, sms, &mut out)?;
                 out.push(Action::AnswerWebhook(answer));
             }
             Event::SmsDelivery(report) => {
-                let answer = sms::on_delivery(self, store, now, &report, &mut out)?;
+                let answer = sms::on_delivery(self, store, now, report, &mut out)?;
                 out.push(Action::AnswerWebhook(answer));
             }
             Event::SmsFailed { seq, job, reason } => {
-                store.remove_sms_job(seq)?;
-                sms::on_failed(self, store, now, &job, &reason, &mut out)?
+                store.remove_sms_job(*seq)?;
+                sms::on_failed(self, store, now, job, reason, &mut out)?
             }
             Event::EmailFailed { seq, job, reason } => {
-                store.remove_email_job(seq)?;
-                email::on_failed(self, store, now, &job, &reason, &mut out)?
+                store.remove_email_job(*seq)?;
+                email::on_failed(self, store, now, job, reason, &mut out)?
             }
         }
         Ok(out.actions)
@@ -305,6 +323,63 @@ impl Core {
     }
 }
 
+/// Cleans the text that comes from outside XMPP (email replies, SMS, the reasons relays and
+/// providers give) of characters XML 1.0 forbids: the one place where such text enters the
+/// core's vocabulary, so that whatever the core builds from it can be serialised
+/// ([`crate::xmpp::xml_text`]). Stanzas need nothing: the XML parser accepted them.
+pub fn clean_event(event: &mut Event) {
+    use crate::xmpp::xml_text::clean_in_place as clean;
+    match event {
+        Event::LinkUp | Event::Tick | Event::Stanza(_) => {}
+        Event::EmailReply(mail) => {
+            clean(&mut mail.envelope_from);
+            clean(&mut mail.rcpt);
+            let reply = &mut mail.reply;
+            for text in [&mut reply.message_id, &mut reply.from, &mut reply.subject]
+                .into_iter()
+                .flatten()
+            {
+                clean(text);
+            }
+            reply
+                .in_reply_to
+                .iter_mut()
+                .chain(reply.references.iter_mut())
+                .chain(reply.attachments.iter_mut())
+                .for_each(clean);
+            clean(&mut reply.text);
+            match &mut reply.automatic {
+                Some(
+                    crate::email::extract::Automatic::AutoSubmitted(v)
+                    | crate::email::extract::Automatic::Precedence(v)
+                    | crate::email::extract::Automatic::AutoResponder(v)
+                    | crate::email::extract::Automatic::Report(v),
+                ) => clean(v),
+                Some(
+                    crate::email::extract::Automatic::Bounce
+                    | crate::email::extract::Automatic::MailerDaemon,
+                )
+                | None => {}
+            }
+        }
+        Event::SmsReceived(sms) => {
+            clean(&mut sms.from);
+            clean(&mut sms.to);
+            clean(&mut sms.text);
+            if let Some(id) = &mut sms.provider_id {
+                clean(id);
+            }
+        }
+        Event::SmsDelivery(report) => {
+            clean(&mut report.reference);
+            if let crate::sms::DeliveryStatus::Failed(why) = &mut report.status {
+                clean(why);
+            }
+        }
+        Event::SmsFailed { reason, .. } | Event::EmailFailed { reason, .. } => clean(reason),
+    }
+}
+
 /// Why a handler did not complete: a fault the sender should see, or a store failure.
 pub(crate) enum Failure {
     Fault(StanzaFault),
@@ -330,3 +405,6 @@ pub(crate) mod testing;
 
 #[cfg(test)]
 mod hostile;
+
+#[cfg(test)]
+mod hostile_text;

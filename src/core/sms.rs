@@ -33,6 +33,8 @@ pub enum WebhookAnswer {
     Accepted,
     /// Kannel should retry later (e.g. the store failed).
     Temporary(String),
+    /// Reach will never take this call (it was set aside as a dead letter): 422.
+    Rejected(String),
 }
 
 const HELP: &str =

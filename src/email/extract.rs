@@ -16,7 +16,7 @@
 use mail_parser::{HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType};
 
 /// Why a mail is an automatic one that must never become an IM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Automatic {
     /// A delivery status notification (multipart/report; report-type=delivery-status) or a
     /// bounce-looking mail (a `message/delivery-status` part, `X-Failed-Recipients`, an empty
@@ -51,7 +51,7 @@ impl Automatic {
 }
 
 /// What Reach needs from an emailed reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
     /// The Message-ID, without angle brackets.
     pub message_id: Option<String>,

@@ -65,7 +65,7 @@ pub trait SmsProvider: Send + Sync + 'static {
 }
 
 /// An SMS a phone sent to Reach's number.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IncomingSms {
     /// The sender's number, E.164, normalised with `+`.
     pub from: String,
@@ -86,7 +86,7 @@ pub struct IncomingSms {
 /// Reports for one SMS can arrive out of order (Kannel makes its calls concurrently: a
 /// `Pending` may come after `Delivered`), and twice (Kannel retries until it gets a 200): a
 /// `Pending` must never replace a final status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeliveryStatus {
     /// The phone has it.
     Delivered,
@@ -97,7 +97,7 @@ pub enum DeliveryStatus {
 }
 
 /// A delivery report for an SMS Reach sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeliveryReport {
     /// [`OutgoingSms::reference`] of the SMS it is about.
     pub reference: String,

@@ -5,3 +5,4 @@ pub mod depth_guard;
 pub mod forms;
 pub mod link;
 pub mod stanza;
+pub mod xml_text;
