@@ -424,3 +424,55 @@ async fn the_listener_refuses_what_it_must_and_never_turns_it_into_messages() {
     bob.expect_none(Duration::from_secs(2), |s| body(s).is_some())
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_holding_characters_xml_forbids_reaches_the_buddy_and_reach_keeps_running() {
+    let w = World::new().await;
+    let alice = w.alice_with_verified_email().await;
+    alice.close().await;
+    let mut bob = w.client("bob").await;
+    bob.presence("").await;
+    bob.send(&format!(
+        "<message type='chat' id='b1' to='alice@{D}'><body>Coming?</body></message>"
+    ))
+    .await;
+    let mail = wait_forwards(&w.sink, 1).await.remove(0);
+    let alias = mail.reply_to();
+
+    // A C0 control in a plain-text reply once stopped Reach for everyone.
+    let plain = reply_mail(
+        ALICE_MAIL,
+        &mail.message_id(),
+        "ctl-1@mail.example",
+        "yes\u{1} I am\u{7f}",
+    );
+    let answer = w.reply(&alias, &plain).await;
+    assert_eq!(answer.0, 250, "{answer:?}");
+    let got = bob
+        .expect("the plain reply", T, |s| body(s).is_some())
+        .await;
+    assert_eq!(body(&got).as_deref(), Some("yes I am\u{7f}"));
+
+    // The same through HTML character references and the two non-characters.
+    let html = format!(
+        "From: {ALICE_MAIL}\nSubject: Re: IM \u{1}\nMessage-ID: <ctl-2@mail.example>\nMIME-Version: 1.0\n\
+         Content-Type: text/html; charset=utf-8\n\n<html><body><p>on&#1; my &#xFFFE;way\u{FFFF}</p></body></html>\n"
+    );
+    let answer = w.reply(&alias, &html).await;
+    assert_eq!(answer.0, 250, "{answer:?}");
+    let got = bob.expect("the HTML reply", T, |s| body(s).is_some()).await;
+    assert_eq!(body(&got).as_deref(), Some("on my way"));
+
+    // Reach is still there for everyone: Bob's next message is forwarded as usual.
+    bob.send(&format!(
+        "<message type='chat' id='b2' to='alice@{D}'><body>Great</body></message>"
+    ))
+    .await;
+    let mails = wait_forwards(&w.sink, 2).await;
+    assert!(mails[1].text().contains("Great"));
+    assert!(
+        !w.reach.log().contains("panicked"),
+        "no panic: {}",
+        w.reach.log()
+    );
+}

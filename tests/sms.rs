@@ -426,3 +426,35 @@ async fn the_phones_delivery_report_becomes_the_buddys_receipt() {
         Some("r-1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_with_a_form_feed_or_a_non_character_reaches_the_buddy_and_reach_keeps_running() {
+    let mut w = World::new(20).await;
+    w.alice_with_verified_phone().await;
+    let mut bob = w.client("bob").await;
+    bob.presence("").await;
+    bob.send(&format!(
+        "<message type='chat' id='b1' to='alice@{D}'><body>Coming?</body></message>"
+    ))
+    .await;
+    w.prompt().await;
+    w.mt("Bob's message").await;
+
+    // Sent as UCS-2 by the handset, as a phone sends anything beyond printable ASCII.
+    w.text("page one\u{c}page two").await;
+    let got = bob.expect("the text", T, |s| body(s).is_some()).await;
+    assert_eq!(body(&got).as_deref(), Some("page one\npage two"));
+    w.text("odd\u{ffff} one\u{1}").await;
+    let got = bob
+        .expect("the second text", T, |s| body(s).is_some())
+        .await;
+    assert_eq!(body(&got).as_deref(), Some("odd one"));
+
+    // Reach is still there: Bob's next message reaches the phone.
+    bob.send(&format!(
+        "<message type='chat' id='b2' to='alice@{D}'><body>Great</body></message>"
+    ))
+    .await;
+    assert_eq!(w.mt("the next message").await.text, "bob: Great");
+    assert!(!w.reach.log().contains("panicked"), "{}", w.reach.log());
+}
