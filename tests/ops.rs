@@ -495,6 +495,77 @@ async fn wait_forward(sink: &MailSink) -> SinkMail {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_shown_and_redriven_by_the_admin() {
+    let mut w = World::new(false).await;
+    let mut alice = w.client("alice").await;
+    register_alice(&mut alice, "").await;
+    let config = w.config_path();
+    let (status, _) = w.terminate(Duration::from_secs(10)).await;
+    assert!(status.is_some_and(|s| s.success()));
+
+    let (ok, out, err) = w.admin(&["dead-letters", "--config", &config]);
+    assert!(ok, "{err}");
+    assert!(
+        out.is_empty() && err.contains("no dead letters"),
+        "{out}{err}"
+    );
+
+    // A dead letter as a bug would have left one: Bob's message, set aside unhandled.
+    {
+        let store = reach::store::Store::open(&w.state.path().join("store")).unwrap();
+        let stanza = format!(
+            "<message xmlns='jabber:component:accept' from='bob@localhost/pc' \
+             to='alice@{D}' type='chat' id='dl-1'><body>set aside earlier</body></message>"
+        );
+        let event = reach::core::Event::Stanza(stanza.parse().unwrap());
+        let letter =
+            reach::core::dead_letter::set_aside(&event, 1_795_000_000, "the core panicked: test")
+                .unwrap();
+        store.put_dead_letter(&letter).unwrap();
+        store.flush().unwrap();
+    }
+    let (ok, out, err) = w.admin(&["dead-letters", "--config", &config]);
+    assert!(ok, "{err}");
+    let line = out.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        line.contains("stanza") && line.contains("the core panicked: test"),
+        "{out}"
+    );
+    assert!(
+        !line.contains("set aside earlier"),
+        "the list shows no message text: {line}"
+    );
+    let id = line.split('\t').next().unwrap().to_owned();
+    let (ok, out, _) = w.admin(&["dead-letters", "--config", &config, "show", &id]);
+    assert!(ok && out.contains("set aside earlier"), "{out}");
+    let (ok, _, err) = w.admin(&["dead-letters", "--config", &config, "show", "999999"]);
+    assert!(
+        !ok && err.contains("there is no dead letter 999999"),
+        "{err}"
+    );
+    let (ok, out, err) = w.admin(&["dead-letters", "--config", &config, "redrive", &id]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("handled again when Reach next starts"),
+        "{out}"
+    );
+
+    // At the next start it is handled like any message: Alice's client gets it from Bob's
+    // per-session JID.
+    w.restart().await;
+    let got = alice
+        .expect("the re-driven message", T, |s| {
+            body(s).as_deref() == Some("set aside earlier")
+        })
+        .await;
+    assert_eq!(got.attr("from"), Some(&*format!("bob\\40localhost@{D}")));
+    let (status, _) = w.terminate(Duration::from_secs(10)).await;
+    assert!(status.is_some_and(|s| s.success()));
+    let (ok, _, err) = w.admin(&["dead-letters", "--config", &config]);
+    assert!(ok && err.contains("no dead letters"), "{err}");
+}
+
 #[test]
 fn help_lists_every_command() {
     let (ok, out, _) = run_reach(&["--help"]);
@@ -505,6 +576,7 @@ fn help_lists_every_command() {
         "reach stats --config FILE",
         "reach export --config FILE USER_JID",
         "reach purge --config FILE USER_JID",
+        "reach dead-letters --config FILE",
         "--log-format",
     ] {
         assert!(out.contains(command), "{command} missing in:\n{out}");
