@@ -330,3 +330,6 @@ pub(crate) mod testing;
 
 #[cfg(test)]
 mod hostile;
+
+#[cfg(test)]
+mod code_abuse;
