@@ -140,7 +140,6 @@ async fn thirty_numbers_added_by_chat_get_three_verification_sms() {
             refused += 1;
         }
     }
-    assert_eq!(refused, 27, "every number past the third is refused");
     // The marker: Bob adds his own number, after all of Alice's.
     let mut bob = w.registered("bob").await;
     let said = say(&mut bob, "add phone +15550209999").await;
@@ -151,6 +150,7 @@ async fn thirty_numbers_added_by_chat_get_three_verification_sms() {
     for mt in &arrived {
         assert!(mt.text.starts_with("Your Reach code is"), "{mt:?}");
     }
+    assert_eq!(refused, 27, "every number past the third is refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,12 +170,6 @@ async fn case_variants_of_one_mailbox_get_five_mails() {
     let mut answers = Vec::new();
     for variant in variants {
         answers.push(say(&mut alice, &format!("add email {variant}")).await);
-    }
-    for said in &answers[5..] {
-        assert!(
-            said.contains("Reach already sent 5 verification codes to"),
-            "{said}"
-        );
     }
     // The marker: Bob's own code, sent after all of Alice's.
     let mut bob = w.registered("bob").await;
@@ -202,6 +196,12 @@ async fn case_variants_of_one_mailbox_get_five_mails() {
         })
         .count();
     assert_eq!(to_victim, 5, "mails stored for the victim's mailbox");
+    for said in &answers[5..] {
+        assert!(
+            said.contains("Reach already sent 5 verification codes to"),
+            "{said}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,20 +227,9 @@ async fn thirty_wrong_guesses_with_fresh_emails_leave_the_phone_unverified() {
         }
         answers.push(say(&mut alice, &format!("verify {wrong}")).await);
     }
-    assert_eq!(answers[0], "That code is wrong (4 tries left).");
-    assert!(
-        answers[29].starts_with("You entered 10 wrong verification codes today"),
-        "{}",
-        answers[29]
-    );
-    // The real code, typed and texted back from the phone, verifies nothing.
-    let said = say(&mut alice, &format!("verify {real_code}")).await;
-    assert!(
-        said.starts_with("You entered 10 wrong verification codes today"),
-        "{said}"
-    );
+    // The real code texted back from the phone verifies nothing...
     w.phone.send_mo(NOT_HERS, SERVICE_NUMBER, &real_code).await;
-    // Wait until Reach has decided about that text (it logs either outcome).
+    // (wait until Reach has decided about that text: it logs either outcome)
     let deadline = std::time::Instant::now() + T;
     loop {
         let log = w.reach.log();
@@ -255,14 +244,26 @@ async fn thirty_wrong_guesses_with_fresh_emails_leave_the_phone_unverified() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let unverified = format!("Phone: {NOT_HERS} (not verified yet");
     let terminals = say(&mut alice, "terminals").await;
-    assert!(
-        terminals.contains(&format!("Phone: {NOT_HERS} (not verified yet")),
-        "{terminals}"
-    );
+    assert!(terminals.contains(&unverified), "texted back: {terminals}");
+    // ...nor typed in the chat.
+    let typed = say(&mut alice, &format!("verify {real_code}")).await;
+    let terminals = say(&mut alice, "terminals").await;
+    assert!(terminals.contains(&unverified), "typed: {terminals}");
     // Nothing but the marker reaches the phone: no confirmation was sent.
     let mut bob = w.registered("bob").await;
     say(&mut bob, "add phone +15550209999").await;
     let arrived = w.sms_before("+15550209999").await;
     assert!(arrived.is_empty(), "{arrived:?}");
+    // What Alice was told.
+    assert_eq!(answers[0], "That code is wrong (4 tries left).");
+    assert_eq!(
+        answers[4],
+        "That code is wrong, and that was the last try. Send \"verify\" for a new code."
+    );
+    let used_up = "You entered 10 wrong verification codes today; Reach checks no more codes \
+                   from you until tomorrow (UTC). Then send \"verify\" for new codes.";
+    assert_eq!(answers[29], used_up);
+    assert_eq!(typed, used_up);
 }
