@@ -177,11 +177,22 @@ fn codes_per_user_per_day_hold_across_every_terminal_and_door() {
     assert!(mails(&actions).is_empty());
     assert_eq!(said, format!("email: {refusal}\nNothing was changed."));
     assert_eq!(state(&t, ALICE), before);
+    // The ad-hoc `verify` sends new codes once the old ones expired: not past the cap either.
+    t.advance(super::email::CODE_VALIDITY_SECS + 1);
     let actions = t.actions(stanza(&format!(
         "<iq type='set' id='c1' from='{ALICE}/pc' to='{D}'>\
          <command xmlns='http://jabber.org/protocol/commands' node='verify' action='execute'/></iq>"
     )));
     assert!(mails(&actions).is_empty() && texts(&actions).is_empty());
+    let form = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::SendStanza(s) => Some(String::from(s)),
+            _ => None,
+        })
+        .unwrap();
+    assert!(form.contains(refusal), "the ad-hoc form says why: {form}");
+    assert!(!form.contains("A new code is on its way"), "{form}");
     // Removing the registration does not reset the count.
     t.run(&format!(
         "<iq type='set' id='r' from='{ALICE}/pc' to='{D}'><query xmlns='jabber:iq:register'><remove/></query></iq>"
@@ -193,6 +204,18 @@ fn codes_per_user_per_day_hold_across_every_terminal_and_door() {
         "",
     )));
     assert!(mails(&actions).is_empty());
+    // The registration is saved; a chat from the service says why no code came.
+    let note = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::SendStanza(s) if s.name() == "message" => {
+                s.get_child("body", STANZA_NS).map(|b| b.text())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(note, refusal);
+    assert!(t.store.user(ALICE).unwrap().is_some());
     t.advance(86_400);
     let (_, actions) = say(&t, ALICE, "verify");
     assert_eq!(mails(&actions).len(), 1, "a new day");
@@ -539,4 +562,72 @@ fn answers_to_texts_stop_at_the_daily_sms_cap() {
     assert!(t.store.user(ALICE).unwrap().unwrap().phone.unwrap().stopped);
     t.advance(86_400);
     assert_eq!(texts(&text_in(&t, PHONE, "START")).len(), 1, "a new day");
+}
+
+#[test]
+fn sms_verify_from_the_phone_counts_with_the_other_doors() {
+    let t = Harness::new();
+    t.run(&register_form(ALICE, "alice", "", PHONE));
+    let right = code(&t, ALICE, TerminalKind::Phone);
+    text_in(&t, PHONE, &right);
+    say(&t, ALICE, "add email alice@mail.example.org");
+    let wrong = wrong_code(&t, ALICE);
+    // One wrong code by chat, one by SMS: the same day's count, the same code's tries.
+    assert_eq!(
+        say(&t, ALICE, &format!("verify {wrong}")).0,
+        "That code is wrong (4 tries left)."
+    );
+    let answers = texts(&text_in(&t, PHONE, &format!("/verify {wrong}")));
+    assert_eq!(
+        answers,
+        [(
+            PHONE.to_owned(),
+            "That code is wrong (3 tries left).".to_owned()
+        )]
+    );
+    assert_eq!(
+        t.store
+            .counter(counter::WRONG_CODES, ALICE, 86_400, t.now.get())
+            .unwrap(),
+        2
+    );
+}
+
+#[test]
+fn an_expired_phone_code_texted_back_spends_no_try_of_the_email_code() {
+    let t = Harness::new();
+    t.run(&register_form(ALICE, "alice", "", PHONE));
+    let old = code(&t, ALICE, TerminalKind::Phone);
+    t.advance(super::email::CODE_VALIDITY_SECS + 1);
+    say(&t, ALICE, "add email alice@mail.example.org");
+    let actions = text_in(&t, PHONE, &old);
+    assert!(texts(&actions).is_empty());
+    let told: Vec<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendStanza(s) => s.get_child("body", STANZA_NS).map(|b| b.text()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        told,
+        ["That code has expired. Send \"verify\" for a new one."]
+    );
+    let email = t
+        .store
+        .verification(ALICE, TerminalKind::Email)
+        .unwrap()
+        .unwrap();
+    assert_eq!(email.tries_left, 5);
+    assert_eq!(
+        t.store
+            .counter(counter::WRONG_CODES, ALICE, 86_400, t.now.get())
+            .unwrap(),
+        0
+    );
+    assert!(t
+        .store
+        .verifications_for_address(TerminalKind::Phone, PHONE)
+        .unwrap()
+        .is_empty());
 }

@@ -74,11 +74,11 @@ pub(super) fn verify_any(
 
 /// Checks one guess of user `user`; `None` if no code waits. In order: the user's wrong codes
 /// of the day (past `wrong_codes_per_user_per_day` nothing is checked, not even the right
-/// code, and nothing changes); whether a code waits; expiry; then the code against the waiting codes (all of them,
-/// or with `only`, the one of that kind: a code texted back from a phone proves that phone
-/// only). A right code confirms its terminal. A wrong one counts towards the day's wrong codes
-/// and costs *every* waiting code of the user a try, so that asking for fresh codes elsewhere
-/// never buys more guesses at one code.
+/// code, and nothing changes); whether a code waits; expiry; then the code against the
+/// waiting codes (all of them, or with `only`, the one of that kind: a code texted back from a
+/// phone proves that phone only). A right code confirms its terminal. A wrong one counts
+/// towards the day's wrong codes and costs *every* waiting code of the user a try, so that
+/// asking for fresh codes elsewhere never buys more guesses at one code.
 pub(super) fn check_guess(
     core: &Core,
     store: &Store,
@@ -112,10 +112,11 @@ pub(super) fn check_guess(
             store.remove_verification(&user.jid, kind)?;
         }
     }
-    if waiting.is_empty() {
-        return Ok(Some(
-            "That code has expired. Send \"verify\" for a new one.".to_owned(),
-        ));
+    // No live code that this guess could match: nothing to guess at, so no try is spent.
+    if !waiting.iter().any(|v| only.is_none_or(|k| k == v.kind)) {
+        return Ok(
+            expired.then(|| "That code has expired. Send \"verify\" for a new one.".to_owned())
+        );
     }
     let code = code.trim();
     if let Some(right) = waiting
