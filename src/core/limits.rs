@@ -367,6 +367,55 @@ mod tests {
     }
 
     #[test]
+    fn terminals_are_counted_by_mailbox_and_digits() {
+        use crate::store::TerminalKind::{Email, Phone};
+        assert_eq!(
+            terminal_scope(Email, "Victim+x@Example.net"),
+            "victim@example.net"
+        );
+        assert_eq!(
+            terminal_scope(Email, "j.doe@googlemail.com"),
+            "jdoe@gmail.com"
+        );
+        assert_eq!(terminal_scope(Phone, "+1 555 010 0000"), "+15550100000");
+        // A stored value that no longer parses is still counted, by itself.
+        assert_eq!(terminal_scope(Email, "not an address"), "not an address");
+    }
+
+    #[test]
+    fn a_refused_code_counts_nothing() {
+        let store = Store::temporary().unwrap();
+        let limits = Limits {
+            codes_per_user_per_day: 1,
+            ..Limits::default()
+        };
+        let now = 1_795_000_000;
+        let take = |address: &str| {
+            take_code(&limits, &store, now, "a@b", TerminalKind::Phone, address).unwrap()
+        };
+        assert_eq!(take("+15550100000"), None);
+        let records = store.counter_records();
+        assert!(take("+15550100001").is_some());
+        assert_eq!(store.counter_records(), records);
+        assert_eq!(
+            store
+                .counter(counter::VERIFICATION_SMS, "", HOUR, now)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store.counter(counter::USER_CODES, "a@b", DAY, now).unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .counter(counter::CODES, "+15550100001", DAY, now)
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
     fn windows() {
         assert_eq!(next_window(7_199, HOUR), 7_200);
         assert_eq!(next_window(7_200, HOUR), 10_800);
