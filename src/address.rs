@@ -612,6 +612,34 @@ impl Email {
     pub fn domain(&self) -> &str {
         &self.text[self.at + 1..]
     }
+
+    /// The mailbox this address reaches, as its mail server sees it, for counting what is sent
+    /// there (never for sending): lowercased, a `+tag` removed, and for Gmail
+    /// (`gmail.com`, `googlemail.com`) the dots of the local part removed and the domain
+    /// spelt `gmail.com`. Most servers ignore case and deliver `local+tag` to `local`; an
+    /// attacker who varies either still reaches the same inbox.
+    ///
+    /// ```
+    /// use reach::address::Email;
+    ///
+    /// let canonical = |s: &str| Email::parse(s).unwrap().mailbox();
+    /// assert_eq!(canonical("Victim@Example.NET"), "victim@example.net");
+    /// assert_eq!(canonical("vIcTiM+reach@example.net"), "victim@example.net");
+    /// assert_eq!(canonical("J.Doe+x@GoogleMail.com"), "jdoe@gmail.com");
+    /// assert_eq!(canonical("j.doe@example.org"), "j.doe@example.org");
+    /// ```
+    pub fn mailbox(&self) -> String {
+        let local = self.local_part().to_lowercase();
+        let local = match local.split_once('+') {
+            // A local part that starts with `+` has no tag to remove.
+            Some((base, _)) if !base.is_empty() => base.to_owned(),
+            _ => local,
+        };
+        match self.domain() {
+            "gmail.com" | "googlemail.com" => format!("{}@gmail.com", local.replace('.', "")),
+            domain => format!("{local}@{domain}"),
+        }
+    }
 }
 
 /// RFC 5322 `atext`.
@@ -680,6 +708,17 @@ impl Phone {
     /// The number as stored and shown: `+15551234567`.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The E.164 digits without the `+`: the handset this number reaches, for counting.
+    ///
+    /// ```
+    /// use reach::address::Phone;
+    ///
+    /// assert_eq!(Phone::parse("+1 (555) 123-4567").unwrap().digits(), "15551234567");
+    /// ```
+    pub fn digits(&self) -> &str {
+        &self.0[1..]
     }
 }
 
@@ -1279,5 +1318,43 @@ mod tests {
         assert_eq!(domain_problem("localhost", false), None);
         assert!(domain_problem("localhost", true).is_some());
         assert!(domain_problem(&format!("{}.org", "a.".repeat(126)), false).is_some());
+    }
+
+    // ---- mailboxes and handsets, for counting ---------------------------------------------
+
+    #[test]
+    fn variants_of_one_mailbox_count_as_one() {
+        let mailbox = |s: &str| Email::parse(s).unwrap().mailbox();
+        let variants = [
+            "Victim@example.net",
+            "vIctim@example.net",
+            "viCtim@EXAMPLE.net",
+            "VICTIM@example.NET",
+            "victim+1@example.net",
+            "Victim+reach+x@example.net",
+        ];
+        for v in variants {
+            assert_eq!(mailbox(v), "victim@example.net", "{v}");
+        }
+        // Gmail ignores dots too, under both its names; other domains keep them.
+        assert_eq!(mailbox("v.i.c.t.i.m@gmail.com"), "victim@gmail.com");
+        assert_eq!(mailbox("Vic.Tim+a@googlemail.com"), "victim@gmail.com");
+        assert_eq!(mailbox("vic.tim@example.net"), "vic.tim@example.net");
+        // A `+` that starts the local part is not a tag.
+        assert_eq!(mailbox("+x@example.net"), "+x@example.net");
+        // Different people stay different.
+        assert_ne!(mailbox("victim@example.net"), mailbox("victim@example.org"));
+        assert_ne!(
+            mailbox("victim@example.net"),
+            mailbox("victims@example.net")
+        );
+    }
+
+    #[test]
+    fn a_number_counts_by_its_digits() {
+        assert_eq!(
+            Phone::parse("+44 20 7946 0958").unwrap().digits(),
+            Phone::parse("+442079460958").unwrap().digits()
+        );
     }
 }

@@ -155,6 +155,23 @@ pub struct LimitsConfig {
     /// `emails_per_user_per_hour` (default 30): forwarding emails per user per hour; past it,
     /// messages wait in their pending forward for the next hour (or for XMPP).
     pub emails_per_user_per_hour: u32,
+    // ---- verification codes (issue 10) ----
+    /// `codes_per_user_per_day` (default 10): verification codes Reach sends for one user per
+    /// day (UTC), to all their terminals together, whichever door asked; past it no code is
+    /// sent and the user is told to ask again tomorrow.
+    pub codes_per_user_per_day: u32,
+    /// `new_terminals_per_user_per_day` (default 3): different email mailboxes and phone
+    /// numbers one user may ask codes for per day (UTC); past it, `add` of another one is
+    /// refused and nothing changes.
+    pub new_terminals_per_user_per_day: u32,
+    /// `verification_sms_per_hour` (default 100): verification SMS Reach sends per hour for all
+    /// users together, the bound on what SMS pumping can cost; past it no code SMS is sent until
+    /// the next hour.
+    pub verification_sms_per_hour: u32,
+    /// `wrong_codes_per_user_per_day` (default 10): wrong verification codes one user may enter
+    /// per day (UTC), through every door together; past it no code is checked until the next
+    /// day, not even the right one.
+    pub wrong_codes_per_user_per_day: u32,
 }
 
 impl Default for LimitsConfig {
@@ -174,6 +191,10 @@ impl From<crate::core::Limits> for LimitsConfig {
             new_registrations_per_domain_per_hour: l.new_registrations_per_domain_per_hour,
             codes_per_terminal_per_day: l.codes_per_terminal_per_day,
             emails_per_user_per_hour: l.emails_per_user_per_hour,
+            codes_per_user_per_day: l.codes_per_user_per_day,
+            new_terminals_per_user_per_day: l.new_terminals_per_user_per_day,
+            verification_sms_per_hour: l.verification_sms_per_hour,
+            wrong_codes_per_user_per_day: l.wrong_codes_per_user_per_day,
         }
     }
 }
@@ -190,6 +211,10 @@ impl LimitsConfig {
             new_registrations_per_domain_per_hour: self.new_registrations_per_domain_per_hour,
             codes_per_terminal_per_day: self.codes_per_terminal_per_day,
             emails_per_user_per_hour: self.emails_per_user_per_hour,
+            codes_per_user_per_day: self.codes_per_user_per_day,
+            new_terminals_per_user_per_day: self.new_terminals_per_user_per_day,
+            verification_sms_per_hour: self.verification_sms_per_hour,
+            wrong_codes_per_user_per_day: self.wrong_codes_per_user_per_day,
         }
     }
 
@@ -229,6 +254,19 @@ impl LimitsConfig {
             (
                 "limits.emails_per_user_per_hour",
                 self.emails_per_user_per_hour,
+            ),
+            ("limits.codes_per_user_per_day", self.codes_per_user_per_day),
+            (
+                "limits.new_terminals_per_user_per_day",
+                self.new_terminals_per_user_per_day,
+            ),
+            (
+                "limits.verification_sms_per_hour",
+                self.verification_sms_per_hour,
+            ),
+            (
+                "limits.wrong_codes_per_user_per_day",
+                self.wrong_codes_per_user_per_day,
             ),
         ] {
             if value == 0 {
@@ -1444,6 +1482,14 @@ mod tests {
             (
                 "registrations_per_jid_per_hour = 0",
                 "limits.registrations_per_jid_per_hour: must be at least 1",
+            ),
+            (
+                "wrong_codes_per_user_per_day = 0",
+                "limits.wrong_codes_per_user_per_day: must be at least 1",
+            ),
+            (
+                "verification_sms_per_hour = 0",
+                "limits.verification_sms_per_hour: must be at least 1",
             ),
             ("max_deepness = 3", "unknown field `max_deepness`"),
         ] {

@@ -648,6 +648,9 @@ pub struct Store {
     aliases: sled::Tree,
     user_aliases: sled::Tree,
     verifications: sled::Tree,
+    /// `verifications` by terminal: `kind \0 address \0 jid` (empty values), kept in step by
+    /// `put_verification` and `remove_verification`, rebuilt when the store opens.
+    verifications_by_address: sled::Tree,
     pending: sled::Tree,
     pending_due: DueIndex,
     email_jobs: sled::Tree,
@@ -687,6 +690,14 @@ fn key(owner: &str, item: &str) -> Vec<u8> {
     k.extend_from_slice(owner.as_bytes());
     k.push(0);
     k.extend_from_slice(item.as_bytes());
+    k
+}
+
+/// The key of one entry of the index of verifications by address.
+fn verification_index_key(kind: TerminalKind, address: &str, jid: &str) -> Vec<u8> {
+    let mut k = key(kind.key(), address);
+    k.push(0);
+    k.extend_from_slice(jid.as_bytes());
     k
 }
 
@@ -752,6 +763,7 @@ impl Store {
             aliases: db.open_tree("aliases")?,
             user_aliases: db.open_tree("user_aliases")?,
             verifications: db.open_tree("verifications")?,
+            verifications_by_address: db.open_tree("verifications_by_address")?,
             pending: db.open_tree("pending")?,
             pending_due: DueIndex(db.open_tree("pending_due")?),
             email_jobs: db.open_tree("email_jobs")?,
@@ -785,6 +797,7 @@ impl Store {
             .store(store.outbox_end()?, std::sync::atomic::Ordering::SeqCst);
         store.index_seen_ids()?;
         store.build_due_indexes()?;
+        store.index_verifications()?;
         Ok(store)
     }
 
@@ -930,6 +943,9 @@ impl Store {
             self.aliases.remove(&k[jid.len() + 1..])?;
         }
         self.published.remove(jid)?;
+        for kind in [TerminalKind::Email, TerminalKind::Phone] {
+            self.remove_verification(jid, kind)?;
+        }
         for (tree, owner) in [
             (&self.buddies, user.handle.as_str()),
             (&self.subscription_requests, user.handle.as_str()),
@@ -1300,8 +1316,22 @@ impl Store {
     // ---- verification codes ----
 
     pub fn put_verification(&self, jid: &str, v: &Verification) -> Result<()> {
-        self.verifications
+        let previous = self
+            .verifications
             .insert(key(jid, v.kind.key()), encode(v))?;
+        if let Some(previous) = previous {
+            let previous: Verification = decode("verifications", &previous)?;
+            if previous.address != v.address {
+                self.verifications_by_address
+                    .remove(verification_index_key(
+                        previous.kind,
+                        &previous.address,
+                        jid,
+                    ))?;
+            }
+        }
+        self.verifications_by_address
+            .insert(verification_index_key(v.kind, &v.address, jid), &[])?;
         Ok(())
     }
 
@@ -1312,28 +1342,58 @@ impl Store {
             .transpose()
     }
 
-    /// The user waiting to verify `address` as a terminal of this kind, and the verification.
-    pub fn verification_for_address(
+    /// Every user waiting to verify `address` as a terminal of this kind (several may have
+    /// asked for the same number before one of them proved it), with the verification; read
+    /// from the index, not by a scan.
+    pub fn verifications_for_address(
         &self,
         kind: TerminalKind,
         address: &str,
-    ) -> Result<Option<(String, Verification)>> {
-        for kv in self.verifications.iter() {
-            let (k, v) = kv?;
-            let verification: Verification = decode("verifications", &v)?;
-            if verification.kind == kind && verification.address == address {
-                let jid = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
-                    String::from_utf8_lossy(&k[..p]).into_owned()
-                });
-                return Ok(Some((jid, verification)));
+    ) -> Result<Vec<(String, Verification)>> {
+        let start = verification_index_key(kind, address, "");
+        let mut found = Vec::new();
+        for k in self.verifications_by_address.scan_prefix(&start).keys() {
+            let k = k?;
+            let jid = String::from_utf8_lossy(&k[start.len()..]).into_owned();
+            if let Some(v) = self.verification(&jid, kind)? {
+                if v.address == address {
+                    found.push((jid, v));
+                }
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     pub fn remove_verification(&self, jid: &str, kind: TerminalKind) -> Result<()> {
-        self.verifications.remove(key(jid, kind.key()))?;
+        if let Some(previous) = self.verifications.remove(key(jid, kind.key()))? {
+            let previous: Verification = decode("verifications", &previous)?;
+            self.verifications_by_address
+                .remove(verification_index_key(kind, &previous.address, jid))?;
+        }
         Ok(())
+    }
+
+    /// Rebuilds the index of verifications by address from the verifications (a few short-lived
+    /// records), so that a store written before the index existed has one.
+    fn index_verifications(&self) -> Result<()> {
+        self.verifications_by_address.clear()?;
+        for kv in self.verifications.iter() {
+            let (k, v) = kv?;
+            let Ok(v) = decode::<Verification>("verifications", &v) else {
+                continue;
+            };
+            let jid = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
+                String::from_utf8_lossy(&k[..p]).into_owned()
+            });
+            self.verifications_by_address
+                .insert(verification_index_key(v.kind, &v.address, &jid), &[])?;
+        }
+        Ok(())
+    }
+
+    /// How many entries the index of verifications by address holds (for tests).
+    pub fn verification_index_len(&self) -> usize {
+        self.verifications_by_address.len()
     }
 
     // ---- messages pending a forward ----
@@ -2159,5 +2219,67 @@ mod tests {
             Store::open(dir.path()),
             Err(StoreError::Schema { found: 99, .. })
         ));
+    }
+
+    // ---- verifications by address (issue 10) ----
+
+    fn phone_code(address: &str) -> Verification {
+        Verification {
+            kind: TerminalKind::Phone,
+            address: address.into(),
+            code: "123456".into(),
+            expires_at: 10,
+            tries_left: 5,
+        }
+    }
+
+    fn waiting_on(store: &Store, address: &str) -> Vec<String> {
+        store
+            .verifications_for_address(TerminalKind::Phone, address)
+            .unwrap()
+            .into_iter()
+            .map(|(jid, _)| jid)
+            .collect()
+    }
+
+    #[test]
+    fn the_verification_index_follows_put_replace_remove_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = reopen(dir.path());
+            store.put_user(&alice()).unwrap();
+            store
+                .put_verification("alice@example.org", &phone_code("+15550001"))
+                .unwrap();
+            store
+                .put_verification("bob@example.org", &phone_code("+15550001"))
+                .unwrap();
+            assert_eq!(
+                waiting_on(&store, "+15550001"),
+                ["alice@example.org", "bob@example.org"]
+            );
+            // A prefix of a number is another number.
+            assert!(waiting_on(&store, "+1555000").is_empty());
+            // A new code for another number moves Alice's entry.
+            store
+                .put_verification("alice@example.org", &phone_code("+15550002"))
+                .unwrap();
+            assert_eq!(waiting_on(&store, "+15550001"), ["bob@example.org"]);
+            assert_eq!(waiting_on(&store, "+15550002"), ["alice@example.org"]);
+            store
+                .remove_verification("bob@example.org", TerminalKind::Phone)
+                .unwrap();
+            assert!(waiting_on(&store, "+15550001").is_empty());
+            assert_eq!(store.verification_index_len(), 1);
+            store.flush().unwrap();
+        }
+        // Rebuilt from the verifications when the store opens.
+        let store = reopen(dir.path());
+        assert_eq!(waiting_on(&store, "+15550002"), ["alice@example.org"]);
+        assert_eq!(store.verification_index_len(), 1);
+        // Removing the user removes their entry.
+        store.remove_user("alice@example.org").unwrap();
+        assert!(waiting_on(&store, "+15550002").is_empty());
+        assert_eq!(store.verification_index_len(), 0);
     }
 }

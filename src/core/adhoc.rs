@@ -309,8 +309,16 @@ fn verify(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, F
                         super::sms::start_verification(r.core, r.store, r.now, user, out)?
                     }
                 };
-                if sent.is_some() {
-                    instructions.push_str(&format!("A new code is on its way to {address}.\n"));
+                // A cap on codes may have refused it: then say why.
+                if let Some(sent) = sent {
+                    if r.store
+                        .verification(&user.jid, *kind)?
+                        .is_some_and(|v| v.expires_at >= r.now && v.address == *address)
+                    {
+                        instructions.push_str(&format!("A new code is on its way to {address}.\n"));
+                    } else {
+                        instructions.push_str(&format!("{sent}\n"));
+                    }
                 }
             }
             let names: Vec<String> = waiting

@@ -55,53 +55,11 @@ fn verify(
     verify_any(core, store, now, &user, code, out)
 }
 
-/// The outcome of checking a code against one terminal's waiting verification.
-pub(super) enum CodeCheck {
-    /// No verification waits for that terminal.
-    Nothing,
-    /// Expired or wrong (a try is spent); what to tell the user.
-    Refused(String),
-    /// The right code: the waiting verification (the caller confirms and removes it).
-    Right(crate::store::Verification),
-}
+/// What `verify CODE` says when no code waits.
+const NOTHING_TO_VERIFY: &str = "There is nothing to verify. Register an email address first.";
 
-/// Checks `code` for the terminal of this kind: expiry, tries left, then the code itself. Shared by
-/// email and phone so both count tries alike.
-pub(super) fn check_code(
-    store: &Store,
-    now: u64,
-    user: &User,
-    kind: TerminalKind,
-    code: &str,
-) -> Result<CodeCheck, StoreError> {
-    let Some(v) = store.verification(&user.jid, kind)? else {
-        return Ok(CodeCheck::Nothing);
-    };
-    if v.expires_at < now {
-        store.remove_verification(&user.jid, kind)?;
-        return Ok(CodeCheck::Refused(
-            "That code has expired. Send \"verify\" for a new one.".to_owned(),
-        ));
-    }
-    if v.code != code.trim() {
-        let tries_left = v.tries_left.saturating_sub(1);
-        if tries_left == 0 {
-            store.remove_verification(&user.jid, kind)?;
-            return Ok(CodeCheck::Refused(
-                "That code is wrong, and that was the last try. Send \"verify\" for a new code."
-                    .to_owned(),
-            ));
-        }
-        store.put_verification(&user.jid, &crate::store::Verification { tries_left, ..v })?;
-        return Ok(CodeCheck::Refused(format!(
-            "That code is wrong ({tries_left} tries left)."
-        )));
-    }
-    Ok(CodeCheck::Right(v))
-}
-
-/// Checks a code against the terminals waiting for verification (the phone's if it matches, else
-/// the email's, which then counts the try). Shared by every door: chat, ad-hoc, SMS.
+/// Checks a code against every terminal waiting for verification. Shared by every door: chat,
+/// ad-hoc, SMS `/verify`. See [`check_guess`].
 pub(super) fn verify_any(
     core: &Core,
     store: &Store,
@@ -110,16 +68,115 @@ pub(super) fn verify_any(
     code: &str,
     out: &mut Out,
 ) -> Result<String, StoreError> {
-    let phone_waits = store
-        .verification(&user.jid, TerminalKind::Phone)?
-        .is_some();
-    let email_waits = store
-        .verification(&user.jid, TerminalKind::Email)?
-        .is_some();
-    if phone_waits && (super::sms::is_phone_code(store, user, code)? || !email_waits) {
-        return Ok(super::sms::verify_code(core, store, now, user, code, out)?.unwrap_or_default());
+    Ok(check_guess(core, store, now, user, code, None, out)?
+        .unwrap_or_else(|| NOTHING_TO_VERIFY.to_owned()))
+}
+
+/// Checks one guess of user `user`; `None` if no code waits. In order: the user's wrong codes
+/// of the day (past `wrong_codes_per_user_per_day` nothing is checked, not even the right
+/// code, and nothing changes); whether a code waits; expiry; then the code against the
+/// waiting codes (all of them, or with `only`, the one of that kind: a code texted back from a
+/// phone proves that phone only). A right code confirms its terminal. A wrong one counts
+/// towards the day's wrong codes and costs *every* waiting code of the user a try, so that
+/// asking for fresh codes elsewhere never buys more guesses at one code.
+pub(super) fn check_guess(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    code: &str,
+    only: Option<TerminalKind>,
+    out: &mut Out,
+) -> Result<Option<String>, StoreError> {
+    let limits = &core.settings.limits;
+    if let Some(refusal) = super::limits::guesses_refusal(limits, store, now, &user.jid)? {
+        return Ok(Some(refusal));
     }
-    super::email::verify_code(core, store, now, user, code, out)
+    let mut waiting = Vec::new();
+    for kind in [TerminalKind::Email, TerminalKind::Phone] {
+        if let Some(v) = store.verification(&user.jid, kind)? {
+            waiting.push(v);
+        }
+    }
+    if waiting.is_empty() {
+        return Ok(None);
+    }
+    let mut expired = false;
+    waiting.retain(|v| {
+        let live = v.expires_at >= now;
+        expired |= !live;
+        live
+    });
+    for kind in [TerminalKind::Email, TerminalKind::Phone] {
+        if !waiting.iter().any(|v| v.kind == kind) {
+            store.remove_verification(&user.jid, kind)?;
+        }
+    }
+    // No live code that this guess could match: nothing to guess at, so no try is spent.
+    if !waiting.iter().any(|v| only.is_none_or(|k| k == v.kind)) {
+        return Ok(
+            expired.then(|| "That code has expired. Send \"verify\" for a new one.".to_owned())
+        );
+    }
+    let code = code.trim();
+    if let Some(right) = waiting
+        .iter()
+        .find(|v| only.is_none_or(|k| k == v.kind) && same_code(&v.code, code))
+    {
+        return match right.kind {
+            TerminalKind::Email => {
+                super::email::confirm_email(core, store, now, user, &right.address, out)
+            }
+            TerminalKind::Phone => {
+                super::sms::confirm_phone(core, store, now, user, &right.address, out)
+            }
+        }
+        .map(Some);
+    }
+    let left_today = super::limits::count_wrong_code(limits, store, now, &user.jid)?;
+    let mut tries_left = 0;
+    for v in waiting {
+        let left = v.tries_left.saturating_sub(1);
+        if left == 0 || left_today == 0 {
+            store.remove_verification(&user.jid, v.kind)?;
+        } else {
+            tries_left = tries_left.max(u32::from(left));
+            store.put_verification(
+                &user.jid,
+                &crate::store::Verification {
+                    tries_left: left,
+                    ..v
+                },
+            )?;
+        }
+    }
+    tracing::info!(
+        handle = user.handle.as_str(),
+        left_today,
+        "wrong verification code"
+    );
+    Ok(Some(if left_today == 0 {
+        "That code is wrong, and that was your last try today: Reach checks no more \
+         verification codes from you until tomorrow (UTC)."
+            .to_owned()
+    } else if tries_left == 0 {
+        "That code is wrong, and that was the last try. Send \"verify\" for a new code.".to_owned()
+    } else {
+        match tries_left.min(left_today) {
+            1 => "That code is wrong (1 try left).".to_owned(),
+            left => format!("That code is wrong ({left} tries left)."),
+        }
+    }))
+}
+
+/// Compares a stored code with a guess without stopping at the first different byte.
+fn same_code(stored: &str, guess: &str) -> bool {
+    stored.len() == guess.len()
+        && stored
+            .bytes()
+            .zip(guess.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 /// Sends new codes to every terminal not verified yet.

@@ -228,7 +228,14 @@ pub(super) fn start_verification(
         return Ok(None);
     }
     let address = terminal.address.as_str().to_owned();
-    if let Some(note) = super::limits::take_code(&core.settings.limits, store, now, &address)? {
+    if let Some(note) = super::limits::take_code(
+        &core.settings.limits,
+        store,
+        now,
+        &user.jid,
+        TerminalKind::Email,
+        &address,
+    )? {
         return Ok(Some(note));
     }
     let code = format!("{:06}", core.rng().gen_range(0..1_000_000u32));
@@ -289,28 +296,8 @@ pub(super) fn start_verification(
     )))
 }
 
-/// What `verify CODE` says.
-pub(super) fn verify_code(
-    core: &Core,
-    store: &Store,
-    now: u64,
-    user: &User,
-    code: &str,
-    out: &mut Out,
-) -> Result<String, StoreError> {
-    match super::commands::check_code(store, now, user, TerminalKind::Email, code)? {
-        super::commands::CodeCheck::Nothing => {
-            Ok("There is nothing to verify. Register an email address first.".to_owned())
-        }
-        super::commands::CodeCheck::Refused(said) => Ok(said),
-        super::commands::CodeCheck::Right(v) => {
-            confirm_email(core, store, now, user, &v.address, out)
-        }
-    }
-}
-
 /// The user proved they read `address`: it becomes their email terminal.
-fn confirm_email(
+pub(super) fn confirm_email(
     core: &Core,
     store: &Store,
     now: u64,

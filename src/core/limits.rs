@@ -17,6 +17,7 @@
 
 use minidom::{Element, Node};
 
+use crate::store::{Store, StoreError, TerminalKind};
 use crate::xmpp::stanza::{ErrorType, StanzaFault};
 
 /// The limits, as configured in `[limits]` (see [`crate::config::LimitsConfig`]).
@@ -39,6 +40,15 @@ pub struct Limits {
     pub codes_per_terminal_per_day: u32,
     /// Forwarding emails per user per hour.
     pub emails_per_user_per_hour: u32,
+    // ---- verification codes: pumping, flooding, guessing (issue 10) ----
+    /// Verification codes sent for one user per day, to all their terminals together.
+    pub codes_per_user_per_day: u32,
+    /// Different terminals (mailboxes, numbers) one user may ask codes for per day.
+    pub new_terminals_per_user_per_day: u32,
+    /// Verification SMS Reach sends per hour, for all users together.
+    pub verification_sms_per_hour: u32,
+    /// Wrong verification codes one user may enter per day; past it no code is checked.
+    pub wrong_codes_per_user_per_day: u32,
 }
 
 impl Default for Limits {
@@ -52,6 +62,10 @@ impl Default for Limits {
             new_registrations_per_domain_per_hour: 100,
             codes_per_terminal_per_day: 5,
             emails_per_user_per_hour: 30,
+            codes_per_user_per_day: 10,
+            new_terminals_per_user_per_day: 3,
+            verification_sms_per_hour: 100,
+            wrong_codes_per_user_per_day: 10,
         }
     }
 }
@@ -65,8 +79,18 @@ pub(crate) mod counter {
     pub const REGISTRATIONS: &str = "registrations";
     /// New registrations, per JID domain (hourly).
     pub const NEW_REGISTRATIONS: &str = "new_registrations";
-    /// Verification codes, per terminal address (daily).
+    /// Verification codes, per terminal: its mailbox or its number's digits (daily).
     pub const CODES: &str = "codes";
+    /// Verification codes, per user (daily).
+    pub const USER_CODES: &str = "user_codes";
+    /// One per user and terminal asked for today: `JID \0 terminal` (daily).
+    pub const TERMINAL_TRIED: &str = "terminal_tried";
+    /// Different terminals asked for, per user (daily).
+    pub const NEW_TERMINALS: &str = "new_terminals";
+    /// Verification SMS, for everyone (hourly, scope empty).
+    pub const VERIFICATION_SMS: &str = "verification_sms";
+    /// Wrong verification codes, per user (daily).
+    pub const WRONG_CODES: &str = "wrong_codes";
     /// Forwarding emails, per user (hourly).
     pub const EMAILS: &str = "emails";
 }
@@ -128,23 +152,139 @@ pub(crate) fn check_body(limits: &Limits, body: &str) -> Result<(), StanzaFault>
     Ok(())
 }
 
-/// Counts one more verification code for `address` (an email address or phone number); `Some`
-/// note for the user instead when today's codes for it are used up (nothing is sent then).
-pub(crate) fn take_code(
+/// The terminal a code goes to, as counted: an email address by its mailbox
+/// ([`crate::address::Email::mailbox`]: case, `+tag` and Gmail dots do not make another one),
+/// a number by its E.164 digits.
+pub(crate) fn terminal_scope(kind: TerminalKind, address: &str) -> String {
+    match kind {
+        TerminalKind::Email => crate::address::Email::parse(address)
+            .map_or_else(|_| address.to_lowercase(), |e| e.mailbox()),
+        TerminalKind::Phone => crate::address::Phone::parse(address)
+            .map_or_else(|_| address.to_owned(), |p| format!("+{}", p.digits())),
+    }
+}
+
+fn tried_scope(jid: &str, terminal: &str) -> String {
+    format!("{jid}\0{terminal}")
+}
+
+/// Why no verification code may go to `address` for user `jid` now: the text for the user, or
+/// `None` when one may. Reads the counters only; every door that sends a code asks this first
+/// (through [`take_code`]), so the caps hold whichever door is used.
+pub(crate) fn code_refusal(
     limits: &Limits,
-    store: &crate::store::Store,
+    store: &Store,
     now: u64,
+    jid: &str,
+    kind: TerminalKind,
     address: &str,
-) -> Result<Option<String>, crate::store::StoreError> {
-    if store.counter(counter::CODES, address, DAY, now)? >= limits.codes_per_terminal_per_day {
+) -> Result<Option<String>, StoreError> {
+    let terminal = terminal_scope(kind, address);
+    if store.counter(counter::USER_CODES, jid, DAY, now)? >= limits.codes_per_user_per_day {
+        return Ok(Some(format!(
+            "Reach already sent you {} verification codes today, the most it sends anyone in a \
+             day; no new code was sent. Ask again tomorrow (UTC).",
+            limits.codes_per_user_per_day
+        )));
+    }
+    let tried = store.counter(
+        counter::TERMINAL_TRIED,
+        &tried_scope(jid, &terminal),
+        DAY,
+        now,
+    )? > 0;
+    if !tried
+        && store.counter(counter::NEW_TERMINALS, jid, DAY, now)?
+            >= limits.new_terminals_per_user_per_day
+    {
+        return Ok(Some(format!(
+            "You already asked for codes to {} different addresses and numbers today; Reach \
+             sends no code to {address} until tomorrow (UTC).",
+            limits.new_terminals_per_user_per_day
+        )));
+    }
+    if store.counter(counter::CODES, &terminal, DAY, now)? >= limits.codes_per_terminal_per_day {
         return Ok(Some(format!(
             "Reach already sent {} verification codes to {address} today; no new code was sent. \
              Ask again tomorrow (UTC).",
             limits.codes_per_terminal_per_day
         )));
     }
-    store.bump_counter(counter::CODES, address, DAY, now)?;
+    if kind == TerminalKind::Phone
+        && store.counter(counter::VERIFICATION_SMS, "", HOUR, now)?
+            >= limits.verification_sms_per_hour
+    {
+        let next = next_window(now, HOUR) % DAY;
+        return Ok(Some(format!(
+            "Reach is sending too many verification SMS right now; no code was sent to \
+             {address}. Send \"verify\" again after {:02}:{:02} UTC.",
+            next / HOUR,
+            next % HOUR / 60
+        )));
+    }
     Ok(None)
+}
+
+/// Counts one more verification code for user `jid` to `address` (an email address or phone
+/// number); `Some` note for the user instead when a cap forbids it (then nothing is counted and
+/// nothing may be sent). See [`code_refusal`].
+pub(crate) fn take_code(
+    limits: &Limits,
+    store: &Store,
+    now: u64,
+    jid: &str,
+    kind: TerminalKind,
+    address: &str,
+) -> Result<Option<String>, StoreError> {
+    if let Some(note) = code_refusal(limits, store, now, jid, kind, address)? {
+        return Ok(Some(note));
+    }
+    let terminal = terminal_scope(kind, address);
+    store.bump_counter(counter::USER_CODES, jid, DAY, now)?;
+    let tried = tried_scope(jid, &terminal);
+    if store.counter(counter::TERMINAL_TRIED, &tried, DAY, now)? == 0 {
+        store.bump_counter(counter::NEW_TERMINALS, jid, DAY, now)?;
+    }
+    store.bump_counter(counter::TERMINAL_TRIED, &tried, DAY, now)?;
+    store.bump_counter(counter::CODES, &terminal, DAY, now)?;
+    if kind == TerminalKind::Phone {
+        store.bump_counter(counter::VERIFICATION_SMS, "", HOUR, now)?;
+    }
+    Ok(None)
+}
+
+/// What the user is told when today's wrong codes are used up: no code is checked until the next
+/// UTC day, not even the right one.
+pub(crate) fn guesses_refusal(
+    limits: &Limits,
+    store: &Store,
+    now: u64,
+    jid: &str,
+) -> Result<Option<String>, StoreError> {
+    if store.counter(counter::WRONG_CODES, jid, DAY, now)? >= limits.wrong_codes_per_user_per_day {
+        return Ok(Some(wrong_codes_used_up(limits)));
+    }
+    Ok(None)
+}
+
+/// The refusal once the wrong codes of the day are used up.
+pub(crate) fn wrong_codes_used_up(limits: &Limits) -> String {
+    format!(
+        "You entered {} wrong verification codes today; Reach checks no more codes from you \
+         until tomorrow (UTC). Then send \"verify\" for new codes.",
+        limits.wrong_codes_per_user_per_day
+    )
+}
+
+/// Counts one wrong code for user `jid`; returns how many more they may enter today.
+pub(crate) fn count_wrong_code(
+    limits: &Limits,
+    store: &Store,
+    now: u64,
+    jid: &str,
+) -> Result<u32, StoreError> {
+    let wrong = store.bump_counter(counter::WRONG_CODES, jid, DAY, now)?;
+    Ok(limits.wrong_codes_per_user_per_day.saturating_sub(wrong))
 }
 
 /// The first second of the window after the one `now` is in.
@@ -223,6 +363,55 @@ mod tests {
         assert_eq!(
             check_body(&limits, "étés").unwrap_err().condition,
             "not-acceptable"
+        );
+    }
+
+    #[test]
+    fn terminals_are_counted_by_mailbox_and_digits() {
+        use crate::store::TerminalKind::{Email, Phone};
+        assert_eq!(
+            terminal_scope(Email, "Victim+x@Example.net"),
+            "victim@example.net"
+        );
+        assert_eq!(
+            terminal_scope(Email, "j.doe@googlemail.com"),
+            "jdoe@gmail.com"
+        );
+        assert_eq!(terminal_scope(Phone, "+1 555 010 0000"), "+15550100000");
+        // A stored value that no longer parses is still counted, by itself.
+        assert_eq!(terminal_scope(Email, "not an address"), "not an address");
+    }
+
+    #[test]
+    fn a_refused_code_counts_nothing() {
+        let store = Store::temporary().unwrap();
+        let limits = Limits {
+            codes_per_user_per_day: 1,
+            ..Limits::default()
+        };
+        let now = 1_795_000_000;
+        let take = |address: &str| {
+            take_code(&limits, &store, now, "a@b", TerminalKind::Phone, address).unwrap()
+        };
+        assert_eq!(take("+15550100000"), None);
+        let records = store.counter_records();
+        assert!(take("+15550100001").is_some());
+        assert_eq!(store.counter_records(), records);
+        assert_eq!(
+            store
+                .counter(counter::VERIFICATION_SMS, "", HOUR, now)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store.counter(counter::USER_CODES, "a@b", DAY, now).unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .counter(counter::CODES, "+15550100001", DAY, now)
+                .unwrap(),
+            0
         );
     }
 

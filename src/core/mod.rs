@@ -408,3 +408,6 @@ mod hostile;
 
 #[cfg(test)]
 mod hostile_text;
+
+#[cfg(test)]
+mod code_abuse;

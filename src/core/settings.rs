@@ -406,6 +406,22 @@ pub(super) fn add_terminal(
             replaced: Some(old),
         } => format!("Replaced {old} with {noun}."),
     };
+    // The caps on codes are checked before anything changes: a code Reach may not send refuses
+    // the whole `add`, so flooding a mailbox or pumping SMS leaves the terminals as they were.
+    if let Some(refusal) =
+        super::limits::code_refusal(&core.settings.limits, store, now, &user.jid, kind, &address)?
+    {
+        tracing::info!(
+            handle = user.handle.as_str(),
+            kind = kind_word(kind),
+            "terminal refused: verification code limit"
+        );
+        let field = match kind {
+            TerminalKind::Email => field::EMAIL,
+            TerminalKind::Phone => field::PHONE,
+        };
+        return refuse(field, refusal);
+    }
     store.remove_verification(&user.jid, kind)?;
     store.put_user(&updated)?;
     let sent = match kind {

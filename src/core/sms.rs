@@ -218,7 +218,14 @@ pub(super) fn start_verification(
     if !number_allowed(settings, &number) {
         return Ok(Some(format!("Reach does not send SMS to {number}.")));
     }
-    if let Some(note) = super::limits::take_code(&core.settings.limits, store, now, &number)? {
+    if let Some(note) = super::limits::take_code(
+        &core.settings.limits,
+        store,
+        now,
+        &user.jid,
+        TerminalKind::Phone,
+        &number,
+    )? {
         return Ok(Some(note));
     }
     let code = format!("{:06}", core.rng().gen_range(0..1_000_000u32));
@@ -241,32 +248,9 @@ pub(super) fn start_verification(
     Ok(Some(format!("A verification code is on its way to {number} by SMS. Text it back, or send \"verify CODE\" here.")))
 }
 
-/// `verify CODE` for the phone; `None` if no phone verification is waiting.
-pub(super) fn verify_code(
-    core: &Core,
-    store: &Store,
-    now: u64,
-    user: &User,
-    code: &str,
-    out: &mut Out,
-) -> Result<Option<String>, StoreError> {
-    match super::commands::check_code(store, now, user, TerminalKind::Phone, code)? {
-        super::commands::CodeCheck::Nothing => Ok(None),
-        super::commands::CodeCheck::Refused(said) => Ok(Some(said)),
-        super::commands::CodeCheck::Right(v) => {
-            confirm_phone(core, store, now, user, &v.address, out).map(Some)
-        }
-    }
-}
-
-/// Whether the code matches the waiting phone verification (without spending a try).
-pub(super) fn is_phone_code(store: &Store, user: &User, code: &str) -> Result<bool, StoreError> {
-    Ok(store
-        .verification(&user.jid, TerminalKind::Phone)?
-        .is_some_and(|v| v.code == code.trim()))
-}
-
-fn confirm_phone(
+/// The user proved they hold `number`: it becomes their phone terminal (unless another user
+/// verified it first).
+pub(super) fn confirm_phone(
     core: &Core,
     store: &Store,
     now: u64,
@@ -317,23 +301,15 @@ pub(super) fn on_incoming(
         }
     }
     let Some(user) = store.user_by_phone(&number)? else {
-        // Perhaps the code of a phone being verified.
-        if let Some((jid, v)) = store.verification_for_address(TerminalKind::Phone, &number)? {
-            if text::as_verification_code(&sms.text).is_some_and(|c| c == v.code) {
-                if let Some(user) = store.user(&jid)? {
-                    let said =
-                        verify_code(core, store, now, &user, &v.code, out)?.unwrap_or_default();
-                    notice(core, store, now, &user, &number, &said, out)?;
-                    out.send(chat(&core.settings.domain, &user.jid, &said));
-                }
-                return Ok(WebhookAnswer::Accepted);
-            }
+        if let Some(code) = text::as_verification_code(&sms.text) {
+            texted_code(core, store, now, &number, &code, out)?;
+        } else {
+            tracing::debug!(from = %number, "SMS from an unknown number ignored");
         }
-        tracing::debug!(from = %number, "SMS from an unknown number ignored");
         return Ok(WebhookAnswer::Accepted);
     };
     let answer = |store: &Store, out: &mut Out, text: &str| {
-        notice(core, store, now, &user, &number, text, out)
+        answer_text(core, store, now, &user, &number, text, out).map(|_| ())
     };
     let stopped = user.phone.as_ref().is_some_and(|t| t.stopped);
     if let Some(said) = on_presence_command(core, store, now, &user, &sms.text, out)? {
@@ -394,6 +370,90 @@ pub(super) fn on_incoming(
         }
     }
     Ok(WebhookAnswer::Accepted)
+}
+
+/// A code texted from `number`, which no user has verified: found through the index of waiting
+/// verifications by number. The right code verifies the phone of the user it was sent for; a
+/// wrong one is a wrong guess for every user waiting to verify this number (texting guesses
+/// is no cheaper than typing them). The user hears the outcome in a chat from `D`; only a
+/// number that is now verified is answered by SMS, so that a text from a number Reach does not
+/// know never makes Reach send an SMS.
+fn texted_code(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    number: &str,
+    code: &str,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let waiting = store.verifications_for_address(TerminalKind::Phone, number)?;
+    if waiting.is_empty() {
+        tracing::debug!(from = %number, "SMS from an unknown number ignored");
+        return Ok(());
+    }
+    let guessers: Vec<String> = match waiting.iter().find(|(_, v)| v.code == code) {
+        Some((jid, _)) => vec![jid.clone()],
+        None => waiting.into_iter().map(|(jid, _)| jid).collect(),
+    };
+    for jid in guessers {
+        let Some(user) = store.user(&jid)? else {
+            continue;
+        };
+        let Some(said) = super::commands::check_guess(
+            core,
+            store,
+            now,
+            &user,
+            code,
+            Some(TerminalKind::Phone),
+            out,
+        )?
+        else {
+            continue;
+        };
+        if let Some(verified) = store.user(&jid)?.filter(|u| {
+            u.phone
+                .as_ref()
+                .is_some_and(|p| p.verified && p.address.as_str() == number)
+        }) {
+            answer_text(core, store, now, &verified, number, &said, out)?;
+        }
+        out.send(chat(&core.settings.domain, &user.jid, &said));
+    }
+    Ok(())
+}
+
+/// The most SMS the user's phone gets today: the service's cap, or the user's own if lower.
+fn daily_cap(core: &Core, user: &User) -> u32 {
+    let service = settings(core).map_or(0, |s| s.daily_cap);
+    user.phone
+        .as_ref()
+        .and_then(|t| t.prefs.daily_cap)
+        .map_or(service, |own| own.min(service))
+}
+
+/// An answer texted to the phone (to a keyword, a command, a text Reach cannot place): an SMS
+/// like any other, so it counts towards the user's daily SMS cap, and past the cap no answer is
+/// sent (what the text asked for is still done). Without this an auto-responding number would
+/// ping-pong with Reach forever. Returns whether it was sent.
+fn answer_text(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    to: &str,
+    text: &str,
+    out: &mut Out,
+) -> Result<bool, StoreError> {
+    if store.sms_count(&user.jid, day(now))? >= daily_cap(core, user) {
+        tracing::info!(
+            handle = user.handle.as_str(),
+            "daily SMS cap reached: no answer texted"
+        );
+        return Ok(false);
+    }
+    notice(core, store, now, user, to, text, out)?;
+    Ok(true)
 }
 
 /// Changes the phone terminal (on the stored record, which may be newer than `user`) and
@@ -543,8 +603,10 @@ fn on_command(
         Command::Msg { peer, text } => {
             return send_to_named(core, store, now, user, &peer, &text, out)
         }
-        Command::Verify(code) => verify_code(core, store, now, user, &code, out)?
-            .unwrap_or_else(|| "Reach: nothing to verify.".to_owned()),
+        Command::Verify(code) => {
+            super::commands::check_guess(core, store, now, user, &code, None, out)?
+                .unwrap_or_else(|| "Reach: nothing to verify.".to_owned())
+        }
         Command::Unknown(name) => format!("Reach: unknown command /{name}. Text /help."),
     }))
 }
@@ -948,6 +1010,8 @@ mod tests {
         );
         assert_eq!(alerts(), vec![BOB.to_owned()]);
         assert_eq!(said("/alerts"), "Reach: Alerts here for: bob@example.net");
+        // Answers count towards the daily cap (5 here): the rest is said on another day.
+        t.advance(86_400);
         assert_eq!(
             said("/noalert bob@example.net"),
             "Reach: No more alerts about bob@example.net."
