@@ -65,6 +65,10 @@ impl Doors {
                     registrations_per_jid_per_hour: 1_000_000,
                     new_registrations_per_domain_per_hour: 1_000_000,
                     codes_per_terminal_per_day: 1_000_000,
+                    codes_per_user_per_day: 1_000_000,
+                    new_terminals_per_user_per_day: 1_000_000,
+                    verification_sms_per_hour: 1_000_000,
+                    wrong_codes_per_user_per_day: 1_000_000,
                     emails_per_user_per_hour: 1_000_000,
                     ..Limits::default()
                 },
