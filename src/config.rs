@@ -857,7 +857,7 @@ impl Config {
              HANDLE@{domain}. When the link is idle for {idle} s it would ping {ping_to}, and \
              reconnect if no answer comes within {timeout} s. Users from {allowed} could register. \
              The store would be kept in {store}. Logging would use the filter \"{level}\" \
-             (RUST_LOG overrides it) and the {format} format. {metrics}",
+             (RUST_LOG overrides it) and the {format} format. {metrics}{prefixes}",
             server = c.server,
             domain = c.domain,
             idle = c.idle_ping_secs,
@@ -877,9 +877,19 @@ impl Config {
                 ),
                 None => "No metrics endpoint would be served.".to_owned(),
             },
+            prefixes = match &self.sms {
+                Some(sms) if sms.allowed_prefixes.is_empty() => ALL_COUNTRIES_WARNING,
+                _ => "",
+            },
         )
     }
 }
+
+/// What `check-config` adds (and Reach logs at start) when SMS may go to every country.
+pub const ALL_COUNTRIES_WARNING: &str =
+    " Warning: [sms] allowed_prefixes is empty, so Reach would \
+     text every country; list the country codes your users have (e.g. [\"+1\", \"+44\"]) so that \
+     verification codes cannot be pumped to premium-rate numbers abroad.";
 
 /// `a`, `a and b`, `a, b and c`.
 fn list_in_words(items: &[String]) -> String {
@@ -1497,6 +1507,25 @@ mod tests {
             let e = err(&text);
             assert!(e.contains(message), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn check_config_warns_when_sms_may_go_to_every_country() {
+        let all = parse(EXAMPLE).unwrap();
+        assert!(all.sms.as_ref().unwrap().allowed_prefixes.is_empty());
+        assert!(all
+            .summary()
+            .contains("Warning: [sms] allowed_prefixes is empty"));
+        let listed = parse(&EXAMPLE.replace(
+            "allowed_prefixes = []",
+            "allowed_prefixes = [\"+1\", \"+44\"]",
+        ))
+        .unwrap();
+        assert!(
+            !listed.summary().contains("Warning"),
+            "{}",
+            listed.summary()
+        );
     }
 
     #[test]

@@ -159,6 +159,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         start_email(email, &core, &store, &inputs_tx, &shutdown, &mut tasks).await?;
     }
     if let Some(sms) = &config.sms {
+        if sms.allowed_prefixes.is_empty() {
+            tracing::warn!("{}", crate::config::ALL_COUNTRIES_WARNING.trim_start());
+        }
         start_sms(sms, &store, &inputs_tx, &shutdown, &mut tasks).await?;
     }
     if config.email.is_some() || config.sms.is_some() {
