@@ -155,6 +155,29 @@ pub struct LimitsConfig {
     /// `emails_per_user_per_hour` (default 30): forwarding emails per user per hour; past it,
     /// messages wait in their pending forward for the next hour (or for XMPP).
     pub emails_per_user_per_hour: u32,
+
+    // ---- storage per user ----
+    /// `waiting_per_user` (default 1000): messages waiting for one user, held for their XMPP
+    /// clients or pending a forward, from all senders together; past it, a buddy's message that
+    /// would wait is refused with `resource-constraint` (wait) and nothing is stored.
+    pub waiting_per_user: u32,
+    /// `held_per_sender` (default 100): messages held for one user's XMPP clients from one
+    /// sender; past it, that sender's next message to be held is refused the same way (other
+    /// buddies still get through).
+    pub held_per_sender: u32,
+    /// `pending_per_conversation` (default 200): messages waiting for their forward (email or
+    /// SMS) in one conversation; past it, the buddy's message is refused with
+    /// `resource-constraint` (wait).
+    pub pending_per_conversation: u32,
+    /// `buddies_per_user` (default 1000): buddies one reach address may have; past it, a new
+    /// subscription request is answered `unsubscribed` and Reach does not subscribe back.
+    pub buddies_per_user: u32,
+    /// `digest_max_items` (default 50): messages in one forwarding email; the rest go in the next
+    /// email of the same thread.
+    pub digest_max_items: u32,
+    /// `digest_max_chars` (default 100000): characters of message text in one forwarding email
+    /// (a longer single message still goes, alone); the rest go in the next email of the thread.
+    pub digest_max_chars: u32,
 }
 
 impl Default for LimitsConfig {
@@ -174,6 +197,12 @@ impl From<crate::core::Limits> for LimitsConfig {
             new_registrations_per_domain_per_hour: l.new_registrations_per_domain_per_hour,
             codes_per_terminal_per_day: l.codes_per_terminal_per_day,
             emails_per_user_per_hour: l.emails_per_user_per_hour,
+            waiting_per_user: l.waiting_per_user,
+            held_per_sender: l.held_per_sender,
+            pending_per_conversation: l.pending_per_conversation,
+            buddies_per_user: l.buddies_per_user,
+            digest_max_items: l.digest_max_items,
+            digest_max_chars: l.digest_max_chars,
         }
     }
 }
@@ -190,6 +219,12 @@ impl LimitsConfig {
             new_registrations_per_domain_per_hour: self.new_registrations_per_domain_per_hour,
             codes_per_terminal_per_day: self.codes_per_terminal_per_day,
             emails_per_user_per_hour: self.emails_per_user_per_hour,
+            waiting_per_user: self.waiting_per_user,
+            held_per_sender: self.held_per_sender,
+            pending_per_conversation: self.pending_per_conversation,
+            buddies_per_user: self.buddies_per_user,
+            digest_max_items: self.digest_max_items,
+            digest_max_chars: self.digest_max_chars,
         }
     }
 
@@ -230,6 +265,15 @@ impl LimitsConfig {
                 "limits.emails_per_user_per_hour",
                 self.emails_per_user_per_hour,
             ),
+            ("limits.waiting_per_user", self.waiting_per_user),
+            ("limits.held_per_sender", self.held_per_sender),
+            (
+                "limits.pending_per_conversation",
+                self.pending_per_conversation,
+            ),
+            ("limits.buddies_per_user", self.buddies_per_user),
+            ("limits.digest_max_items", self.digest_max_items),
+            ("limits.digest_max_chars", self.digest_max_chars),
         ] {
             if value == 0 {
                 return Err(origin.invalid(key, "must be at least 1"));

@@ -137,46 +137,19 @@ pub(super) fn queue(
     Ok(())
 }
 
-/// Adds items (each with its terminal and due time) to the conversation's pending forward.
+/// Adds items (each with its terminal and due time) to the conversation's pending forward; each
+/// joins the batch of its terminal, which goes at the earliest of their times. Costs the same
+/// however many items already wait (the store keeps one key per item).
 fn requeue(
     store: &Store,
     jid: &str,
     peer: &str,
     items: Vec<PendingItem>,
 ) -> Result<(), StoreError> {
-    let mut pending = match store.pending_of(jid, peer)? {
-        Some(p) => normalised(p),
-        None => Pending {
-            peer: peer.to_owned(),
-            due_at: u64::MAX,
-            items: Vec::new(),
-        },
-    };
-    for mut item in items {
-        let batch = pending
-            .items
-            .iter()
-            .filter(|i| i.terminal == item.terminal)
-            .filter_map(|i| i.due_at)
-            .min();
-        let due = batch.map_or(item.due_at, |b| item.due_at.map(|d| d.min(b)));
-        for other in pending
-            .items
-            .iter_mut()
-            .filter(|i| i.terminal == item.terminal)
-        {
-            other.due_at = due;
-        }
-        item.due_at = due;
-        pending.items.push(item);
+    for item in items {
+        store.add_pending(jid, peer, &item)?;
     }
-    pending.due_at = pending
-        .items
-        .iter()
-        .filter_map(|i| i.due_at)
-        .min()
-        .unwrap_or(pending.due_at);
-    store.put_pending(jid, &pending)
+    Ok(())
 }
 
 /// Gives every item its own due time (records from before per-item times have only one).
@@ -205,8 +178,11 @@ fn put_or_remove(store: &Store, jid: &str, mut pending: Pending) -> Result<(), S
 /// forward any more (forwards to `Always` terminals stay).
 pub(super) fn cancel_pending(store: &Store, user: &User, peer: &str) -> Result<(), StoreError> {
     if let Some(mut pending) = store.pending_of(&user.jid, peer)? {
+        let before = pending.items.len();
         pending.items.retain(|i| !i.on_xmpp || i.unconditional);
-        put_or_remove(store, &user.jid, normalised(pending))?;
+        if pending.items.len() != before {
+            put_or_remove(store, &user.jid, normalised(pending))?;
+        }
     }
     Ok(())
 }
@@ -774,5 +750,52 @@ mod tests {
         t.store.put_pending(ALICE, &pending).unwrap();
         let (emails, _) = tick(&t);
         assert_eq!(emails[0].email.paragraphs, vec!["from before"]);
+    }
+
+    /// The cost of one stranger's messages piling up in an offline user's pending forward:
+    /// the time for messages 901..1000 over the time for messages 1..100, in the same run (a
+    /// flat cost per message gives about 1; a record decoded and rewritten whole for every
+    /// message grows with its length). Run with
+    /// `cargo test --lib pending_cost_per_message -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement: prints numbers"]
+    fn pending_cost_per_message() {
+        let t = Harness::with_limits(crate::core::Limits {
+            pending_per_conversation: 10_000,
+            held_per_sender: 10_000,
+            waiting_per_user: 10_000,
+            ..crate::core::Limits::default()
+        });
+        alice(&t, Preferences::default(), never(), None);
+        let stranger = "mallory@example.com";
+        let text = "x".repeat(200);
+        let mut hundreds = Vec::new();
+        let mut started = std::time::Instant::now();
+        for i in 0..1_000 {
+            t.run(&format!(
+                "<message type='chat' id='s{i}' from='{stranger}/x' to='alice@{D}'><body>{text} {i}</body></message>"
+            ));
+            if i % 100 == 99 {
+                hundreds.push(started.elapsed());
+                started = std::time::Instant::now();
+            }
+        }
+        let stored: usize = t
+            .store
+            .pending_for(ALICE)
+            .unwrap()
+            .iter()
+            .map(|p| p.items.len())
+            .sum();
+        assert_eq!(stored, 1_000);
+        let ms: Vec<String> = hundreds
+            .iter()
+            .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
+            .collect();
+        println!("ms per 100 messages: {}", ms.join(" "));
+        println!(
+            "last 100 / first 100: {:.2}",
+            hundreds[9].as_secs_f64() / hundreds[0].as_secs_f64()
+        );
     }
 }

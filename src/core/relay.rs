@@ -15,10 +15,12 @@ use crate::xmpp::stanza::an;
 use xmpp_parsers::ns;
 
 use super::rules::{Decision, ItemKind};
-use super::{commands, forward, Action, Addressing, Core, Handled, Out};
+use super::{commands, forward, Action, Addressing, Core, Failure, Handled, Out};
 use crate::address::LocalTarget;
 use crate::store::{HeldMessage, PendingItem, Store, StoreError, User};
-use crate::xmpp::stanza::{attr, child_text, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
+use crate::xmpp::stanza::{
+    attr, child_text, readdress, ErrorType, StanzaFault, CHAT_MARKERS, STANZA_NS,
+};
 
 /// XEP-0172 user nickname.
 const NICK: &str = "http://jabber.org/protocol/nick";
@@ -49,8 +51,7 @@ pub(super) fn on_message(
             let Some(user) = store.user_by_handle(handle)? else {
                 return Err(StanzaFault::item_not_found("no such reach address").into());
             };
-            relay_to_user(core, store, now, &user, &who.from_bare, stanza, out)?;
-            Ok(())
+            relay_to_user(core, store, now, &user, who, stanza, out)
         }
         LocalTarget::Session(peer) => {
             let Some(user) = store.user(&who.from_bare)? else {
@@ -81,15 +82,13 @@ fn relay_to_user(
     store: &Store,
     now: u64,
     user: &User,
-    peer: &str,
+    who: &Addressing,
     stanza: &Element,
     out: &mut Out,
-) -> Result<(), StoreError> {
+) -> Handled {
+    let peer = who.from_bare.as_str();
     let relayed = readdress(stanza, &core.session_jid(peer), &user.jid);
     let content = has_content(stanza);
-    if content {
-        remember_conversation(store, now, user, peer, stanza)?;
-    }
     let xmpp = forward::xmpp_state(store, user)?;
     let body = child_text(stanza, "body")
         .filter(|b| !b.trim().is_empty() && attr(stanza, "type") != "error");
@@ -102,6 +101,21 @@ fn relay_to_user(
             hold_for_xmpp: !xmpp.is_available(),
         },
     };
+    // What would be stored for later must fit the user's storage caps, checked before anything
+    // is written: a refused message changes nothing.
+    let waits = if decision.to_xmpp || !content || attr(stanza, "type") == "error" {
+        None
+    } else if body.is_some() && decision.forward.is_some() {
+        Some(Wait::Pending)
+    } else {
+        Some(Wait::Held)
+    };
+    if let Some(wait) = waits {
+        check_room(core, store, user, who, wait)?;
+    }
+    if content {
+        remember_conversation(store, now, user, peer, stanza)?;
+    }
     let item = |stanza: &Element, on_xmpp: bool, text: String| PendingItem {
         at: now,
         id: stanza.attr("id").map(str::to_owned),
@@ -113,10 +127,24 @@ fn relay_to_user(
         due_at: None,
         unconditional: false,
     };
+    let pending_full = |store: &Store| -> Result<bool, StoreError> {
+        Ok(store.pending_count(&user.jid, peer)?
+            >= core.settings.limits.pending_per_conversation as usize)
+    };
     if decision.to_xmpp {
         if let (Some(text), Some(to)) = (&body, decision.forward) {
             // Also to a terminal: at once for `Always`, else if still unread after the grace
-            // delay.
+            // delay. The message reached XMPP already: with the conversation's pending forward
+            // full it goes there only (refusing it would lie to the buddy).
+            if pending_full(store)? {
+                tracing::info!(
+                    handle = user.handle.as_str(),
+                    "pending forward full: a message relayed to XMPP gets no second chance by {:?}",
+                    to.terminal
+                );
+                out.send(relayed);
+                return Ok(());
+            }
             forward::queue(
                 core,
                 store,
@@ -172,6 +200,68 @@ fn relay_to_user(
     Ok(())
 }
 
+/// Where a buddy's message would wait for the user.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// Held for the user's XMPP clients.
+    Held,
+    /// In the conversation's pending forward (email or SMS).
+    Pending,
+}
+
+/// Whether the user's storage caps leave room for one more message from this sender to wait
+/// (`[limits]` `waiting_per_user`, `held_per_sender`, `pending_per_conversation`); else the
+/// `resource-constraint` the buddy gets. Reads counts only. The user's own messages (to her own
+/// reach address) and those of servers and services (JIDs without a localpart) always fit.
+fn check_room(
+    core: &Core,
+    store: &Store,
+    user: &User,
+    who: &Addressing,
+    wait: Wait,
+) -> Result<(), Failure> {
+    if who.from_bare == user.jid || who.from.node().is_none() {
+        return Ok(());
+    }
+    let limits = &core.settings.limits;
+    let handle = user.handle.as_str();
+    if store.waiting_count(&user.jid)? >= limits.waiting_per_user as usize {
+        tracing::debug!(
+            handle,
+            "message refused: the user's waiting messages are at their cap"
+        );
+        return Err(storage_full(format!(
+            "{handle} cannot take more messages now: too many are waiting to be read; try again later"
+        )));
+    }
+    let sender_full = match wait {
+        Wait::Held => {
+            store.held_from(&user.jid, &who.from_bare)? >= limits.held_per_sender as usize
+        }
+        Wait::Pending => {
+            store.pending_count(&user.jid, &who.from_bare)?
+                >= limits.pending_per_conversation as usize
+        }
+    };
+    if sender_full {
+        tracing::debug!(
+            handle,
+            ?wait,
+            "message refused: the sender's waiting messages are at their cap"
+        );
+        return Err(storage_full(format!(
+            "{handle} cannot take more messages from you until the ones waiting are read; try again later"
+        )));
+    }
+    Ok(())
+}
+
+fn storage_full(text: String) -> Failure {
+    StanzaFault::new(ErrorType::Wait, "resource-constraint")
+        .with_text(text)
+        .into()
+}
+
 /// Records what other terminals need to join the conversation: its activity, XMPP thread and the
 /// buddy's nick (XEP-0172).
 fn remember_conversation(
@@ -195,20 +285,44 @@ fn remember_conversation(
     store.put_session(&user.jid, &session)
 }
 
-/// Delivers everything held for the user, oldest first.
+/// Held messages delivered per batch when the user comes online: the rest follow a page per
+/// clock tick (each page committed with its batch before the next is read).
+pub(crate) const HELD_PAGE: usize = 100;
+
+/// Delivers the oldest page of what is held for the user, oldest first; if more is held, the
+/// next pages follow on the next ticks ([`continue_releases`]).
 pub(super) fn release_held(
     store: &Store,
     user: &User,
     _now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
-    for held in store.take_held(&user.jid)? {
+    for held in store.take_held_page(&user.jid, HELD_PAGE)? {
         match held.stanza.parse::<Element>() {
             Ok(stanza) => out.send(stanza),
             Err(e) => tracing::error!(
                 handle = user.handle.as_str(),
                 "unreadable held message dropped: {e}"
             ),
+        }
+    }
+    if store.held_count(&user.jid)? > 0 {
+        store.mark_held_release(&user.jid)?;
+    } else {
+        store.end_held_release(&user.jid)?;
+    }
+    Ok(())
+}
+
+/// On a clock tick: the next page for every user whose held messages are being delivered, while
+/// one of their XMPP clients is still available (else the rest stays held for the next time).
+pub(super) fn continue_releases(store: &Store, now: u64, out: &mut Out) -> Result<(), StoreError> {
+    for jid in store.held_releases()? {
+        match store.user(&jid)? {
+            Some(user) if forward::xmpp_state(store, &user)?.is_available() => {
+                release_held(store, &user, now, out)?
+            }
+            _ => store.end_held_release(&jid)?,
         }
     }
     Ok(())
