@@ -1150,6 +1150,14 @@ impl Store {
             .collect()
     }
 
+    /// How many buddy records and waiting subscription requests the reach address has
+    /// (`[limits] buddies_per_user`); counts keys, decodes nothing.
+    pub fn buddy_count(&self, handle: &Handle) -> Result<usize> {
+        let p = prefix(handle.as_str());
+        Ok(self.buddies.scan_prefix(&p).keys().count()
+            + self.subscription_requests.scan_prefix(&p).keys().count())
+    }
+
     // ---- buddy presence alerts ----
 
     fn alert_key(jid: &str, terminal: TerminalKind, buddy: &str) -> Vec<u8> {

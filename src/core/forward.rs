@@ -328,39 +328,84 @@ fn deliver(
             return requeue(store, &user.jid, peer, items);
         }
         tried.push(forward.terminal);
-        // One email carries them all; each SMS counts towards the phone's daily cap.
-        let room = match forward.terminal {
-            TerminalKind::Email => items.len(),
-            TerminalKind::Phone => terminals
-                .iter()
-                .find(|t| t.kind == forward.terminal)
-                .map_or(0, |t| t.cap.saturating_sub(t.sent_today))
-                as usize,
-        };
+        if forward.terminal == TerminalKind::Email {
+            return email_digests(core, store, now, user, peer, items, out);
+        }
+        // Each SMS counts towards the phone's daily cap.
+        let room = terminals
+            .iter()
+            .find(|t| t.kind == forward.terminal)
+            .map_or(0, |t| t.cap.saturating_sub(t.sent_today)) as usize;
         let rest = items.split_off(room.min(items.len()));
         let batch = Pending {
             peer: peer.to_owned(),
             due_at: now,
             items: std::mem::replace(&mut items, rest),
         };
-        match forward.terminal {
-            TerminalKind::Email => {
-                store.count_email(&user.jid, day(now))?;
-                store.bump_counter(
-                    super::limits::counter::EMAILS,
-                    &user.jid,
-                    super::limits::HOUR,
-                    now,
-                )?;
-                if let Some(job) = email::forward_job(core, store, now, user, batch)? {
-                    out.push(super::Action::SendEmail(Box::new(job)));
-                }
-            }
-            TerminalKind::Phone => sms::forward(core, store, now, user, batch, out)?,
-        }
+        sms::forward(core, store, now, user, batch, out)?;
         planned = None;
     }
     Ok(())
+}
+
+/// Sends due items by email: as many emails of the conversation's thread as the digest size
+/// needs (`[limits]` `digest_max_items`, `digest_max_chars`), each counted towards the hourly
+/// email limit; what that limit stops waits for the next hour. Nothing is dropped.
+fn email_digests(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    peer: &str,
+    mut items: Vec<PendingItem>,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    while !items.is_empty() {
+        if email_limit_reached(core, store, now, user)? {
+            let next = super::limits::next_window(now, super::limits::HOUR);
+            for item in &mut items {
+                item.terminal = Some(TerminalKind::Email);
+                item.due_at = Some(next);
+            }
+            tracing::info!(
+                handle = user.handle.as_str(),
+                "hourly email limit reached; the rest of the forward waits for the next hour"
+            );
+            return requeue(store, &user.jid, peer, items);
+        }
+        let later = items.split_off(digest_len(&core.settings.limits, &items));
+        let batch = Pending {
+            peer: peer.to_owned(),
+            due_at: now,
+            items: std::mem::replace(&mut items, later),
+        };
+        store.count_email(&user.jid, day(now))?;
+        store.bump_counter(
+            super::limits::counter::EMAILS,
+            &user.jid,
+            super::limits::HOUR,
+            now,
+        )?;
+        if let Some(job) = email::forward_job(core, store, now, user, batch)? {
+            out.push(super::Action::SendEmail(Box::new(job)));
+        }
+    }
+    Ok(())
+}
+
+/// How many of the first items one email carries: at most `digest_max_items`, and no more
+/// text than `digest_max_chars` characters (but always at least one item).
+fn digest_len(limits: &super::Limits, items: &[PendingItem]) -> usize {
+    let mut chars = 0usize;
+    let mut n = 0usize;
+    for item in items.iter().take(limits.digest_max_items.max(1) as usize) {
+        chars += item.text.chars().count();
+        if n > 0 && chars > limits.digest_max_chars as usize {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1).min(items.len())
 }
 
 /// Whether the user got `emails_per_user_per_hour` forwarding emails this hour already.
@@ -750,6 +795,61 @@ mod tests {
         t.store.put_pending(ALICE, &pending).unwrap();
         let (emails, _) = tick(&t);
         assert_eq!(emails[0].email.paragraphs, vec!["from before"]);
+    }
+
+    #[test]
+    fn a_long_digest_is_split_over_emails_of_the_same_thread_and_nothing_is_dropped() {
+        let t = Harness::with_limits(crate::core::Limits {
+            digest_max_items: 3,
+            emails_per_user_per_hour: 2,
+            ..crate::core::Limits::default()
+        });
+        alice(&t, Preferences::default(), never(), None);
+        for i in 0..7 {
+            from(&t, BOB, &format!("m{i}"));
+        }
+        t.advance(30);
+        let (emails, _) = tick(&t);
+        let paragraphs: Vec<Vec<String>> =
+            emails.iter().map(|e| e.email.paragraphs.clone()).collect();
+        assert_eq!(
+            paragraphs,
+            vec![
+                vec!["text m0", "text m1", "text m2"],
+                vec!["text m3", "text m4", "text m5"]
+            ]
+        );
+        assert_eq!(
+            emails[1].email.in_reply_to.as_deref(),
+            Some(emails[0].email.message_id.as_str()),
+            "one thread"
+        );
+        // The hourly limit stopped the third email: it goes at the start of the next hour.
+        assert_eq!(t.store.pending_count(ALICE, BOB).unwrap(), 1);
+        t.advance(3_600);
+        let (emails, _) = tick(&t);
+        assert_eq!(emails.len(), 1);
+        assert_eq!(emails[0].email.paragraphs, vec!["text m6"]);
+    }
+
+    #[test]
+    fn a_digest_carries_at_most_digest_max_chars_of_text_but_at_least_one_message() {
+        let t = Harness::with_limits(crate::core::Limits {
+            digest_max_chars: 10,
+            ..crate::core::Limits::default()
+        });
+        alice(&t, Preferences::default(), never(), None);
+        t.run(&format!(
+            "<message type='chat' id='long' from='{BOB}/x' to='alice@{D}'><body>{}</body></message>",
+            "y".repeat(25)
+        ));
+        from(&t, BOB, "a");
+        from(&t, BOB, "b");
+        t.advance(30);
+        let (emails, _) = tick(&t);
+        let sizes: Vec<usize> = emails.iter().map(|e| e.email.paragraphs.len()).collect();
+        // 25 characters alone; then "text a" + "text b" are 12 > 10: one each.
+        assert_eq!(sizes, vec![1, 1, 1]);
     }
 
     /// The cost of one stranger's messages piling up in an offline user's pending forward:

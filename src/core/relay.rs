@@ -483,4 +483,150 @@ mod tests {
             ))
             .is_empty());
     }
+
+    const MALLORY: &str = "mallory@example.com";
+
+    fn chat_from(t: &Harness, who: &str, id: &str) -> Vec<Element> {
+        t.run(&format!(
+            "<message type='chat' id='{id}' from='{who}/x' to='alice@{D}'><body>{id}</body></message>"
+        ))
+    }
+
+    /// Sends and expects the storage-cap refusal with this text, and no change to Alice's state.
+    fn refused_for_room(t: &Harness, who: &str, id: &str, text: &str) {
+        let before = t.snapshot("alice@example.org");
+        let out = chat_from(t, who, id);
+        assert_eq!(
+            out.len(),
+            1,
+            "{:?}",
+            out.iter().map(String::from).collect::<Vec<_>>()
+        );
+        assert_error(&out[0], "resource-constraint");
+        assert_eq!(
+            out[0].get_child("error", STANZA_NS).unwrap().attr("type"),
+            Some("wait")
+        );
+        assert_eq!(out[0].attr("to"), Some(&*format!("{who}/x")));
+        assert_eq!(error_text(&out[0]), text);
+        assert_eq!(t.snapshot("alice@example.org"), before);
+    }
+
+    fn small_caps() -> crate::core::Limits {
+        crate::core::Limits {
+            waiting_per_user: 5,
+            held_per_sender: 3,
+            pending_per_conversation: 2,
+            ..crate::core::Limits::default()
+        }
+    }
+
+    #[test]
+    fn a_stranger_can_fill_only_its_share_and_other_buddies_still_get_through() {
+        let t = Harness::with_limits(small_caps());
+        t.register("alice@example.org", "alice");
+        for i in 0..3 {
+            assert!(chat_from(&t, MALLORY, &format!("s{i}")).is_empty());
+        }
+        let per_sender =
+            "alice cannot take more messages from you until the ones waiting are read; try again later";
+        refused_for_room(&t, MALLORY, "s3", per_sender);
+        refused_for_room(&t, MALLORY, "s4", per_sender);
+        assert_eq!(t.store.held_from("alice@example.org", MALLORY).unwrap(), 3);
+        // Another buddy still reaches Alice during the flood, up to the cap for all senders.
+        assert!(chat_from(&t, BOB, "b0").is_empty());
+        assert!(chat_from(&t, BOB, "b1").is_empty());
+        let per_user =
+            "alice cannot take more messages now: too many are waiting to be read; try again later";
+        refused_for_room(&t, "carol@example.net", "c0", per_user);
+        // Alice's own messages and those of services are never refused.
+        assert!(chat_from(&t, "alice@example.org", "self").is_empty());
+        assert!(chat_from(&t, "example.net", "motd").is_empty());
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 7);
+        // She gets exactly what was held, in order; then the stranger may write again.
+        let out = t.run("<presence from='alice@example.org/laptop' to='reach.example.org'/>");
+        let ids: Vec<_> = out
+            .iter()
+            .filter(|s| s.name() == "message")
+            .map(|m| m.attr("id").unwrap())
+            .collect();
+        assert_eq!(ids, vec!["s0", "s1", "s2", "b0", "b1", "self", "motd"]);
+        assert_eq!(chat_from(&t, MALLORY, "s5").len(), 1, "relayed at once");
+    }
+
+    #[test]
+    fn the_pending_forward_of_one_conversation_is_bounded() {
+        let t = Harness::with_limits(small_caps());
+        t.run(&register_form(
+            "alice@example.org",
+            "alice",
+            "alice@mail.example.org",
+            "",
+        ));
+        let mut user = t.store.user("alice@example.org").unwrap().unwrap();
+        user.email.as_mut().unwrap().verified = true;
+        t.store.put_user(&user).unwrap();
+        assert!(chat_from(&t, MALLORY, "p0").is_empty());
+        assert!(chat_from(&t, MALLORY, "p1").is_empty());
+        assert_eq!(
+            t.store.pending_count("alice@example.org", MALLORY).unwrap(),
+            2
+        );
+        refused_for_room(
+            &t,
+            MALLORY,
+            "p2",
+            "alice cannot take more messages from you until the ones waiting are read; try again later",
+        );
+        // Another conversation has its own room.
+        assert!(chat_from(&t, BOB, "b0").is_empty());
+        assert_eq!(t.store.pending_count("alice@example.org", BOB).unwrap(), 1);
+        // Once the digest goes out, the stranger's conversation has room again.
+        t.advance(30);
+        t.event(crate::core::Event::Tick);
+        assert_eq!(
+            t.store.pending_count("alice@example.org", MALLORY).unwrap(),
+            0
+        );
+        assert!(chat_from(&t, MALLORY, "p3").is_empty());
+    }
+
+    #[test]
+    fn many_held_messages_are_delivered_a_page_per_batch_in_order() {
+        let t = Harness::with_limits(crate::core::Limits {
+            held_per_sender: 1_000,
+            ..crate::core::Limits::default()
+        });
+        t.register("alice@example.org", "alice");
+        for i in 0..250 {
+            chat_from(&t, MALLORY, &format!("h{i:03}"));
+        }
+        let ids = |out: Vec<Element>| -> Vec<String> {
+            out.iter()
+                .filter(|s| s.name() == "message")
+                .map(|m| m.attr("id").unwrap().to_owned())
+                .collect()
+        };
+        let mut got =
+            ids(t.run("<presence from='alice@example.org/laptop' to='reach.example.org'/>"));
+        assert_eq!(got.len(), HELD_PAGE);
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 150);
+        let next = ids(t.event(crate::core::Event::Tick));
+        assert_eq!(next.len(), HELD_PAGE);
+        got.extend(next);
+        // Offline again: the rest stays held, and comes when she is back.
+        t.run(
+            "<presence type='unavailable' from='alice@example.org/laptop' to='reach.example.org'/>",
+        );
+        assert!(ids(t.event(crate::core::Event::Tick)).is_empty());
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 50);
+        got.extend(ids(t.run(
+            "<presence from='alice@example.org/phone' to='reach.example.org'/>",
+        )));
+        assert!(ids(t.event(crate::core::Event::Tick)).is_empty());
+        let expected: Vec<String> = (0..250).map(|i| format!("h{i:03}")).collect();
+        assert_eq!(got, expected);
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 0);
+        assert!(t.store.held_releases().unwrap().is_empty());
+    }
 }
