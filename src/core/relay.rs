@@ -297,7 +297,9 @@ pub(super) fn release_held(
     _now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
-    for held in store.take_held_page(&user.jid, HELD_PAGE)? {
+    let page = store.take_held_page(&user.jid, HELD_PAGE)?;
+    let delivered = page.len();
+    for held in page {
         match held.stanza.parse::<Element>() {
             Ok(stanza) => out.send(stanza),
             Err(e) => tracing::error!(
@@ -306,7 +308,14 @@ pub(super) fn release_held(
             ),
         }
     }
-    if store.held_count(&user.jid)? > 0 {
+    let left = store.held_count(&user.jid)?;
+    if delivered > 0 {
+        tracing::debug!(
+            handle = user.handle.as_str(),
+            "delivered {delivered} held messages, {left} still held"
+        );
+    }
+    if left > 0 {
         store.mark_held_release(&user.jid)?;
     } else {
         store.end_held_release(&user.jid)?;
