@@ -1370,6 +1370,11 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the user's held messages are being delivered a page at a time.
+    pub fn held_release_running(&self, jid: &str) -> Result<bool> {
+        Ok(self.held_releases.contains_key(jid)?)
+    }
+
     pub fn end_held_release(&self, jid: &str) -> Result<()> {
         self.held_releases.remove(jid)?;
         Ok(())

@@ -131,7 +131,14 @@ fn relay_to_user(
         Ok(store.pending_count(&user.jid, peer)?
             >= core.settings.limits.pending_per_conversation as usize)
     };
-    if decision.to_xmpp {
+    // While held messages are still being delivered a page at a time, a new one joins the end
+    // of what is held, so the user reads them in order (the next tick delivers it).
+    let behind_held = decision.to_xmpp
+        && decision.forward.is_none()
+        && content
+        && attr(stanza, "type") != "error"
+        && store.held_release_running(&user.jid)?;
+    if decision.to_xmpp && !behind_held {
         if let (Some(text), Some(to)) = (&body, decision.forward) {
             // Also to a terminal: at once for `Always`, else if still unread after the grace
             // delay. The message reached XMPP already: with the conversation's pending forward
@@ -620,6 +627,8 @@ mod tests {
             ids(t.run("<presence from='alice@example.org/laptop' to='reach.example.org'/>"));
         assert_eq!(got.len(), HELD_PAGE);
         assert_eq!(t.store.held_count("alice@example.org").unwrap(), 150);
+        // A new message while pages wait goes after them, not ahead.
+        assert!(chat_from(&t, BOB, "new").is_empty());
         let next = ids(t.event(crate::core::Event::Tick));
         assert_eq!(next.len(), HELD_PAGE);
         got.extend(next);
@@ -628,13 +637,16 @@ mod tests {
             "<presence type='unavailable' from='alice@example.org/laptop' to='reach.example.org'/>",
         );
         assert!(ids(t.event(crate::core::Event::Tick)).is_empty());
-        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 50);
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 51);
         got.extend(ids(t.run(
             "<presence from='alice@example.org/phone' to='reach.example.org'/>",
         )));
         assert!(ids(t.event(crate::core::Event::Tick)).is_empty());
-        let expected: Vec<String> = (0..250).map(|i| format!("h{i:03}")).collect();
+        let mut expected: Vec<String> = (0..250).map(|i| format!("h{i:03}")).collect();
+        expected.push("new".into());
         assert_eq!(got, expected);
+        // Once all are delivered, messages go straight to the client again.
+        assert_eq!(chat_from(&t, BOB, "direct").len(), 1);
         assert_eq!(t.store.held_count("alice@example.org").unwrap(), 0);
         assert!(t.store.held_releases().unwrap().is_empty());
     }
