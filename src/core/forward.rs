@@ -449,37 +449,61 @@ pub(super) fn forward_held(
     out: &mut Out,
 ) -> Result<(), StoreError> {
     let xmpp = xmpp_state(store, user)?;
-    for held in store.take_held(&user.jid)? {
-        let parsed = held.stanza.parse::<Element>().ok();
-        let text = parsed
-            .as_ref()
-            .and_then(|s| crate::xmpp::stanza::child_text(s, "body"));
-        let forward = match text {
-            Some(_) => decide(core, store, now, user, ItemKind::Message, &held.peer, xmpp)?.forward,
-            None => None,
-        };
-        match (text, forward) {
-            (Some(text), Some(forward)) => {
-                let item = PendingItem {
-                    at: held.held_at,
-                    id: parsed
-                        .as_ref()
-                        .and_then(|s| s.attr("id"))
-                        .map(str::to_owned),
-                    text,
-                    stanza: held.stanza.clone(),
-                    on_xmpp: false,
-                    receipt: parsed
-                        .as_ref()
-                        .is_some_and(|s| s.has_child("request", xmpp_parsers::ns::RECEIPTS)),
-                    terminal: None,
-                    due_at: None,
-                    unconditional: false,
-                };
-                queue(core, store, now, user, &held.peer, item, forward, out)?;
-            }
-            _ => store.hold(&user.jid, &held)?,
+    // A page at a time; what stays held goes back behind the rest, so exactly the messages held
+    // now are looked at, once each, in order.
+    let mut left = store.held_count(&user.jid)?;
+    while left > 0 {
+        let page = store.take_held_page(&user.jid, left.min(super::relay::HELD_PAGE))?;
+        if page.is_empty() {
+            break;
         }
+        left -= page.len();
+        for held in page {
+            decide_held(core, store, now, user, xmpp, held, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// One message taken from what is held: to a terminal if one may take it now, else held again.
+fn decide_held(
+    core: &Core,
+    store: &Store,
+    now: u64,
+    user: &User,
+    xmpp: XmppState,
+    held: crate::store::HeldMessage,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    let parsed = held.stanza.parse::<Element>().ok();
+    let text = parsed
+        .as_ref()
+        .and_then(|s| crate::xmpp::stanza::child_text(s, "body"));
+    let forward = match text {
+        Some(_) => decide(core, store, now, user, ItemKind::Message, &held.peer, xmpp)?.forward,
+        None => None,
+    };
+    match (text, forward) {
+        (Some(text), Some(forward)) => {
+            let item = PendingItem {
+                at: held.held_at,
+                id: parsed
+                    .as_ref()
+                    .and_then(|s| s.attr("id"))
+                    .map(str::to_owned),
+                text,
+                stanza: held.stanza.clone(),
+                on_xmpp: false,
+                receipt: parsed
+                    .as_ref()
+                    .is_some_and(|s| s.has_child("request", xmpp_parsers::ns::RECEIPTS)),
+                terminal: None,
+                due_at: None,
+                unconditional: false,
+            };
+            queue(core, store, now, user, &held.peer, item, forward, out)?;
+        }
+        _ => store.hold(&user.jid, &held)?,
     }
     Ok(())
 }
@@ -850,6 +874,39 @@ mod tests {
         let sizes: Vec<usize> = emails.iter().map(|e| e.email.paragraphs.len()).collect();
         // 25 characters alone; then "text a" + "text b" are 12 > 10: one each.
         assert_eq!(sizes, vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn many_held_messages_go_by_email_a_page_at_a_time_once_the_address_is_verified() {
+        let t = Harness::with_limits(crate::core::Limits {
+            held_per_sender: 1_000,
+            ..crate::core::Limits::default()
+        });
+        t.run(&register_form(ALICE, "alice", "alice@mail.example.org", ""));
+        for i in 0..150 {
+            from(&t, BOB, &format!("h{i:03}"));
+        }
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 150);
+        let code = t
+            .store
+            .verification(ALICE, TerminalKind::Email)
+            .unwrap()
+            .unwrap()
+            .code;
+        t.run(&format!(
+            "<message type='chat' from='{ALICE}/laptop' to='{D}'><body>verify {code}</body></message>"
+        ));
+        assert_eq!(t.store.held_count(ALICE).unwrap(), 0);
+        assert_eq!(t.store.pending_count(ALICE, BOB).unwrap(), 150);
+        t.advance(30);
+        let (emails, _) = tick(&t);
+        let texts: Vec<String> = emails
+            .iter()
+            .flat_map(|e| e.email.paragraphs.clone())
+            .collect();
+        let expected: Vec<String> = (0..150).map(|i| format!("text h{i:03}")).collect();
+        assert_eq!(texts, expected);
+        assert_eq!(emails.len(), 3, "50 per email");
     }
 
     /// The cost of one stranger's messages piling up in an offline user's pending forward:
