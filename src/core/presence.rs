@@ -1257,6 +1257,34 @@ mod tests {
     }
 
     #[test]
+    fn under_ask_waiting_requests_count_towards_the_most_buddies() {
+        let t = Harness::with_limits(crate::core::Limits {
+            buddies_per_user: 2,
+            ..crate::core::Limits::default()
+        });
+        t.register(ALICE, "alice");
+        policy(&t, SubscriptionPolicy::Ask);
+        for who in ["s1@example.com", "s2@example.com"] {
+            let out = t.run(&format!(
+                "<presence type='subscribe' from='{who}/x' to='alice@{D}'/>"
+            ));
+            assert!(types_to(&out, who).is_empty(), "the request waits");
+        }
+        let before = t.snapshot(ALICE);
+        let out = t.run(&format!(
+            "<presence type='subscribe' from='s3@example.com/x' to='alice@{D}'/>"
+        ));
+        assert_eq!(types_to(&out, "s3@example.com"), vec!["unsubscribed"]);
+        assert!(
+            !out.iter().any(|s| s.attr("to") == Some(ALICE)),
+            "Alice is not asked"
+        );
+        assert_eq!(t.snapshot(ALICE), before);
+        let handle = crate::address::Handle::parse("alice").unwrap();
+        assert_eq!(t.store.subscription_requests(&handle).unwrap().len(), 2);
+    }
+
+    #[test]
     fn buddies_only_accepts_the_people_alice_talks_with() {
         let t = Harness::new();
         t.register(ALICE, "alice");
