@@ -1498,6 +1498,42 @@ mod tests {
     }
 
     #[test]
+    fn storage_limits_are_read_and_checked() {
+        let text = format!(
+            "{}[limits]\nwaiting_per_user = 50\nheld_per_sender = 5\npending_per_conversation = 7\n\
+             buddies_per_user = 9\ndigest_max_items = 3\ndigest_max_chars = 400\n",
+            minimal("secret = \"s\"")
+        );
+        let limits = parse(&text).unwrap().limits.to_limits();
+        assert_eq!(
+            (
+                limits.waiting_per_user,
+                limits.held_per_sender,
+                limits.pending_per_conversation,
+                limits.buddies_per_user,
+                limits.digest_max_items,
+                limits.digest_max_chars
+            ),
+            (50, 5, 7, 9, 3, 400)
+        );
+        for key in [
+            "waiting_per_user",
+            "held_per_sender",
+            "pending_per_conversation",
+            "buddies_per_user",
+            "digest_max_items",
+            "digest_max_chars",
+        ] {
+            let text = format!("{}[limits]\n{key} = 0\n", minimal("secret = \"s\""));
+            let e = err(&text);
+            assert!(
+                e.contains(&format!("limits.{key}: must be at least 1")),
+                "{key}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn summary_reads_well() {
         let config = parse(EXAMPLE).unwrap();
         let summary = config.summary();
