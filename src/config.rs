@@ -172,6 +172,29 @@ pub struct LimitsConfig {
     /// per day (UTC), through every door together; past it no code is checked until the next
     /// day, not even the right one.
     pub wrong_codes_per_user_per_day: u32,
+
+    // ---- storage per user ----
+    /// `waiting_per_user` (default 1000): messages waiting for one user, held for their XMPP
+    /// clients or pending a forward, from all senders together; past it, a buddy's message that
+    /// would wait is refused with `resource-constraint` (wait) and nothing is stored.
+    pub waiting_per_user: u32,
+    /// `held_per_sender` (default 100): messages held for one user's XMPP clients from one
+    /// sender; past it, that sender's next message to be held is refused the same way (other
+    /// buddies still get through).
+    pub held_per_sender: u32,
+    /// `pending_per_conversation` (default 200): messages waiting for their forward (email or
+    /// SMS) in one conversation; past it, the buddy's message is refused with
+    /// `resource-constraint` (wait).
+    pub pending_per_conversation: u32,
+    /// `buddies_per_user` (default 1000): buddies one reach address may have; past it, a new
+    /// subscription request is answered `unsubscribed` and Reach does not subscribe back.
+    pub buddies_per_user: u32,
+    /// `digest_max_items` (default 50): messages in one forwarding email; the rest go in the next
+    /// email of the same thread.
+    pub digest_max_items: u32,
+    /// `digest_max_chars` (default 100000): characters of message text in one forwarding email
+    /// (a longer single message still goes, alone); the rest go in the next email of the thread.
+    pub digest_max_chars: u32,
 }
 
 impl Default for LimitsConfig {
@@ -195,6 +218,12 @@ impl From<crate::core::Limits> for LimitsConfig {
             new_terminals_per_user_per_day: l.new_terminals_per_user_per_day,
             verification_sms_per_hour: l.verification_sms_per_hour,
             wrong_codes_per_user_per_day: l.wrong_codes_per_user_per_day,
+            waiting_per_user: l.waiting_per_user,
+            held_per_sender: l.held_per_sender,
+            pending_per_conversation: l.pending_per_conversation,
+            buddies_per_user: l.buddies_per_user,
+            digest_max_items: l.digest_max_items,
+            digest_max_chars: l.digest_max_chars,
         }
     }
 }
@@ -215,6 +244,12 @@ impl LimitsConfig {
             new_terminals_per_user_per_day: self.new_terminals_per_user_per_day,
             verification_sms_per_hour: self.verification_sms_per_hour,
             wrong_codes_per_user_per_day: self.wrong_codes_per_user_per_day,
+            waiting_per_user: self.waiting_per_user,
+            held_per_sender: self.held_per_sender,
+            pending_per_conversation: self.pending_per_conversation,
+            buddies_per_user: self.buddies_per_user,
+            digest_max_items: self.digest_max_items,
+            digest_max_chars: self.digest_max_chars,
         }
     }
 
@@ -268,6 +303,15 @@ impl LimitsConfig {
                 "limits.wrong_codes_per_user_per_day",
                 self.wrong_codes_per_user_per_day,
             ),
+            ("limits.waiting_per_user", self.waiting_per_user),
+            ("limits.held_per_sender", self.held_per_sender),
+            (
+                "limits.pending_per_conversation",
+                self.pending_per_conversation,
+            ),
+            ("limits.buddies_per_user", self.buddies_per_user),
+            ("limits.digest_max_items", self.digest_max_items),
+            ("limits.digest_max_chars", self.digest_max_chars),
         ] {
             if value == 0 {
                 return Err(origin.invalid(key, "must be at least 1"));
@@ -1526,6 +1570,42 @@ mod tests {
             "{}",
             listed.summary()
         );
+    }
+
+    #[test]
+    fn storage_limits_are_read_and_checked() {
+        let text = format!(
+            "{}[limits]\nwaiting_per_user = 50\nheld_per_sender = 5\npending_per_conversation = 7\n\
+             buddies_per_user = 9\ndigest_max_items = 3\ndigest_max_chars = 400\n",
+            minimal("secret = \"s\"")
+        );
+        let limits = parse(&text).unwrap().limits.to_limits();
+        assert_eq!(
+            (
+                limits.waiting_per_user,
+                limits.held_per_sender,
+                limits.pending_per_conversation,
+                limits.buddies_per_user,
+                limits.digest_max_items,
+                limits.digest_max_chars
+            ),
+            (50, 5, 7, 9, 3, 400)
+        );
+        for key in [
+            "waiting_per_user",
+            "held_per_sender",
+            "pending_per_conversation",
+            "buddies_per_user",
+            "digest_max_items",
+            "digest_max_chars",
+        ] {
+            let text = format!("{}[limits]\n{key} = 0\n", minimal("secret = \"s\""));
+            let e = err(&text);
+            assert!(
+                e.contains(&format!("limits.{key}: must be at least 1")),
+                "{key}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -164,9 +164,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         }
         start_sms(sms, &store, &inputs_tx, &shutdown, &mut tasks).await?;
     }
-    if config.email.is_some() || config.sms.is_some() {
-        start_clock(&inputs_tx, &shutdown, &mut tasks);
-    }
+    // Always: besides forwards, the clock delivers held messages a page at a time and walks
+    // the users after a reconnect, which XMPP-only installations need too.
+    start_clock(&inputs_tx, &shutdown, &mut tasks);
     drop(inputs_tx);
     tracing::info!(domain = %config.component.domain, email = config.email.is_some(), "Reach started");
 

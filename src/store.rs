@@ -294,6 +294,28 @@ pub struct Pending {
     pub items: Vec<PendingItem>,
 }
 
+/// The head of one conversation's pending forward: when each terminal's batch is due and how
+/// many items wait (the items are stored one per key beside it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PendingHead {
+    peer: String,
+    /// The earliest of the batches' times.
+    due_at: u64,
+    /// When the items for each terminal are due (`None`: items recorded before terminals were
+    /// chosen per item).
+    batches: Vec<(Option<TerminalKind>, u64)>,
+    count: u32,
+}
+
+impl PendingHead {
+    fn batch_due(&self, terminal: Option<TerminalKind>) -> Option<u64> {
+        self.batches
+            .iter()
+            .find(|(t, _)| *t == terminal)
+            .map(|(_, at)| *at)
+    }
+}
+
 /// An email in the durable outbound queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmailJob {
@@ -651,8 +673,22 @@ pub struct Store {
     /// `verifications` by terminal: `kind \0 address \0 jid` (empty values), kept in step by
     /// `put_verification` and `remove_verification`, rebuilt when the store opens.
     verifications_by_address: sled::Tree,
-    pending: sled::Tree,
+    /// Pending forwards as the first version stored them (one record per conversation holding
+    /// every item): moved to `pending_heads` / `pending_items` when the store opens.
+    legacy_pending: sled::Tree,
+    /// One small [`PendingHead`] per conversation with a pending forward (`jid \0 peer`).
+    pending_heads: sled::Tree,
+    /// The pending items, one per key (`jid \0 peer \0 seq`), in arrival order.
+    pending_items: sled::Tree,
+    /// Heads by their earliest due time.
     pending_due: DueIndex,
+    /// Pending items per user, all conversations together (`jid`, 8-byte big-endian).
+    pending_counts: sled::Tree,
+    /// Held-message counts: `jid` for the user's total, `jid \0 peer` per sender (8-byte
+    /// big-endian), so checking the caps reads two keys whatever is held.
+    held_counts: sled::Tree,
+    /// Users whose held messages are being delivered a page at a time (`jid`, empty value).
+    held_releases: sled::Tree,
     email_jobs: sled::Tree,
     email_due: DueIndex,
     seen_mail: sled::Tree,
@@ -710,6 +746,25 @@ fn item_of(k: &[u8]) -> String {
     String::from_utf8_lossy(&k[pos..]).into_owned()
 }
 
+/// A count kept as an 8-byte big-endian value (0 when absent).
+fn count_at(tree: &sled::Tree, k: &[u8]) -> Result<u64> {
+    Ok(tree
+        .get(k)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// Adds `delta` to a count (never below 0; a count of 0 is removed).
+fn add_count(tree: &sled::Tree, k: &[u8], delta: i64) -> Result<()> {
+    let count = count_at(tree, k)?.saturating_add_signed(delta);
+    if count == 0 {
+        tree.remove(k)?;
+    } else {
+        tree.insert(k, &count.to_be_bytes())?;
+    }
+    Ok(())
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising these plain records cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
@@ -764,7 +819,12 @@ impl Store {
             user_aliases: db.open_tree("user_aliases")?,
             verifications: db.open_tree("verifications")?,
             verifications_by_address: db.open_tree("verifications_by_address")?,
-            pending: db.open_tree("pending")?,
+            legacy_pending: db.open_tree("pending")?,
+            pending_heads: db.open_tree("pending_heads")?,
+            pending_items: db.open_tree("pending_items")?,
+            held_counts: db.open_tree("held_counts")?,
+            pending_counts: db.open_tree("pending_counts")?,
+            held_releases: db.open_tree("held_releases")?,
             pending_due: DueIndex(db.open_tree("pending_due")?),
             email_jobs: db.open_tree("email_jobs")?,
             email_due: DueIndex(db.open_tree("email_due")?),
@@ -796,6 +856,8 @@ impl Store {
             .outbox_committed
             .store(store.outbox_end()?, std::sync::atomic::Ordering::SeqCst);
         store.index_seen_ids()?;
+        store.migrate_pending()?;
+        store.count_held_if_missing()?;
         store.build_due_indexes()?;
         store.index_verifications()?;
         Ok(store)
@@ -803,9 +865,12 @@ impl Store {
 
     /// Stores written before the due indexes existed: index their records once.
     fn build_due_indexes(&self) -> Result<()> {
-        self.pending_due.build_if_missing(&self.pending, |v| {
-            serde_json::from_slice::<Pending>(v).ok().map(|p| p.due_at)
-        })?;
+        self.pending_due
+            .build_if_missing(&self.pending_heads, |v| {
+                serde_json::from_slice::<PendingHead>(v)
+                    .ok()
+                    .map(|p| p.due_at)
+            })?;
         self.email_due.build_if_missing(&self.email_jobs, job_due)?;
         self.sms_due.build_if_missing(&self.sms_jobs, job_due)?;
         self.email_due.drop_orphans(&self.email_jobs)?;
@@ -946,6 +1011,9 @@ impl Store {
         for kind in [TerminalKind::Email, TerminalKind::Phone] {
             self.remove_verification(jid, kind)?;
         }
+        self.held_counts.remove(jid)?;
+        self.pending_counts.remove(jid)?;
+        self.held_releases.remove(jid)?;
         for (tree, owner) in [
             (&self.buddies, user.handle.as_str()),
             (&self.subscription_requests, user.handle.as_str()),
@@ -954,9 +1022,11 @@ impl Store {
             (&self.resources, jid),
             (&self.sessions, jid),
             (&self.held, jid),
+            (&self.held_counts, jid),
             (&self.user_aliases, jid),
             (&self.verifications, jid),
-            (&self.pending, jid),
+            (&self.pending_heads, jid),
+            (&self.pending_items, jid),
         ] {
             for k in tree.scan_prefix(prefix(owner)).keys() {
                 tree.remove(k?)?;
@@ -1125,6 +1195,14 @@ impl Store {
             .collect()
     }
 
+    /// How many buddy records and waiting subscription requests the reach address has
+    /// (`[limits] buddies_per_user`); counts keys, decodes nothing.
+    pub fn buddy_count(&self, handle: &Handle) -> Result<usize> {
+        let p = prefix(handle.as_str());
+        Ok(self.buddies.scan_prefix(&p).keys().count()
+            + self.subscription_requests.scan_prefix(&p).keys().count())
+    }
+
     // ---- buddy presence alerts ----
 
     fn alert_key(jid: &str, terminal: TerminalKind, buddy: &str) -> Vec<u8> {
@@ -1250,28 +1328,110 @@ impl Store {
     }
 
     // ---- held messages ----
+    //
+    // One key per held message (`jid \0 seq`), so holding and delivering a page cost the same
+    // however many wait; counts per user and per sender beside them (`held_counts`) so the caps
+    // are checked without a scan.
 
     pub fn hold(&self, jid: &str, message: &HeldMessage) -> Result<()> {
         let seq = self.db.generate_id()?;
         let mut k = prefix(jid);
         k.extend_from_slice(&seq.to_be_bytes());
         self.held.insert(k, encode(message))?;
+        self.add_held_count(jid.as_bytes(), 1)?;
+        self.add_held_count(&key(jid, &message.peer), 1)?;
         Ok(())
     }
 
-    /// Removes and returns the user's held messages, oldest first.
-    pub fn take_held(&self, jid: &str) -> Result<Vec<HeldMessage>> {
-        let mut out = Vec::new();
-        for kv in self.held.scan_prefix(prefix(jid)) {
+    fn held_count_at(&self, k: &[u8]) -> Result<u64> {
+        count_at(&self.held_counts, k)
+    }
+
+    fn add_held_count(&self, k: &[u8], delta: i64) -> Result<()> {
+        add_count(&self.held_counts, k, delta)
+    }
+
+    /// Stores written before `held_counts` existed: count their held messages once.
+    fn count_held_if_missing(&self) -> Result<()> {
+        if !self.held_counts.is_empty() || self.held.is_empty() {
+            return Ok(());
+        }
+        for kv in self.held.iter() {
             let (k, v) = kv?;
-            out.push(decode("held", &v)?);
+            let Some(sep) = k.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let jid = String::from_utf8_lossy(&k[..sep]).into_owned();
+            let held: HeldMessage = decode("held", &v)?;
+            self.add_held_count(jid.as_bytes(), 1)?;
+            self.add_held_count(&key(&jid, &held.peer), 1)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes and returns the user's oldest held messages, at most `limit` of them, oldest
+    /// first. Only that page is read.
+    pub fn take_held_page(&self, jid: &str, limit: usize) -> Result<Vec<HeldMessage>> {
+        let mut out = Vec::new();
+        for kv in self.held.scan_prefix(prefix(jid)).take(limit) {
+            let (k, v) = kv?;
+            let held: HeldMessage = decode("held", &v)?;
             self.held.remove(k)?;
+            self.add_held_count(jid.as_bytes(), -1)?;
+            self.add_held_count(&key(jid, &held.peer), -1)?;
+            out.push(held);
         }
         Ok(out)
     }
 
+    /// Removes and returns all the user's held messages, oldest first (bounded by the caps on
+    /// what may be held, `[limits] held_per_user`).
+    pub fn take_held(&self, jid: &str) -> Result<Vec<HeldMessage>> {
+        self.take_held_page(jid, usize::MAX)
+    }
+
+    /// How many messages are held for the user (one read).
     pub fn held_count(&self, jid: &str) -> Result<usize> {
-        Ok(self.held.scan_prefix(prefix(jid)).count())
+        Ok(self.held_count_at(jid.as_bytes())? as usize)
+    }
+
+    /// How many messages wait for the user, held for XMPP or pending a forward (two reads).
+    pub fn waiting_count(&self, jid: &str) -> Result<usize> {
+        Ok(
+            (self.held_count_at(jid.as_bytes())? + count_at(&self.pending_counts, jid.as_bytes())?)
+                as usize,
+        )
+    }
+
+    /// How many messages from `peer` are held for the user (one read).
+    pub fn held_from(&self, jid: &str, peer: &str) -> Result<usize> {
+        Ok(self.held_count_at(&key(jid, peer))? as usize)
+    }
+
+    /// Notes that the user's held messages are being delivered a page at a time.
+    pub fn mark_held_release(&self, jid: &str) -> Result<()> {
+        self.held_releases.insert(jid, &[])?;
+        Ok(())
+    }
+
+    /// Whether the user's held messages are being delivered a page at a time.
+    pub fn held_release_running(&self, jid: &str) -> Result<bool> {
+        Ok(self.held_releases.contains_key(jid)?)
+    }
+
+    pub fn end_held_release(&self, jid: &str) -> Result<()> {
+        self.held_releases.remove(jid)?;
+        Ok(())
+    }
+
+    /// The users whose held messages are being delivered a page at a time.
+    pub fn held_releases(&self) -> Result<Vec<String>> {
+        self.held_releases
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
     }
 
     /// Puts messages back on hold (in front of nothing: they keep their own order after what is held).
@@ -1397,53 +1557,196 @@ impl Store {
     }
 
     // ---- messages pending a forward ----
+    //
+    // A conversation's pending forward is a small head (`pending_heads`: due times per terminal,
+    // item count) and one key per item (`pending_items`), so a new message costs a read of the
+    // head and two writes however many items wait, and the cap is checked on the head alone.
+    // Items for the same terminal go together: their due time is the terminal's batch time in
+    // the head, the earliest of theirs.
 
-    pub fn pending_of(&self, jid: &str, peer: &str) -> Result<Option<Pending>> {
-        self.pending
-            .get(key(jid, peer))?
-            .map(|v| decode("pending", &v))
+    fn item_key(conversation: &[u8], seq: u64) -> Vec<u8> {
+        let mut k = Vec::with_capacity(conversation.len() + 9);
+        k.extend_from_slice(conversation);
+        k.push(0);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    fn items_prefix(conversation: &[u8]) -> Vec<u8> {
+        let mut k = conversation.to_vec();
+        k.push(0);
+        k
+    }
+
+    fn pending_head(&self, conversation: &[u8]) -> Result<Option<PendingHead>> {
+        self.pending_heads
+            .get(conversation)?
+            .map(|v| decode("pending_heads", &v))
             .transpose()
     }
 
-    pub fn put_pending(&self, jid: &str, pending: &Pending) -> Result<()> {
-        let k = key(jid, &pending.peer);
-        self.pending_due.add(pending.due_at, &k)?;
-        self.pending.insert(k, encode(pending))?;
+    fn put_head(&self, conversation: &[u8], head: &PendingHead) -> Result<()> {
+        self.pending_due.add(head.due_at, conversation)?;
+        self.pending_heads.insert(conversation, encode(head))?;
         Ok(())
     }
 
+    /// The conversation's pending forward with every item, each with its batch's due time.
+    fn assemble(&self, conversation: &[u8], head: PendingHead) -> Result<Pending> {
+        let mut items = Vec::with_capacity(head.count as usize);
+        for v in self
+            .pending_items
+            .scan_prefix(Self::items_prefix(conversation))
+            .values()
+        {
+            let mut item: PendingItem = decode("pending_items", &v?)?;
+            item.due_at = Some(head.batch_due(item.terminal).unwrap_or(head.due_at));
+            items.push(item);
+        }
+        Ok(Pending {
+            peer: head.peer,
+            due_at: head.due_at,
+            items,
+        })
+    }
+
+    pub fn pending_of(&self, jid: &str, peer: &str) -> Result<Option<Pending>> {
+        let conversation = key(jid, peer);
+        match self.pending_head(&conversation)? {
+            Some(head) => Ok(Some(self.assemble(&conversation, head)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// How many items wait in the conversation's pending forward (reads the head only).
+    pub fn pending_count(&self, jid: &str, peer: &str) -> Result<usize> {
+        Ok(self
+            .pending_head(&key(jid, peer))?
+            .map_or(0, |h| h.count as usize))
+    }
+
+    /// Adds one item (with its terminal and due time) to the conversation's pending forward:
+    /// it joins its terminal's batch, which is then due at the earlier of the two times. Reads
+    /// and writes the head and writes the item, nothing else.
+    pub fn add_pending(&self, jid: &str, peer: &str, item: &PendingItem) -> Result<()> {
+        let conversation = key(jid, peer);
+        let mut head = self.pending_head(&conversation)?.unwrap_or(PendingHead {
+            peer: peer.to_owned(),
+            due_at: u64::MAX,
+            batches: Vec::new(),
+            count: 0,
+        });
+        let due = item.due_at.unwrap_or(head.due_at);
+        match head.batches.iter_mut().find(|(t, _)| *t == item.terminal) {
+            Some((_, at)) => *at = (*at).min(due),
+            None => head.batches.push((item.terminal, due)),
+        }
+        head.due_at = head.batches.iter().map(|(_, at)| *at).min().unwrap_or(due);
+        head.count += 1;
+        let seq = self.db.generate_id()?;
+        self.pending_items
+            .insert(Self::item_key(&conversation, seq), encode(item))?;
+        add_count(&self.pending_counts, jid.as_bytes(), 1)?;
+        self.put_head(&conversation, &head)
+    }
+
+    /// Replaces the conversation's pending forward with this one (an empty one removes it).
+    pub fn put_pending(&self, jid: &str, pending: &Pending) -> Result<()> {
+        self.remove_pending(jid, &pending.peer)?;
+        if pending.items.is_empty() {
+            return Ok(());
+        }
+        let conversation = key(jid, &pending.peer);
+        let mut head = PendingHead {
+            peer: pending.peer.clone(),
+            due_at: pending.due_at,
+            batches: Vec::new(),
+            count: 0,
+        };
+        for item in &pending.items {
+            let due = item.due_at.unwrap_or(pending.due_at);
+            match head.batches.iter_mut().find(|(t, _)| *t == item.terminal) {
+                Some((_, at)) => *at = (*at).min(due),
+                None => head.batches.push((item.terminal, due)),
+            }
+            head.count += 1;
+            let seq = self.db.generate_id()?;
+            self.pending_items
+                .insert(Self::item_key(&conversation, seq), encode(item))?;
+        }
+        head.due_at = head
+            .batches
+            .iter()
+            .map(|(_, at)| *at)
+            .min()
+            .unwrap_or(pending.due_at);
+        add_count(&self.pending_counts, jid.as_bytes(), i64::from(head.count))?;
+        self.put_head(&conversation, &head)
+    }
+
     pub fn remove_pending(&self, jid: &str, peer: &str) -> Result<()> {
-        self.pending.remove(key(jid, peer))?;
+        let conversation = key(jid, peer);
+        let Some(head) = self.pending_heads.remove(&conversation)? else {
+            return Ok(());
+        };
+        let count = decode::<PendingHead>("pending_heads", &head).map_or(0, |h| h.count);
+        add_count(&self.pending_counts, jid.as_bytes(), -i64::from(count))?;
+        for k in self
+            .pending_items
+            .scan_prefix(Self::items_prefix(&conversation))
+            .keys()
+        {
+            self.pending_items.remove(k?)?;
+        }
         Ok(())
     }
 
     /// Everything pending for the user, by conversation.
     pub fn pending_for(&self, jid: &str) -> Result<Vec<Pending>> {
-        self.pending
-            .scan_prefix(prefix(jid))
-            .values()
-            .map(|v| decode("pending", &v?))
-            .collect()
+        let mut out = Vec::new();
+        for kv in self.pending_heads.scan_prefix(prefix(jid)) {
+            let (k, v) = kv?;
+            out.push(self.assemble(&k, decode("pending_heads", &v)?)?);
+        }
+        Ok(out)
     }
 
     /// Every conversation whose forward is due, as (user, pending). Reads only what is due.
     pub fn due_pending(&self, now: u64) -> Result<Vec<(String, Pending)>> {
         let mut due = Vec::new();
         self.pending_due.walk(now, |at, k| {
-            let Some(v) = self.pending.get(k)? else {
+            let Some(head) = self.pending_head(k)? else {
                 return Ok(Visit::Stale);
             };
-            let pending: Pending = decode("pending", &v)?;
-            if pending.due_at != at {
+            if head.due_at != at {
                 return Ok(Visit::Stale);
             }
             let user = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
                 String::from_utf8_lossy(&k[..p]).into_owned()
             });
-            due.push((user, pending));
+            due.push((user, self.assemble(k, head)?));
             Ok(Visit::Keep)
         })?;
         Ok(due)
+    }
+
+    /// Stores written before pending items had keys of their own: move each conversation's
+    /// record to a head and one key per item, once.
+    fn migrate_pending(&self) -> Result<()> {
+        if self.legacy_pending.is_empty() {
+            return Ok(());
+        }
+        for kv in self.legacy_pending.iter() {
+            let (k, v) = kv?;
+            let pending: Pending = decode("pending", &v)?;
+            let jid = k.iter().position(|b| *b == 0).map_or(String::new(), |p| {
+                String::from_utf8_lossy(&k[..p]).into_owned()
+            });
+            self.put_pending(&jid, &pending)?;
+            self.legacy_pending.remove(k)?;
+        }
+        self.db.flush()?;
+        Ok(())
     }
 
     // ---- the email queue ----
@@ -2079,13 +2382,110 @@ mod tests {
         assert_eq!(texts(&store.due_sms_jobs(10, 10).unwrap()), vec!["late"]);
     }
 
+    fn pending_item(text: &str, due_at: Option<u64>) -> PendingItem {
+        PendingItem {
+            at: 1,
+            id: Some(text.into()),
+            text: text.into(),
+            stanza: format!("<message xmlns='jabber:client' id='{text}'/>"),
+            on_xmpp: false,
+            receipt: false,
+            terminal: Some(TerminalKind::Email),
+            due_at,
+            unconditional: false,
+        }
+    }
+
+    #[test]
+    fn pending_items_are_kept_one_per_key_with_their_batch_time_and_counts() {
+        let store = Store::temporary().unwrap();
+        for (i, due) in [(0, 100), (1, 60), (2, 80)] {
+            store
+                .add_pending("a@x", "p@y", &pending_item(&format!("m{i}"), Some(due)))
+                .unwrap();
+        }
+        store
+            .add_pending("a@x", "q@y", &pending_item("other", Some(500)))
+            .unwrap();
+        assert_eq!(store.pending_count("a@x", "p@y").unwrap(), 3);
+        assert_eq!(store.waiting_count("a@x").unwrap(), 4);
+        let p = store.pending_of("a@x", "p@y").unwrap().unwrap();
+        let texts: Vec<_> = p.items.iter().map(|i| i.text.as_str()).collect();
+        assert_eq!(texts, vec!["m0", "m1", "m2"], "in arrival order");
+        // One terminal's items go together, at the earliest of their times.
+        assert_eq!(p.due_at, 60);
+        assert!(p.items.iter().all(|i| i.due_at == Some(60)));
+        assert_eq!(store.due_pending(60).unwrap().len(), 1);
+        store.remove_pending("a@x", "p@y").unwrap();
+        assert_eq!(store.pending_count("a@x", "p@y").unwrap(), 0);
+        assert_eq!(store.waiting_count("a@x").unwrap(), 1);
+        assert_eq!(store.pending_items.len(), 1);
+    }
+
+    #[test]
+    fn pending_records_of_the_first_layout_are_moved_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = reopen(dir.path());
+            let old = Pending {
+                peer: "p@y".into(),
+                due_at: 42,
+                items: vec![pending_item("one", None), pending_item("two", None)],
+            };
+            store
+                .legacy_pending
+                .insert(key("a@x", "p@y"), encode(&old))
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = reopen(dir.path());
+        assert!(store.legacy_pending.is_empty());
+        let p = store.pending_of("a@x", "p@y").unwrap().unwrap();
+        assert_eq!(p.items.len(), 2);
+        assert_eq!(p.due_at, 42);
+        assert_eq!(store.waiting_count("a@x").unwrap(), 2);
+        assert_eq!(store.due_pending(42).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn held_messages_are_counted_per_user_and_sender_and_taken_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = reopen(dir.path());
+            for i in 0..5 {
+                let peer = if i % 2 == 0 { "p@y" } else { "q@y" };
+                store
+                    .hold_stanza("a@x", peer, &format!("<m{i}/>"), 1)
+                    .unwrap();
+            }
+            assert_eq!(store.held_count("a@x").unwrap(), 5);
+            assert_eq!(store.held_from("a@x", "p@y").unwrap(), 3);
+            let page = store.take_held_page("a@x", 2).unwrap();
+            let stanzas: Vec<_> = page.iter().map(|h| h.stanza.as_str()).collect();
+            assert_eq!(stanzas, vec!["<m0/>", "<m1/>"]);
+            assert_eq!(store.held_count("a@x").unwrap(), 3);
+            assert_eq!(store.held_from("a@x", "p@y").unwrap(), 2);
+            assert_eq!(store.held_from("a@x", "q@y").unwrap(), 1);
+            // As a store from before the counts: drop them.
+            store.held_counts.clear().unwrap();
+            store.flush().unwrap();
+        }
+        let store = reopen(dir.path());
+        assert_eq!(store.held_count("a@x").unwrap(), 3);
+        assert_eq!(store.held_from("a@x", "p@y").unwrap(), 2);
+        let rest = store.take_held("a@x").unwrap();
+        assert_eq!(rest.len(), 3);
+        assert_eq!(store.held_count("a@x").unwrap(), 0);
+        assert!(store.held_counts.is_empty());
+    }
+
     #[test]
     fn pending_forwards_come_due_by_time_through_the_index() {
         let store = Store::temporary().unwrap();
         let pending = |peer: &str, due_at: u64| Pending {
             peer: peer.into(),
             due_at,
-            items: Vec::new(),
+            items: vec![pending_item("m", None)],
         };
         store.put_pending("a@x", &pending("p1@y", 100)).unwrap();
         store.put_pending("a@x", &pending("p2@y", 50)).unwrap();
@@ -2122,7 +2522,7 @@ mod tests {
                     &Pending {
                         peer: "p@y".into(),
                         due_at: 5,
-                        items: Vec::new(),
+                        items: vec![pending_item("m", None)],
                     },
                 )
                 .unwrap();

@@ -49,6 +49,20 @@ pub struct Limits {
     pub verification_sms_per_hour: u32,
     /// Wrong verification codes one user may enter per day; past it no code is checked.
     pub wrong_codes_per_user_per_day: u32,
+
+    // ---- storage per user (what strangers can make Reach keep) ----
+    /// Messages waiting for one user (held for XMPP or pending a forward), all senders together.
+    pub waiting_per_user: u32,
+    /// Messages held for one user from one sender.
+    pub held_per_sender: u32,
+    /// Messages waiting for a forward (email or SMS) in one conversation.
+    pub pending_per_conversation: u32,
+    /// Buddies (JIDs with a relation to the reach address) per user.
+    pub buddies_per_user: u32,
+    /// Messages in one forwarding email (the rest go in the next email of the thread).
+    pub digest_max_items: u32,
+    /// Characters of message text in one forwarding email (at least one message per email).
+    pub digest_max_chars: u32,
 }
 
 impl Default for Limits {
@@ -66,6 +80,12 @@ impl Default for Limits {
             new_terminals_per_user_per_day: 3,
             verification_sms_per_hour: 100,
             wrong_codes_per_user_per_day: 10,
+            waiting_per_user: 1_000,
+            held_per_sender: 100,
+            pending_per_conversation: 200,
+            buddies_per_user: 1_000,
+            digest_max_items: 50,
+            digest_max_chars: 100_000,
         }
     }
 }

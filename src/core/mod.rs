@@ -214,6 +214,7 @@ impl Core {
                 store.forget_seen_before(now.saturating_sub(SEEN_IDS_KEPT_SECS))?;
                 presence::continue_walk(self, store, now, &mut out)?;
                 forward::on_tick(self, store, now, &mut out)?;
+                relay::continue_releases(store, now, &mut out)?;
                 alerts::on_tick(self, store, now, &mut out)?;
             }
             Event::EmailReply(mail) => {

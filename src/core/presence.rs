@@ -401,8 +401,34 @@ fn on_address_presence(
 ) -> Handled {
     let address = core.reach_address(&user.handle);
     let buddy_jid = who.from_bare.as_str();
-    let mut buddy = store.buddy(&user.handle, buddy_jid)?.unwrap_or_default();
+    let known = store.buddy(&user.handle, buddy_jid)?;
+    // Past `buddies_per_user`, a JID the address has no record of gets none: its subscription
+    // request is refused and its presence is not tracked.
+    let full = known.is_none()
+        && buddy_jid != user.jid
+        && store.buddy_count(&user.handle)? >= core.settings.limits.buddies_per_user as usize;
+    let mut buddy = known.unwrap_or_default();
     let before = buddy.clone();
+    if full {
+        if type_ == "subscribe"
+            && store
+                .subscription_request(&user.handle, buddy_jid)?
+                .is_none()
+        {
+            tracing::info!(
+                handle = user.handle.as_str(),
+                "subscription request refused: the reach address has its most buddies"
+            );
+            out.send(presence(&address, buddy_jid, Some("unsubscribed")));
+            return Ok(());
+        }
+        if type_ != "subscribe" && type_ != "unsubscribe" {
+            if type_ == "probe" {
+                out.send(presence(&address, buddy_jid, Some("unsubscribed")));
+            }
+            return Ok(());
+        }
+    }
     let resource = who
         .from
         .resource()
@@ -787,6 +813,46 @@ mod tests {
             "<presence type='subscribe' from='bob@example.net/x' to='alice@{D}'/>"
         ));
         assert_eq!(again.len(), 2);
+    }
+
+    #[test]
+    fn past_the_most_buddies_a_new_subscription_is_refused_and_not_returned() {
+        let t = Harness::with_limits(crate::core::Limits {
+            buddies_per_user: 2,
+            ..crate::core::Limits::default()
+        });
+        t.register("alice@example.org", "alice");
+        let subscribe = |who: &str| -> Vec<String> {
+            t.run(&format!(
+                "<presence type='subscribe' from='{who}/x' to='alice@{D}'/>"
+            ))
+            .iter()
+            .map(|p| p.attr("type").unwrap_or("available").to_owned())
+            .collect()
+        };
+        assert_eq!(subscribe("bob@example.net").len(), 3);
+        assert_eq!(subscribe("carol@example.net").len(), 3);
+        let before = t.snapshot("alice@example.org");
+        assert_eq!(subscribe("dave@example.com"), vec!["unsubscribed"]);
+        // Nor is a stranger's presence tracked, nor a probe answered with presence.
+        t.run(&format!(
+            "<presence from='dave@example.com/x' to='alice@{D}'/>"
+        ));
+        let probe = t.run(&format!(
+            "<presence type='probe' from='dave@example.com/x' to='alice@{D}'/>"
+        ));
+        assert_eq!(probe[0].attr("type"), Some("unsubscribed"));
+        assert_eq!(t.snapshot("alice@example.org"), before);
+        // Buddies already there are answered as before, and alone see presence changes.
+        assert_eq!(
+            subscribe("bob@example.net"),
+            vec!["subscribed", "unavailable"]
+        );
+        let out = t.run(&format!(
+            "<presence from='alice@example.org/laptop' to='{D}'/>"
+        ));
+        let told: Vec<_> = out.iter().filter_map(|p| p.attr("to")).collect();
+        assert_eq!(told, vec!["bob@example.net", "carol@example.net"]);
     }
 
     #[test]
@@ -1188,6 +1254,34 @@ mod tests {
             .filter(|s| s.name() == "presence" && s.attr("to") == Some(to))
             .map(|p| p.attr("type").unwrap_or("available").to_owned())
             .collect()
+    }
+
+    #[test]
+    fn under_ask_waiting_requests_count_towards_the_most_buddies() {
+        let t = Harness::with_limits(crate::core::Limits {
+            buddies_per_user: 2,
+            ..crate::core::Limits::default()
+        });
+        t.register(ALICE, "alice");
+        policy(&t, SubscriptionPolicy::Ask);
+        for who in ["s1@example.com", "s2@example.com"] {
+            let out = t.run(&format!(
+                "<presence type='subscribe' from='{who}/x' to='alice@{D}'/>"
+            ));
+            assert!(types_to(&out, who).is_empty(), "the request waits");
+        }
+        let before = t.snapshot(ALICE);
+        let out = t.run(&format!(
+            "<presence type='subscribe' from='s3@example.com/x' to='alice@{D}'/>"
+        ));
+        assert_eq!(types_to(&out, "s3@example.com"), vec!["unsubscribed"]);
+        assert!(
+            !out.iter().any(|s| s.attr("to") == Some(ALICE)),
+            "Alice is not asked"
+        );
+        assert_eq!(t.snapshot(ALICE), before);
+        let handle = crate::address::Handle::parse("alice").unwrap();
+        assert_eq!(t.store.subscription_requests(&handle).unwrap().len(), 2);
     }
 
     #[test]

@@ -15,10 +15,12 @@ use crate::xmpp::stanza::an;
 use xmpp_parsers::ns;
 
 use super::rules::{Decision, ItemKind};
-use super::{commands, forward, Action, Addressing, Core, Handled, Out};
+use super::{commands, forward, Action, Addressing, Core, Failure, Handled, Out};
 use crate::address::LocalTarget;
 use crate::store::{HeldMessage, PendingItem, Store, StoreError, User};
-use crate::xmpp::stanza::{attr, child_text, readdress, StanzaFault, CHAT_MARKERS, STANZA_NS};
+use crate::xmpp::stanza::{
+    attr, child_text, readdress, ErrorType, StanzaFault, CHAT_MARKERS, STANZA_NS,
+};
 
 /// XEP-0172 user nickname.
 const NICK: &str = "http://jabber.org/protocol/nick";
@@ -49,8 +51,7 @@ pub(super) fn on_message(
             let Some(user) = store.user_by_handle(handle)? else {
                 return Err(StanzaFault::item_not_found("no such reach address").into());
             };
-            relay_to_user(core, store, now, &user, &who.from_bare, stanza, out)?;
-            Ok(())
+            relay_to_user(core, store, now, &user, who, stanza, out)
         }
         LocalTarget::Session(peer) => {
             let Some(user) = store.user(&who.from_bare)? else {
@@ -81,15 +82,13 @@ fn relay_to_user(
     store: &Store,
     now: u64,
     user: &User,
-    peer: &str,
+    who: &Addressing,
     stanza: &Element,
     out: &mut Out,
-) -> Result<(), StoreError> {
+) -> Handled {
+    let peer = who.from_bare.as_str();
     let relayed = readdress(stanza, &core.session_jid(peer), &user.jid);
     let content = has_content(stanza);
-    if content {
-        remember_conversation(store, now, user, peer, stanza)?;
-    }
     let xmpp = forward::xmpp_state(store, user)?;
     let body = child_text(stanza, "body")
         .filter(|b| !b.trim().is_empty() && attr(stanza, "type") != "error");
@@ -102,6 +101,21 @@ fn relay_to_user(
             hold_for_xmpp: !xmpp.is_available(),
         },
     };
+    // What would be stored for later must fit the user's storage caps, checked before anything
+    // is written: a refused message changes nothing.
+    let waits = if decision.to_xmpp || !content || attr(stanza, "type") == "error" {
+        None
+    } else if body.is_some() && decision.forward.is_some() {
+        Some(Wait::Pending)
+    } else {
+        Some(Wait::Held)
+    };
+    if let Some(wait) = waits {
+        check_room(core, store, user, who, wait)?;
+    }
+    if content {
+        remember_conversation(store, now, user, peer, stanza)?;
+    }
     let item = |stanza: &Element, on_xmpp: bool, text: String| PendingItem {
         at: now,
         id: stanza.attr("id").map(str::to_owned),
@@ -113,10 +127,31 @@ fn relay_to_user(
         due_at: None,
         unconditional: false,
     };
-    if decision.to_xmpp {
+    let pending_full = |store: &Store| -> Result<bool, StoreError> {
+        Ok(store.pending_count(&user.jid, peer)?
+            >= core.settings.limits.pending_per_conversation as usize)
+    };
+    // While held messages are still being delivered a page at a time, a new one joins the end
+    // of what is held, so the user reads them in order (the next tick delivers it).
+    let behind_held = decision.to_xmpp
+        && decision.forward.is_none()
+        && content
+        && attr(stanza, "type") != "error"
+        && store.held_release_running(&user.jid)?;
+    if decision.to_xmpp && !behind_held {
         if let (Some(text), Some(to)) = (&body, decision.forward) {
             // Also to a terminal: at once for `Always`, else if still unread after the grace
-            // delay.
+            // delay. The message reached XMPP already: with the conversation's pending forward
+            // full it goes there only (refusing it would lie to the buddy).
+            if pending_full(store)? {
+                tracing::info!(
+                    handle = user.handle.as_str(),
+                    "pending forward full: a message relayed to XMPP gets no second chance by {:?}",
+                    to.terminal
+                );
+                out.send(relayed);
+                return Ok(());
+            }
             forward::queue(
                 core,
                 store,
@@ -172,6 +207,68 @@ fn relay_to_user(
     Ok(())
 }
 
+/// Where a buddy's message would wait for the user.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// Held for the user's XMPP clients.
+    Held,
+    /// In the conversation's pending forward (email or SMS).
+    Pending,
+}
+
+/// Whether the user's storage caps leave room for one more message from this sender to wait
+/// (`[limits]` `waiting_per_user`, `held_per_sender`, `pending_per_conversation`); else the
+/// `resource-constraint` the buddy gets. Reads counts only. The user's own messages (to her own
+/// reach address) and those of servers and services (JIDs without a localpart) always fit.
+fn check_room(
+    core: &Core,
+    store: &Store,
+    user: &User,
+    who: &Addressing,
+    wait: Wait,
+) -> Result<(), Failure> {
+    if who.from_bare == user.jid || who.from.node().is_none() {
+        return Ok(());
+    }
+    let limits = &core.settings.limits;
+    let handle = user.handle.as_str();
+    if store.waiting_count(&user.jid)? >= limits.waiting_per_user as usize {
+        tracing::debug!(
+            handle,
+            "message refused: the user's waiting messages are at their cap"
+        );
+        return Err(storage_full(format!(
+            "{handle} cannot take more messages now: too many are waiting to be read; try again later"
+        )));
+    }
+    let sender_full = match wait {
+        Wait::Held => {
+            store.held_from(&user.jid, &who.from_bare)? >= limits.held_per_sender as usize
+        }
+        Wait::Pending => {
+            store.pending_count(&user.jid, &who.from_bare)?
+                >= limits.pending_per_conversation as usize
+        }
+    };
+    if sender_full {
+        tracing::debug!(
+            handle,
+            ?wait,
+            "message refused: the sender's waiting messages are at their cap"
+        );
+        return Err(storage_full(format!(
+            "{handle} cannot take more messages from you until the ones waiting are read; try again later"
+        )));
+    }
+    Ok(())
+}
+
+fn storage_full(text: String) -> Failure {
+    StanzaFault::new(ErrorType::Wait, "resource-constraint")
+        .with_text(text)
+        .into()
+}
+
 /// Records what other terminals need to join the conversation: its activity, XMPP thread and the
 /// buddy's nick (XEP-0172).
 fn remember_conversation(
@@ -195,20 +292,53 @@ fn remember_conversation(
     store.put_session(&user.jid, &session)
 }
 
-/// Delivers everything held for the user, oldest first.
+/// Held messages delivered per batch when the user comes online: the rest follow a page per
+/// clock tick (each page committed with its batch before the next is read).
+pub(crate) const HELD_PAGE: usize = 100;
+
+/// Delivers the oldest page of what is held for the user, oldest first; if more is held, the
+/// next pages follow on the next ticks ([`continue_releases`]).
 pub(super) fn release_held(
     store: &Store,
     user: &User,
     _now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
-    for held in store.take_held(&user.jid)? {
+    let page = store.take_held_page(&user.jid, HELD_PAGE)?;
+    let delivered = page.len();
+    for held in page {
         match held.stanza.parse::<Element>() {
             Ok(stanza) => out.send(stanza),
             Err(e) => tracing::error!(
                 handle = user.handle.as_str(),
                 "unreadable held message dropped: {e}"
             ),
+        }
+    }
+    let left = store.held_count(&user.jid)?;
+    if delivered > 0 {
+        tracing::debug!(
+            handle = user.handle.as_str(),
+            "delivered {delivered} held messages, {left} still held"
+        );
+    }
+    if left > 0 {
+        store.mark_held_release(&user.jid)?;
+    } else {
+        store.end_held_release(&user.jid)?;
+    }
+    Ok(())
+}
+
+/// On a clock tick: the next page for every user whose held messages are being delivered, while
+/// one of their XMPP clients is still available (else the rest stays held for the next time).
+pub(super) fn continue_releases(store: &Store, now: u64, out: &mut Out) -> Result<(), StoreError> {
+    for jid in store.held_releases()? {
+        match store.user(&jid)? {
+            Some(user) if forward::xmpp_state(store, &user)?.is_available() => {
+                release_held(store, &user, now, out)?
+            }
+            _ => store.end_held_release(&jid)?,
         }
     }
     Ok(())
@@ -368,5 +498,156 @@ mod tests {
                 "<message type='error' id='e' from='{BOB}/x' to='ghost@{D}'/>"
             ))
             .is_empty());
+    }
+
+    const MALLORY: &str = "mallory@example.com";
+
+    fn chat_from(t: &Harness, who: &str, id: &str) -> Vec<Element> {
+        t.run(&format!(
+            "<message type='chat' id='{id}' from='{who}/x' to='alice@{D}'><body>{id}</body></message>"
+        ))
+    }
+
+    /// Sends and expects the storage-cap refusal with this text, and no change to Alice's state.
+    fn refused_for_room(t: &Harness, who: &str, id: &str, text: &str) {
+        let before = t.snapshot("alice@example.org");
+        let out = chat_from(t, who, id);
+        assert_eq!(
+            out.len(),
+            1,
+            "{:?}",
+            out.iter().map(String::from).collect::<Vec<_>>()
+        );
+        assert_error(&out[0], "resource-constraint");
+        assert_eq!(
+            out[0].get_child("error", STANZA_NS).unwrap().attr("type"),
+            Some("wait")
+        );
+        assert_eq!(out[0].attr("to"), Some(&*format!("{who}/x")));
+        assert_eq!(error_text(&out[0]), text);
+        assert_eq!(t.snapshot("alice@example.org"), before);
+    }
+
+    fn small_caps() -> crate::core::Limits {
+        crate::core::Limits {
+            waiting_per_user: 5,
+            held_per_sender: 3,
+            pending_per_conversation: 2,
+            ..crate::core::Limits::default()
+        }
+    }
+
+    #[test]
+    fn a_stranger_can_fill_only_its_share_and_other_buddies_still_get_through() {
+        let t = Harness::with_limits(small_caps());
+        t.register("alice@example.org", "alice");
+        for i in 0..3 {
+            assert!(chat_from(&t, MALLORY, &format!("s{i}")).is_empty());
+        }
+        let per_sender =
+            "alice cannot take more messages from you until the ones waiting are read; try again later";
+        refused_for_room(&t, MALLORY, "s3", per_sender);
+        refused_for_room(&t, MALLORY, "s4", per_sender);
+        assert_eq!(t.store.held_from("alice@example.org", MALLORY).unwrap(), 3);
+        // Another buddy still reaches Alice during the flood, up to the cap for all senders.
+        assert!(chat_from(&t, BOB, "b0").is_empty());
+        assert!(chat_from(&t, BOB, "b1").is_empty());
+        let per_user =
+            "alice cannot take more messages now: too many are waiting to be read; try again later";
+        refused_for_room(&t, "carol@example.net", "c0", per_user);
+        // Alice's own messages and those of services are never refused.
+        assert!(chat_from(&t, "alice@example.org", "self").is_empty());
+        assert!(chat_from(&t, "example.net", "motd").is_empty());
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 7);
+        // She gets exactly what was held, in order; then the stranger may write again.
+        let out = t.run("<presence from='alice@example.org/laptop' to='reach.example.org'/>");
+        let ids: Vec<_> = out
+            .iter()
+            .filter(|s| s.name() == "message")
+            .map(|m| m.attr("id").unwrap())
+            .collect();
+        assert_eq!(ids, vec!["s0", "s1", "s2", "b0", "b1", "self", "motd"]);
+        assert_eq!(chat_from(&t, MALLORY, "s5").len(), 1, "relayed at once");
+    }
+
+    #[test]
+    fn the_pending_forward_of_one_conversation_is_bounded() {
+        let t = Harness::with_limits(small_caps());
+        t.run(&register_form(
+            "alice@example.org",
+            "alice",
+            "alice@mail.example.org",
+            "",
+        ));
+        let mut user = t.store.user("alice@example.org").unwrap().unwrap();
+        user.email.as_mut().unwrap().verified = true;
+        t.store.put_user(&user).unwrap();
+        assert!(chat_from(&t, MALLORY, "p0").is_empty());
+        assert!(chat_from(&t, MALLORY, "p1").is_empty());
+        assert_eq!(
+            t.store.pending_count("alice@example.org", MALLORY).unwrap(),
+            2
+        );
+        refused_for_room(
+            &t,
+            MALLORY,
+            "p2",
+            "alice cannot take more messages from you until the ones waiting are read; try again later",
+        );
+        // Another conversation has its own room.
+        assert!(chat_from(&t, BOB, "b0").is_empty());
+        assert_eq!(t.store.pending_count("alice@example.org", BOB).unwrap(), 1);
+        // Once the digest goes out, the stranger's conversation has room again.
+        t.advance(30);
+        t.event(crate::core::Event::Tick);
+        assert_eq!(
+            t.store.pending_count("alice@example.org", MALLORY).unwrap(),
+            0
+        );
+        assert!(chat_from(&t, MALLORY, "p3").is_empty());
+    }
+
+    #[test]
+    fn many_held_messages_are_delivered_a_page_per_batch_in_order() {
+        let t = Harness::with_limits(crate::core::Limits {
+            held_per_sender: 1_000,
+            ..crate::core::Limits::default()
+        });
+        t.register("alice@example.org", "alice");
+        for i in 0..250 {
+            chat_from(&t, MALLORY, &format!("h{i:03}"));
+        }
+        let ids = |out: Vec<Element>| -> Vec<String> {
+            out.iter()
+                .filter(|s| s.name() == "message")
+                .map(|m| m.attr("id").unwrap().to_owned())
+                .collect()
+        };
+        let mut got =
+            ids(t.run("<presence from='alice@example.org/laptop' to='reach.example.org'/>"));
+        assert_eq!(got.len(), HELD_PAGE);
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 150);
+        // A new message while pages wait goes after them, not ahead.
+        assert!(chat_from(&t, BOB, "new").is_empty());
+        let next = ids(t.event(crate::core::Event::Tick));
+        assert_eq!(next.len(), HELD_PAGE);
+        got.extend(next);
+        // Offline again: the rest stays held, and comes when she is back.
+        t.run(
+            "<presence type='unavailable' from='alice@example.org/laptop' to='reach.example.org'/>",
+        );
+        assert!(ids(t.event(crate::core::Event::Tick)).is_empty());
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 51);
+        got.extend(ids(t.run(
+            "<presence from='alice@example.org/phone' to='reach.example.org'/>",
+        )));
+        assert!(ids(t.event(crate::core::Event::Tick)).is_empty());
+        let mut expected: Vec<String> = (0..250).map(|i| format!("h{i:03}")).collect();
+        expected.push("new".into());
+        assert_eq!(got, expected);
+        // Once all are delivered, messages go straight to the client again.
+        assert_eq!(chat_from(&t, BOB, "direct").len(), 1);
+        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 0);
+        assert!(t.store.held_releases().unwrap().is_empty());
     }
 }
