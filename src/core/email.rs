@@ -471,12 +471,23 @@ pub(super) fn on_reply(
             "this reply address takes mail from its owner's address only",
         ));
     }
+    // Checked before the Message-ID is recorded: a refused mail leaves nothing behind, so the
+    // same mail corrected and resent is taken.
+    if matches!(alias.purpose, AliasPurpose::Session { .. }) && mail.reply.text.trim().is_empty() {
+        return Ok(SmtpAnswer::new(
+            550,
+            "5.6.0",
+            "no reply text found above the quoted message",
+        ));
+    }
+    let hash = token_hash(&token);
+    // One mail to several aliases is one delivery per alias (per conversation); the same mail
+    // resent to an alias that already took it is accepted and not delivered again.
     if let Some(id) = &mail.reply.message_id {
-        if !store.first_sight_of_mail(id, now)? {
+        if !store.first_sight_of_mail(id, &hash, now)? {
             return Ok(SmtpAnswer::accepted("already delivered"));
         }
     }
-    let hash = token_hash(&token);
     store.put_alias(
         &hash,
         &Alias {
@@ -492,13 +503,6 @@ pub(super) fn on_reply(
         }
         AliasPurpose::Session { peer, .. } => {
             let text = mail.reply.text.trim();
-            if text.is_empty() {
-                return Ok(SmtpAnswer::new(
-                    550,
-                    "5.6.0",
-                    "no reply text found above the quoted message",
-                ));
-            }
             let mut session = store.touch_session(&user.jid, &peer, now)?;
             let mut message = chat(&core.reach_address(&user.handle), &peer, text);
             message.set_attr(
@@ -917,6 +921,60 @@ mod tests {
         t.advance(200);
         tick(&t);
         assert_eq!(t.store.seen_ids(), 0);
+    }
+
+    #[test]
+    fn one_mail_to_two_aliases_reaches_both_conversations_once_each() {
+        // Alice answers Bob's and Carol's emails with one mail (one To, one Cc): one Message-ID,
+        // two recipients. Each conversation gets its copy; a resend reaches neither again.
+        const CAROL: &str = "carol@example.net";
+        let t = Harness::new();
+        let bob_alias = forwarded_alias(&t);
+        t.run(&format!("<message type='chat' id='c1' from='{CAROL}/pc' to='alice@{D}'><body>hi from carol</body></message>"));
+        t.advance(31);
+        let carol_alias = tick(&t)[0].email.from_address.clone();
+        assert_ne!(bob_alias, carol_alias);
+        let mail = || reply(ALICE_MAIL, "See you both at noon", "both@mail");
+        for (alias, peer) in [(&bob_alias, BOB), (&carol_alias, CAROL)] {
+            let (a, stanzas) = answer(&t, ALICE_MAIL, alias, mail());
+            assert_eq!(a.code, 250, "{a:?}");
+            assert_eq!(stanzas.len(), 1, "{peer} gets the reply");
+            assert_eq!(stanzas[0].attr("to"), Some(peer));
+            assert_eq!(
+                child_text(&stanzas[0], "body").as_deref(),
+                Some("See you both at noon")
+            );
+        }
+        // The same mail resent (an MTA retrying after a lost 250): taken once per conversation.
+        for alias in [&bob_alias, &carol_alias] {
+            let (a, stanzas) = answer(&t, ALICE_MAIL, alias, mail());
+            assert_eq!(a.code, 250);
+            assert!(stanzas.is_empty(), "{stanzas:?}");
+        }
+        assert_eq!(t.store.seen_ids(), 2);
+    }
+
+    #[test]
+    fn a_reply_without_text_is_refused_and_the_corrected_resend_is_taken() {
+        let t = Harness::new();
+        let alias = forwarded_alias(&t);
+        let (a, stanzas) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply(ALICE_MAIL, "  ", "empty@mail"),
+        );
+        assert_eq!(a.code, 550);
+        assert!(stanzas.is_empty());
+        // Refused mail is not remembered: the same Message-ID with text is a new delivery.
+        let (a, stanzas) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply(ALICE_MAIL, "oops, here", "empty@mail"),
+        );
+        assert_eq!(a.code, 250);
+        assert_eq!(stanzas.len(), 1);
     }
 
     #[test]
