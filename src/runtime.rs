@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, EmailConfig, SmsConfig};
-use crate::core::email::{EmailSettings, InboundMail, SmtpAnswer};
+use crate::core::email::{answer_for_recipients, EmailSettings, InboundMail, SmtpAnswer};
 use crate::core::sms::{SmsSettings, WebhookAnswer};
 use crate::core::{Action, Core, Event, Settings};
 use crate::delivery::{self, Courier, Failure, Pace};
@@ -735,7 +735,10 @@ impl ReplyHandler {
                 }
             }
         }
-        let mut last = reply_of(temporary_failure());
+        // Every recipient's copy goes through the core as its own event (its own conversation),
+        // all submitted at once so that they usually share one commit; the one reply to DATA is
+        // decided from all their answers (see `answer_for_recipients`).
+        let mut waiting = Vec::with_capacity(envelope.rcpt_to.len());
         for rcpt in &envelope.rcpt_to {
             let (tx, rx) = oneshot::channel();
             let mail = InboundMail {
@@ -743,24 +746,21 @@ impl ReplyHandler {
                 rcpt: rcpt.clone(),
                 reply: reply.clone(),
             };
-            if self
-                .inputs
-                .send(Input {
-                    event: Event::EmailReply(mail),
-                    answer: Some(Responder::Mail(tx)),
-                })
-                .await
-                .is_err()
-            {
+            let input = Input {
+                event: Event::EmailReply(mail),
+                answer: Some(Responder::Mail(tx)),
+            };
+            if self.inputs.send(input).await.is_err() {
+                // Shutting down: what was submitted may still be taken; a resend is de-duplicated.
                 return reply_of(temporary_failure());
             }
-            let answer = rx.await.unwrap_or_else(|_| temporary_failure());
-            if !answer.is_positive() {
-                return reply_of(answer);
-            }
-            last = reply_of(answer);
+            waiting.push((rcpt.clone(), rx));
         }
-        last
+        let mut answers = Vec::with_capacity(waiting.len());
+        for (rcpt, rx) in waiting {
+            answers.push((rcpt, rx.await.unwrap_or_else(|_| temporary_failure())));
+        }
+        reply_of(answer_for_recipients(&answers))
     }
 }
 

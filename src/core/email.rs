@@ -412,6 +412,60 @@ fn sender_may_use(purpose: &AliasPurpose, user: &User, sender: &str) -> bool {
     }
 }
 
+/// The one reply to DATA for a mail with several recipients, from each recipient's answer (in
+/// RCPT order). SMTP without LMTP answers DATA once for all recipients, so:
+/// - every recipient took it (or had it already): 250;
+/// - any recipient failed for now (4xx): that 4xx, so the client sends the whole mail again
+///   later; recipients that took it already answer "already delivered" to the resend (the
+///   Message-ID is remembered per alias) and are not given it twice;
+/// - some took it and the others refused it for good (5xx): the first 5xx, its text saying which
+///   recipients refused it and that the others have it. The sender's MTA turns that into a bounce
+///   for the user, which is the only way left to tell them (per-recipient refusals belong at
+///   RCPT, and the reasons found only in the message, like an empty reply, are known only now);
+/// - none took it: the first refusal, as it is.
+pub fn answer_for_recipients(answers: &[(String, SmtpAnswer)]) -> SmtpAnswer {
+    let taken = answers.iter().filter(|(_, a)| a.is_positive()).count();
+    if answers.len() == 1 || taken == answers.len() {
+        return match answers {
+            [(_, only)] => only.clone(),
+            _ => SmtpAnswer::accepted(format!("delivered to {taken} conversations")),
+        };
+    }
+    let refused = |failed: &dyn Fn(&SmtpAnswer) -> bool| -> Option<(SmtpAnswer, String)> {
+        let mut first = None;
+        let mut who = Vec::new();
+        for (rcpt, answer) in answers.iter().filter(|(_, a)| failed(a)) {
+            first.get_or_insert_with(|| answer.clone());
+            who.push(rcpt.as_str());
+        }
+        first.map(|f| (f, who.join(", ")))
+    };
+    if let Some((first, who)) = refused(&|a| (400..500).contains(&a.code)) {
+        return SmtpAnswer::new(
+            first.code,
+            first.enhanced,
+            format!(
+                "not taken for {who} for now ({}); send it again later: the recipients that took it will not get it twice",
+                first.text
+            ),
+        );
+    }
+    let Some((first, who)) = refused(&|a| !a.is_positive()) else {
+        return SmtpAnswer::accepted(format!("delivered to {taken} conversations"));
+    };
+    if taken == 0 {
+        return first;
+    }
+    SmtpAnswer::new(
+        first.code,
+        first.enhanced,
+        format!(
+            "refused for {who}: {}; delivered to the other {taken} recipient(s)",
+            first.text
+        ),
+    )
+}
+
 /// DATA: a read reply. Accepted (250) only once what it leads to is stored, which the caller
 /// guarantees by committing before it answers.
 pub(super) fn on_reply(
@@ -952,6 +1006,56 @@ mod tests {
             assert!(stanzas.is_empty(), "{stanzas:?}");
         }
         assert_eq!(t.store.seen_ids(), 2);
+    }
+
+    #[test]
+    fn one_answer_to_data_for_several_recipients() {
+        let ok = |t: &str| SmtpAnswer::accepted(t);
+        let later = SmtpAnswer::new(451, "4.3.0", "temporary failure, try again later");
+        let gone = SmtpAnswer::new(550, "5.1.1", "no such reply address here");
+        let r = |rcpt: &str, a: &SmtpAnswer| (rcpt.to_owned(), a.clone());
+        // One recipient: its own answer.
+        assert_eq!(answer_for_recipients(&[r("r-a@d", &gone)]), gone);
+        assert_eq!(
+            answer_for_recipients(&[r("r-a@d", &ok("delivered to bob"))]),
+            ok("delivered to bob")
+        );
+        // All took it (a resend counts as taken).
+        let all =
+            answer_for_recipients(&[r("r-a@d", &ok("x")), r("r-b@d", &ok("already delivered"))]);
+        assert_eq!(
+            (all.code, all.text.as_str()),
+            (250, "delivered to 2 conversations")
+        );
+        // A transient failure anywhere: try the whole mail again.
+        let again =
+            answer_for_recipients(&[r("r-a@d", &ok("x")), r("r-b@d", &gone), r("r-c@d", &later)]);
+        assert_eq!((again.code, again.enhanced), (451, "4.3.0"));
+        assert!(
+            again.text.contains("r-c@d") && !again.text.contains("r-a@d"),
+            "{}",
+            again.text
+        );
+        // Taken by some, refused for good by others: a 5xx naming the refused ones.
+        let part = answer_for_recipients(&[r("r-a@d", &ok("x")), r("r-b@d", &gone)]);
+        assert_eq!((part.code, part.enhanced), (550, "5.1.1"));
+        assert!(
+            part.text
+                .starts_with("refused for r-b@d: no such reply address here;"),
+            "{}",
+            part.text
+        );
+        assert!(
+            part.text.ends_with("delivered to the other 1 recipient(s)"),
+            "{}",
+            part.text
+        );
+        // Refused by all: the first refusal as it is.
+        let none = answer_for_recipients(&[
+            r("r-a@d", &gone),
+            r("r-b@d", &SmtpAnswer::new(550, "5.7.1", "x")),
+        ]);
+        assert_eq!(none, gone);
     }
 
     #[test]
