@@ -471,8 +471,13 @@ async fn start_email(
         hostname: email.hostname().to_owned(),
         max_message_bytes: email.max_message_bytes,
         max_connections: email.max_connections,
+        max_connections_per_ip: email.max_connections_per_ip,
         max_recipients: 10,
-        command_timeout: Duration::from_secs(300),
+        command_timeout: Duration::from_secs(email.command_timeout_secs),
+        idle_timeout: Duration::from_secs(email.idle_timeout_secs),
+        transaction_timeout: Duration::from_secs(email.transaction_timeout_secs),
+        data_timeout: Duration::from_secs(email.data_timeout_secs),
+        data_min_bytes_per_second: email.data_min_bytes_per_sec,
         tls,
     };
     let authenticator = if email.require_dmarc {
