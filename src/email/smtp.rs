@@ -9,8 +9,10 @@
 //!
 //! Layout: the byte-level parts are sans-IO and tested with input split at every point
 //! ([`LineFramer`] for command lines, [`DataReceiver`] for the DATA phase, [`parse_command`] for
-//! one line); [`session`] drives one connection over any `AsyncRead + AsyncWrite`; [`serve`]
-//! accepts TCP connections under a connection cap until shutdown.
+//! one line); [`session`] drives one connection over any `AsyncRead + AsyncWrite`, under the
+//! deadlines of [`SmtpConfig`] (per command line, per transaction, for the message data, and
+//! an idle clock that only a received message restarts); [`serve`] accepts TCP connections under
+//! a global and a per-client-address cap until shutdown.
 //!
 //! Logging: connection events at `debug` with the peer address; message content never, envelope
 //! addresses never above `debug`.
