@@ -463,6 +463,8 @@ pub struct EmailConfig {
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
     /// `max_connections` (optional, default 100): simultaneous SMTP connections to the listener.
+    /// When all are taken, a client from an address holding fewer than the busiest address still
+    /// gets in: that address's oldest idle session is closed with `421 4.7.0`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// `connections` (optional, default 4, 1 to 64): emails handed to the relay at once, each on

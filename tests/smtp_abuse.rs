@@ -5,7 +5,8 @@
 //!   command deadline; a client sending NOOP every second is closed at the idle timeout, and a
 //!   fresh client from the same address then gets in.
 //! - One address cannot take every place: over `max_connections_per_ip` a client gets
-//!   `421 4.7.0`, while a client from another address (127.0.0.2) still gets in.
+//!   `421 4.7.0`, while a client from another address (127.0.0.2) still gets in, also when the
+//!   first address holds every place (its oldest idle session is closed to make room).
 //! - One mail to two reply aliases (Alice answers Bob and Cc's Carol's conversation) reaches
 //!   both conversations, and the same mail resent reaches neither again.
 //!
@@ -274,6 +275,41 @@ async fn one_address_over_its_connection_cap_is_refused_while_another_gets_in() 
         assert!(Instant::now() < deadline, "127.0.0.1 never got back in");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_one_address_holds_every_place_another_address_still_gets_in() {
+    let w = World::new(&[], "max_connections = 3\nmax_connections_per_ip = 3").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = w.smtp_from("127.0.0.1").await;
+        assert_eq!(c.reply().await.map(|r| r.0), Some(220));
+        assert_eq!(c.command("EHLO held.example").await.0, 250);
+        held.push(c);
+    }
+    // Every place is taken; 127.0.0.2 still gets in, and 127.0.0.1's oldest idle session is the
+    // one told to go.
+    let mut other = w.smtp_from("127.0.0.2").await;
+    assert_eq!(other.reply().await.map(|r| r.0), Some(220));
+    assert_eq!(other.command("EHLO other.example").await.0, 250);
+    let (code, text) = held[0]
+        .reply()
+        .await
+        .expect("421 for the oldest idle session");
+    assert_eq!(code, 421, "{text}");
+    assert!(
+        text.starts_with("4.7.0 ") && text.contains("idle one"),
+        "{text}"
+    );
+    assert!(held[0].closed().await);
+    for c in &mut held[1..] {
+        assert_eq!(c.command("NOOP").await.0, 250);
+    }
+    // 127.0.0.1 cannot take the place back from 127.0.0.2: it holds more already.
+    let mut again = w.smtp_from("127.0.0.1").await;
+    let (code, text) = again.reply().await.expect("an answer");
+    assert_eq!(code, 421, "{text}");
+    assert_eq!(other.command("NOOP").await.0, 250);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,8 @@ const READ_CHUNK: usize = 16 * 1024;
 const SHUTDOWN_GRACE_MAX: Duration = Duration::from_secs(30);
 /// How long [`serve`] may spend telling a connection over the cap that it is refused.
 const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a newcomer waits for the place an idle session was asked to give up.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
 /// Longest path (address with angle brackets), RFC 5321 4.5.3.1.3.
 const MAX_PATH: usize = 256;
 
@@ -190,7 +192,8 @@ pub struct SmtpConfig {
     /// Advertised as `SIZE n`; bigger messages get 552 5.3.4 (at `MAIL FROM ... SIZE=` and while
     /// receiving DATA).
     pub max_message_bytes: usize,
-    /// Connections beyond this get `421 4.7.0` and are closed (at least 1 is allowed).
+    /// Connections beyond this get `421 4.7.0` and are closed (at least 1 is allowed), unless an
+    /// idle session of an address holding more places makes room (see [`serve`]).
     pub max_connections: usize,
     /// Connections from one client address (IPv4 address, or IPv6 /64 network) beyond this get
     /// `421 4.7.0` and are closed, while other addresses still get in (at least 1 is allowed).
@@ -659,17 +662,65 @@ fn is_valid_mailbox(address: &str) -> bool {
 // The session
 // ---------------------------------------------------------------------------------------------
 
-/// Waits for the shutdown signal: the value turning true, or the sender being dropped.
-struct Shutdown(Option<watch::Receiver<bool>>);
+/// What ends a session from outside while it waits for a command: the shutdown signal (the
+/// value turning true, or the sender being dropped), or [`serve`] asking this idle session to
+/// make room for a client from a less-served address.
+struct Shutdown {
+    stop: Option<watch::Receiver<bool>>,
+    room: Option<Arc<Member>>,
+}
+
+/// Why a session is ended from outside.
+enum Ended {
+    Shutdown,
+    MakeRoom,
+}
 
 impl Shutdown {
+    fn never() -> Shutdown {
+        Shutdown {
+            stop: None,
+            room: None,
+        }
+    }
+
+    fn on(stop: watch::Receiver<bool>) -> Shutdown {
+        Shutdown {
+            stop: Some(stop),
+            room: None,
+        }
+    }
+
     async fn wait(&mut self) {
-        match &mut self.0 {
+        match &mut self.stop {
             Some(rx) => {
                 // Err: the sender is gone, which also means shutdown.
                 let _ = rx.wait_for(|stop| *stop).await;
             }
             None => std::future::pending().await,
+        }
+    }
+
+    async fn wait_either(&mut self) -> Ended {
+        let room = self.room.clone();
+        let make_room = async {
+            match room {
+                Some(member) => member.make_room.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.wait() => Ended::Shutdown,
+            _ = make_room => Ended::MakeRoom,
+        }
+    }
+
+    /// Tells [`serve`] whether this session is inside a transaction (never cut to make room).
+    fn set_busy(&self, busy: bool) {
+        if let Some(member) = &self.room {
+            member
+                .busy
+                .store(busy, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -697,6 +748,7 @@ enum Input {
     Eof,
     Timeout,
     Shutdown,
+    MakeRoom,
 }
 
 /// Which deadline passed; says so in the 421.
@@ -766,7 +818,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
     H: SmtpHandler,
 {
-    run_session(io, peer, config, handler, Shutdown(None)).await
+    run_session(io, peer, config, handler, Shutdown::never()).await
 }
 
 async fn run_session<IO, H>(
@@ -919,6 +971,7 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                         return Ok(Next::StartTls);
                     }
                     Action::Data => {
+                        shutdown.set_busy(true);
                         Reply::new(354, "", "end data with <CR><LF>.<CR><LF>").render(&mut out);
                         let mut receiver = DataReceiver::new(self.config.max_message_bytes);
                         // The whole data within its deadline and the transaction's; each read
@@ -949,7 +1002,7 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                                     debug!(%peer, "connection closed during DATA");
                                     return Ok(Next::Close);
                                 }
-                                Input::Timeout | Input::Shutdown => {
+                                Input::Timeout | Input::Shutdown | Input::MakeRoom => {
                                     debug!(%peer, deadline = ?which, "timeout during DATA");
                                     which.reply(&self.config.hostname).render(&mut out);
                                     write_out(io, &mut out, timeout).await?;
@@ -977,6 +1030,7 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
             }
             write_out(io, &mut out, timeout).await?;
             let (at, which) = self.command_deadline(command_started);
+            shutdown.set_busy(self.transaction.is_some());
             match read_more(io, &mut inbuf, at, Some(shutdown)).await? {
                 Input::Some => {}
                 Input::Eof => {
@@ -996,6 +1050,22 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                         421,
                         "4.3.2",
                         format!("{host} shutting down, try again later"),
+                    )
+                    .render(&mut out);
+                    write_out(io, &mut out, timeout).await?;
+                    return Ok(Next::Close);
+                }
+                // Only an idle session is cut to make room; one in a transaction goes on.
+                Input::MakeRoom if self.transaction.is_some() => {}
+                Input::MakeRoom => {
+                    debug!(%peer, "closing an idle session to make room for another address");
+                    let host = &self.config.hostname;
+                    Reply::new(
+                        421,
+                        "4.7.0",
+                        format!(
+                            "{host} too many connections from your address, closing this idle one"
+                        ),
                     )
                     .render(&mut out);
                     write_out(io, &mut out, timeout).await?;
@@ -1189,7 +1259,10 @@ async fn read_more<S: AsyncRead + Unpin>(
     let result = match shutdown {
         Some(shutdown) => tokio::select! {
             result = read => result,
-            _ = shutdown.wait() => return Ok(Input::Shutdown),
+            ended = shutdown.wait_either() => return Ok(match ended {
+                Ended::Shutdown => Input::Shutdown,
+                Ended::MakeRoom => Input::MakeRoom,
+            }),
         },
         None => read.await,
     };
@@ -1224,48 +1297,112 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Open connections per client address ([`client_key`]).
+/// One running session as [`serve`] sees it, to pick one that may make room.
+struct Member {
+    started: Instant,
+    /// Inside a transaction (MAIL to the end of the data): never asked to make room.
+    busy: std::sync::atomic::AtomicBool,
+    /// Already asked to make room.
+    asked: std::sync::atomic::AtomicBool,
+    make_room: tokio::sync::Notify,
+}
+
+/// Running sessions per client address ([`client_key`]).
 #[derive(Default)]
-struct PerAddress(std::sync::Mutex<HashMap<IpAddr, usize>>);
+struct PerAddress(std::sync::Mutex<HashMap<IpAddr, Vec<Arc<Member>>>>);
 
 /// One connection counted for an address; uncounted when dropped.
 struct AddressSlot {
     counts: Arc<PerAddress>,
     key: IpAddr,
+    member: Arc<Member>,
 }
 
 impl PerAddress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Vec<Arc<Member>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A slot for `ip`, or None if that address has `cap` connections already.
     fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<AddressSlot> {
         let key = client_key(ip);
-        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(key).or_insert(0);
-        if *count >= cap.max(1) {
+        let mut members = self.lock();
+        let list = members.entry(key).or_default();
+        if list.len() >= cap.max(1) {
             return None;
         }
-        *count += 1;
+        let member = Arc::new(Member {
+            started: Instant::now(),
+            busy: false.into(),
+            asked: false.into(),
+            make_room: tokio::sync::Notify::new(),
+        });
+        list.push(member.clone());
         Some(AddressSlot {
             counts: self.clone(),
             key,
+            member,
         })
+    }
+
+    /// When every place is taken: asks the oldest idle session of the address holding the most
+    /// places to close, if that address holds more than the newcomer's (whose slot is already
+    /// counted). Max-min fairness: an address can be pushed down to the newcomer's share, never
+    /// below, so a few addresses can no longer hold every place. True if a session was asked.
+    fn make_room_for(&self, newcomer: &AddressSlot) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let members = self.lock();
+        let ours = members.get(&newcomer.key).map_or(0, Vec::len);
+        let Some((_, most)) = members
+            .iter()
+            .filter(|(key, _)| **key != newcomer.key)
+            .max_by_key(|(_, list)| list.iter().filter(|m| !m.asked.load(Relaxed)).count())
+        else {
+            return false;
+        };
+        let remaining = most.iter().filter(|m| !m.asked.load(Relaxed)).count();
+        if remaining <= ours {
+            return false;
+        }
+        let victim = most
+            .iter()
+            .filter(|m| !m.asked.load(Relaxed) && !m.busy.load(Relaxed))
+            .min_by_key(|m| m.started);
+        match victim {
+            Some(victim) => {
+                victim.asked.store(true, Relaxed);
+                victim.make_room.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 }
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.key);
+        let mut members = self.counts.lock();
+        if let Some(list) = members.get_mut(&self.key) {
+            list.retain(|m| !Arc::ptr_eq(m, &self.member));
+            if list.is_empty() {
+                members.remove(&self.key);
             }
         }
     }
 }
 
+/// Tells a connection that it is refused. A fresh socket has room in its send buffer, so this is
+/// immediate; the bound only guards the accept loop against a pathological peer.
+async fn refuse(mut stream: tokio::net::TcpStream, text: &str) {
+    let write = stream.write_all(text.as_bytes());
+    let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, write).await;
+}
+
 /// Accepts connections on `listener` and runs a [`session`] for each, at most
 /// `config.max_connections` at once and `config.max_connections_per_ip` from one client address
-/// (others get `421 4.7.0` and are closed). When `shutdown` turns
+/// (others get `421 4.7.0` and are closed). When every place is taken, a newcomer from an address
+/// holding fewer places than the busiest one gets the place of that address's oldest session not
+/// inside a transaction, which is told `421 4.7.0` and closed. When `shutdown` turns
 /// true (or its sender is dropped) it stops accepting; idle sessions get `421 4.3.2` at their next
 /// wait for a command, a message being received is finished; sessions still running after the
 /// grace period (`command_timeout`, at most 30 s) are aborted. Returns when all are done.
@@ -1288,42 +1425,56 @@ pub async fn serve<H: SmtpHandler>(
     );
     let per_address = Arc::new(PerAddress::default());
     let mut sessions = JoinSet::new();
-    let mut stop = Shutdown(Some(shutdown.clone()));
+    let mut stop = Shutdown::on(shutdown.clone());
     info!(local = ?listener.local_addr().ok(), "SMTP listener accepting connections");
     loop {
         tokio::select! {
             _ = stop.wait() => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match per_address
-                    .take(peer.ip(), config.max_connections_per_ip)
-                    .ok_or(&too_many_from_you)
-                    .and_then(|slot| {
-                        let permit = limit.clone().try_acquire_owned().map_err(|_| &too_many)?;
-                        Ok((slot, permit))
-                    }) {
-                    Ok((slot, permit)) => {
-                        let config = config.clone();
-                        let handler = handler.clone();
-                        let shutdown = Shutdown(Some(shutdown.clone()));
-                        sessions.spawn(async move {
-                            let result = run_session(stream, peer, &config, &*handler, shutdown).await;
-                            if let Err(e) = result {
-                                debug!(%peer, error = %e, "SMTP session ended with an error");
-                            }
-                            drop(permit);
-                            drop(slot);
-                        });
-                    }
-                    Err(refusal) => {
-                        debug!(%peer, "too many connections, refusing");
-                        // A fresh socket has room in its send buffer, so this is immediate; the
-                        // bound only guards the accept loop against a pathological peer.
-                        let mut stream = stream;
-                        let write = stream.write_all(refusal.as_bytes());
-                        let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, write).await;
-                    }
-                },
+                Ok((stream, peer)) => {
+                    let Some(slot) = per_address.take(peer.ip(), config.max_connections_per_ip)
+                    else {
+                        debug!(%peer, "too many connections from this address, refusing");
+                        refuse(stream, &too_many_from_you).await;
+                        continue;
+                    };
+                    let permit = match limit.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        // The place an idle session of a busier address gives up.
+                        Err(_) if per_address.make_room_for(&slot) => None,
+                        Err(_) => {
+                            debug!(%peer, "too many connections, refusing");
+                            refuse(stream, &too_many).await;
+                            continue;
+                        }
+                    };
+                    let config = config.clone();
+                    let handler = handler.clone();
+                    let limit = limit.clone();
+                    let too_many = too_many.clone();
+                    let mut shutdown = Shutdown::on(shutdown.clone());
+                    shutdown.room = Some(slot.member.clone());
+                    sessions.spawn(async move {
+                        let permit = match permit {
+                            Some(permit) => permit,
+                            None => match tokio::time::timeout(ROOM_WAIT, limit.acquire_owned()).await {
+                                Ok(Ok(permit)) => permit,
+                                _ => {
+                                    debug!(%peer, "no place was freed in time, refusing");
+                                    refuse(stream, &too_many).await;
+                                    return;
+                                }
+                            },
+                        };
+                        let result = run_session(stream, peer, &config, &*handler, shutdown).await;
+                        if let Err(e) = result {
+                            debug!(%peer, error = %e, "SMTP session ended with an error");
+                        }
+                        drop(permit);
+                        drop(slot);
+                    });
+                }
                 Err(e) => {
                     // E.g. out of file descriptors: do not spin.
                     warn!(error = %e, "SMTP accept failed");
@@ -2586,6 +2737,90 @@ mod tests {
             }
         }
         assert!(again.is_some(), "a place for 127.0.0.1 after QUIT");
+        stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn when_full_an_idle_session_of_the_busiest_address_makes_room_for_another_address() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = config();
+        config.max_connections = 3;
+        config.max_connections_per_ip = 3;
+        let handler = Arc::new(Recorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, config, handler.clone(), shutdown));
+
+        // 127.0.0.1 takes every place.
+        let mut ones = Vec::new();
+        for _ in 0..3 {
+            let mut c = connect_from("127.0.0.1", addr).await;
+            c.expect(220).await;
+            c.ehlo().await;
+            ones.push(c);
+        }
+        // A client from 127.0.0.2 gets in: 127.0.0.1's oldest idle session is closed for it.
+        let mut two = connect_from("127.0.0.2", addr).await;
+        two.expect(220).await;
+        assert_eq!(
+            ones[0].expect(421).await,
+            "4.7.0 reach.test too many connections from your address, closing this idle one"
+        );
+        ones[0].expect_closed().await;
+        ones[1].send("NOOP").await;
+        ones[1].expect(250).await;
+        // 127.0.0.1 cannot push 127.0.0.2 out: it already holds more.
+        let mut more = connect_from("127.0.0.1", addr).await;
+        assert_eq!(
+            more.expect(421).await,
+            "4.7.0 reach.test too many connections, try again later"
+        );
+        // A third address pushes 127.0.0.1 down to one place, like the others.
+        let mut three = connect_from("127.0.0.3", addr).await;
+        three.expect(220).await;
+        ones[1].expect(421).await;
+        // Now every address has one place: nobody is pushed out for a fourth.
+        let mut four = connect_from("127.0.0.4", addr).await;
+        four.expect(421).await;
+        for c in [&mut ones[2], &mut two, &mut three] {
+            c.send("NOOP").await;
+            c.expect(250).await;
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_inside_a_transaction_is_never_cut_to_make_room() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = config();
+        config.max_connections = 2;
+        config.max_connections_per_ip = 2;
+        let handler = Arc::new(Recorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, config, handler.clone(), shutdown));
+        let mut ones = Vec::new();
+        for _ in 0..2 {
+            let mut c = connect_from("127.0.0.1", addr).await;
+            c.expect(220).await;
+            c.ehlo().await;
+            c.send("MAIL FROM:<a@example.net>").await;
+            c.expect(250).await;
+            ones.push(c);
+        }
+        let mut two = connect_from("127.0.0.2", addr).await;
+        assert!(two.expect(421).await.starts_with("4.7.0 "));
+        for c in &mut ones {
+            c.send("RCPT TO:<r-abc@reply.test>").await;
+            c.expect(250).await;
+            c.send("DATA").await;
+            c.expect(354).await;
+            c.send_raw(b"kept\r\n.\r\n").await;
+            c.expect(250).await;
+        }
+        assert_eq!(handler.delivered().len(), 2);
         stop.send(true).unwrap();
         tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     }
