@@ -545,6 +545,8 @@ pub struct EmailConfig {
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
     /// `max_connections` (optional, default 100): simultaneous SMTP connections to the listener.
+    /// When all are taken, a client from an address holding fewer than the busiest address still
+    /// gets in: that address's oldest idle session is closed with `421 4.7.0`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// `connections` (optional, default 4, 1 to 64): emails handed to the relay at once, each on
@@ -566,6 +568,36 @@ pub struct EmailConfig {
     /// or SPF aligned with its From domain), checked with the system resolver.
     #[serde(default)]
     pub require_dmarc: bool,
+
+    // ---- the SMTP listener under abuse (docs/limits.md, "SMTP listener") ----
+    /// `max_connections_per_ip` (optional, default 10): simultaneous SMTP connections from one
+    /// client address (an IPv4 address, or an IPv6 /64 network); more get `421 4.7.0` and are
+    /// closed, while other addresses still get in. Above `max_connections` it changes nothing.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// `command_timeout_secs` (optional, default 300, RFC 5321 4.5.3.2.7): time to send one
+    /// whole command line, counted from the reply to the previous one; also the longest pause
+    /// inside the message data. Past it: `421 4.4.2` and the connection is closed.
+    #[serde(default = "default_command_timeout_secs")]
+    pub command_timeout_secs: u64,
+    /// `idle_timeout_secs` (optional, default 600): time a connection may stay open without
+    /// handing over a message (from the greeting, then from the end of the last message);
+    /// NOOP, RSET, HELP, VRFY, EHLO and envelope commands do not restart it. Past it: `421 4.4.2`.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// `transaction_timeout_secs` (optional, default 1800): time from MAIL to the end of the
+    /// message data. Past it: `421 4.4.2`. At least the data deadline (see the next two keys).
+    #[serde(default = "default_transaction_timeout_secs")]
+    pub transaction_timeout_secs: u64,
+    /// `data_timeout_secs` (optional, default 600, RFC 5321 4.5.3.2.6) and
+    /// `data_min_bytes_per_sec` (optional, default 16384): the message data must arrive within
+    /// `data_timeout_secs + max_message_bytes / data_min_bytes_per_sec` seconds after 354
+    /// (1240 s with the defaults). Past it: `421 4.4.2`, nothing is stored.
+    #[serde(default = "default_data_timeout_secs")]
+    pub data_timeout_secs: u64,
+    #[serde(default = "default_data_min_bytes_per_sec")]
+    pub data_min_bytes_per_sec: u64,
+
     /// The resolved relay password, filled in by validation.
     #[serde(skip)]
     resolved_relay_password: Option<Secret>,
@@ -589,8 +621,66 @@ fn default_digest_window_secs() -> u64 {
 fn default_alias_idle_days() -> u64 {
     30
 }
+fn default_max_connections_per_ip() -> usize {
+    10
+}
+fn default_command_timeout_secs() -> u64 {
+    300
+}
+fn default_idle_timeout_secs() -> u64 {
+    600
+}
+fn default_transaction_timeout_secs() -> u64 {
+    1800
+}
+fn default_data_timeout_secs() -> u64 {
+    600
+}
+fn default_data_min_bytes_per_sec() -> u64 {
+    16384
+}
 
 impl EmailConfig {
+    /// The SMTP listener's connection caps and deadlines.
+    fn validate_listener_limits(&self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        if self.max_connections_per_ip == 0 {
+            return Err(origin.invalid("email.max_connections_per_ip", "must be at least 1"));
+        }
+        const DAY: u64 = 86_400;
+        for (key, secs) in [
+            ("email.command_timeout_secs", self.command_timeout_secs),
+            ("email.idle_timeout_secs", self.idle_timeout_secs),
+            (
+                "email.transaction_timeout_secs",
+                self.transaction_timeout_secs,
+            ),
+            ("email.data_timeout_secs", self.data_timeout_secs),
+        ] {
+            if !(1..=DAY).contains(&secs) {
+                return Err(origin.invalid(key, "must be from 1 to 86400 seconds"));
+            }
+        }
+        if self.data_min_bytes_per_sec == 0 {
+            return Err(origin.invalid("email.data_min_bytes_per_sec", "must be at least 1"));
+        }
+        let data = self.smtp_data_deadline_secs();
+        if self.transaction_timeout_secs < data {
+            return Err(origin.invalid(
+                "email.transaction_timeout_secs",
+                format!(
+                    "must be at least the data deadline, data_timeout_secs + max_message_bytes / data_min_bytes_per_sec = {data} s, or a message of the maximum size sent at the minimum rate would be cut"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Seconds the message data may take after 354 (see `data_timeout_secs`).
+    pub fn smtp_data_deadline_secs(&self) -> u64 {
+        self.data_timeout_secs
+            .saturating_add(self.max_message_bytes as u64 / self.data_min_bytes_per_sec.max(1))
+    }
+
     fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
         let relay_ok = ["smtp://", "smtp+starttls://", "smtps://"]
             .iter()
@@ -638,6 +728,7 @@ impl EmailConfig {
         if self.alias_idle_days == 0 {
             return Err(origin.invalid("email.alias_idle_days", "must be at least 1"));
         }
+        self.validate_listener_limits(origin)?;
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 self.tls_cert = Some(origin.resolve(cert));
@@ -1605,6 +1696,58 @@ mod tests {
                 e.contains(&format!("limits.{key}: must be at least 1")),
                 "{key}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn smtp_listener_limits_have_defaults_and_are_checked() {
+        let example = parse(EXAMPLE).unwrap().email.unwrap();
+        let email_section = |extra: &str| {
+            format!(
+                "{}[email]\nrelay = \"smtp://127.0.0.1:25\"\nfrom_address = \"reach@reach.example.org\"\n\
+                 reply_domain = \"reach.example.org\"\nlisten = \"127.0.0.1:2525\"\n{extra}\n",
+                minimal("secret = \"s\"")
+            )
+        };
+        let defaults = parse(&email_section("")).unwrap().email.unwrap();
+        for email in [&example, &defaults] {
+            assert_eq!(email.max_connections_per_ip, 10);
+            assert_eq!(email.command_timeout_secs, 300);
+            assert_eq!(email.idle_timeout_secs, 600);
+            assert_eq!(email.transaction_timeout_secs, 1800);
+            assert_eq!(email.data_timeout_secs, 600);
+            assert_eq!(email.data_min_bytes_per_sec, 16384);
+            assert_eq!(
+                email.smtp_data_deadline_secs(),
+                600 + 10 * 1024 * 1024 / 16384
+            );
+        }
+        // A small global cap with the default per-address cap is fine (the smaller one counts).
+        parse(&email_section("max_connections = 3")).unwrap();
+        for (line, message) in [
+            (
+                "max_connections_per_ip = 0",
+                "email.max_connections_per_ip: must be at least 1",
+            ),
+            (
+                "command_timeout_secs = 0",
+                "email.command_timeout_secs: must be from 1 to 86400",
+            ),
+            (
+                "idle_timeout_secs = 90000",
+                "email.idle_timeout_secs: must be from 1 to 86400",
+            ),
+            (
+                "data_min_bytes_per_sec = 0",
+                "email.data_min_bytes_per_sec: must be at least 1",
+            ),
+            (
+                "transaction_timeout_secs = 1000",
+                "email.transaction_timeout_secs: must be at least the data deadline",
+            ),
+        ] {
+            let e = err(&email_section(line));
+            assert!(e.contains(message), "{line}: {e}");
         }
     }
 

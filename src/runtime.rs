@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, EmailConfig, SmsConfig};
-use crate::core::email::{EmailSettings, InboundMail, SmtpAnswer};
+use crate::core::email::{answer_for_recipients, EmailSettings, InboundMail, SmtpAnswer};
 use crate::core::sms::{SmsSettings, WebhookAnswer};
 use crate::core::{Action, Core, Event, Settings};
 use crate::delivery::{self, Courier, Failure, Pace};
@@ -605,8 +605,13 @@ async fn start_email(
         hostname: email.hostname().to_owned(),
         max_message_bytes: email.max_message_bytes,
         max_connections: email.max_connections,
+        max_connections_per_ip: email.max_connections_per_ip,
         max_recipients: 10,
-        command_timeout: Duration::from_secs(300),
+        command_timeout: Duration::from_secs(email.command_timeout_secs),
+        idle_timeout: Duration::from_secs(email.idle_timeout_secs),
+        transaction_timeout: Duration::from_secs(email.transaction_timeout_secs),
+        data_timeout: Duration::from_secs(email.data_timeout_secs),
+        data_min_bytes_per_second: email.data_min_bytes_per_sec,
         tls,
     };
     let authenticator = if email.require_dmarc {
@@ -870,7 +875,10 @@ impl ReplyHandler {
                 }
             }
         }
-        let mut last = reply_of(temporary_failure());
+        // Every recipient's copy goes through the core as its own event (its own conversation),
+        // all submitted at once so that they usually share one commit; the one reply to DATA is
+        // decided from all their answers (see `answer_for_recipients`).
+        let mut waiting = Vec::with_capacity(envelope.rcpt_to.len());
         for rcpt in &envelope.rcpt_to {
             let (tx, rx) = oneshot::channel();
             let mail = InboundMail {
@@ -878,24 +886,21 @@ impl ReplyHandler {
                 rcpt: rcpt.clone(),
                 reply: reply.clone(),
             };
-            if self
-                .inputs
-                .send(Input {
-                    event: Event::EmailReply(mail),
-                    answer: Some(Responder::Mail(tx)),
-                })
-                .await
-                .is_err()
-            {
+            let input = Input {
+                event: Event::EmailReply(mail),
+                answer: Some(Responder::Mail(tx)),
+            };
+            if self.inputs.send(input).await.is_err() {
+                // Shutting down: what was submitted may still be taken; a resend is de-duplicated.
                 return reply_of(temporary_failure());
             }
-            let answer = rx.await.unwrap_or_else(|_| temporary_failure());
-            if !answer.is_positive() {
-                return reply_of(answer);
-            }
-            last = reply_of(answer);
+            waiting.push((rcpt.clone(), rx));
         }
-        last
+        let mut answers = Vec::with_capacity(waiting.len());
+        for (rcpt, rx) in waiting {
+            answers.push((rcpt, rx.await.unwrap_or_else(|_| temporary_failure())));
+        }
+        reply_of(answer_for_recipients(&answers))
     }
 }
 

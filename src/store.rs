@@ -1984,9 +1984,22 @@ impl Store {
 
     // ---- inbound mail already taken (duplicate Message-IDs) ----
 
-    /// Records an inbound Message-ID; false if it was seen before.
-    pub fn first_sight_of_mail(&self, message_id: &str, now: u64) -> Result<bool> {
-        self.first_sight(message_id.as_bytes(), now)
+    /// Records that the mail with this Message-ID was taken for one recipient alias (given by its
+    /// token hash); false if that pair was seen before. One mail sent to two aliases is two
+    /// deliveries (one per conversation); the same mail resent to one alias is one.
+    ///
+    /// Key: `mail \0 HEX(alias hash) \0 Message-ID`. Ids recorded before the key named the alias
+    /// (the bare Message-ID) are not consulted: they age out like any other.
+    pub fn first_sight_of_mail(
+        &self,
+        message_id: &str,
+        alias_hash: &[u8; 32],
+        now: u64,
+    ) -> Result<bool> {
+        let mut id = key("mail", &data_encoding::HEXLOWER.encode(alias_hash));
+        id.push(0);
+        id.extend_from_slice(message_id.as_bytes());
+        self.first_sight(&id, now)
     }
 
     /// Records an id of something taken (a Message-ID, a provider's SMS id) with the time it was
@@ -2541,28 +2554,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = reopen(dir.path());
-            assert!(store.first_sight_of_mail("<a@x>", 100).unwrap());
+            assert!(store.first_sight_of_mail("<a@x>", &A1, 100).unwrap());
             assert!(store.first_sight_of_sms("k-1", 200).unwrap());
-            assert!(store.first_sight_of_mail("<b@x>", 300).unwrap());
+            assert!(store.first_sight_of_mail("<b@x>", &A1, 300).unwrap());
             // Seen again later: still a duplicate, and it keeps its first time.
-            assert!(!store.first_sight_of_mail("<a@x>", 250).unwrap());
+            assert!(!store.first_sight_of_mail("<a@x>", &A1, 250).unwrap());
             assert!(!store.first_sight_of_sms("k-1", 250).unwrap());
             // A Message-ID that looks like an SMS key is its own id.
-            assert!(store.first_sight_of_mail("sms", 300).unwrap());
+            assert!(store.first_sight_of_mail("sms", &A1, 300).unwrap());
             store.flush().unwrap();
         }
         let store = reopen(dir.path());
-        assert!(!store.first_sight_of_mail("<a@x>", 400).unwrap());
+        assert!(!store.first_sight_of_mail("<a@x>", &A1, 400).unwrap());
         assert_eq!(store.forget_seen_before(100).unwrap(), 0);
         assert_eq!(store.forget_seen_before(201).unwrap(), 2);
         assert_eq!(store.seen_ids(), 2);
         // Forgotten: taken again (and remembered from now on).
-        assert!(store.first_sight_of_mail("<a@x>", 500).unwrap());
-        assert!(!store.first_sight_of_mail("<b@x>", 500).unwrap());
+        assert!(store.first_sight_of_mail("<a@x>", &A1, 500).unwrap());
+        assert!(!store.first_sight_of_mail("<b@x>", &A1, 500).unwrap());
         assert_eq!(store.forget_seen_before(400).unwrap(), 2);
         assert_eq!(store.forget_seen_before(400).unwrap(), 0);
-        assert!(!store.first_sight_of_mail("<a@x>", 600).unwrap());
+        assert!(!store.first_sight_of_mail("<a@x>", &A1, 600).unwrap());
         assert!(store.first_sight_of_sms("k-1", 600).unwrap());
+    }
+
+    const A1: [u8; 32] = [1; 32];
+
+    #[test]
+    fn one_message_id_is_taken_once_per_recipient_alias() {
+        let store = Store::temporary().unwrap();
+        let a2 = [2u8; 32];
+        assert!(store.first_sight_of_mail("<m@x>", &A1, 100).unwrap());
+        assert!(store.first_sight_of_mail("<m@x>", &a2, 100).unwrap());
+        assert!(!store.first_sight_of_mail("<m@x>", &A1, 101).unwrap());
+        assert!(!store.first_sight_of_mail("<m@x>", &a2, 101).unwrap());
+        assert_eq!(store.seen_ids(), 2);
+        assert_eq!(store.forget_seen_before(101).unwrap(), 2);
     }
 
     #[test]
@@ -2579,8 +2606,10 @@ mod tests {
         }
         let store = reopen(dir.path());
         assert_eq!(store.forget_seen_before(500).unwrap(), 1);
-        assert!(store.first_sight_of_mail("<old@x>", 1100).unwrap());
-        assert!(!store.first_sight_of_mail("<new@x>", 1100).unwrap());
+        // The old one is forgotten, the new one still remembered until its own time.
+        assert_eq!(store.seen_ids(), 1);
+        assert_eq!(store.forget_seen_before(1001).unwrap(), 1);
+        assert_eq!(store.seen_ids(), 0);
     }
 
     #[test]

@@ -399,6 +399,60 @@ fn sender_may_use(purpose: &AliasPurpose, user: &User, sender: &str) -> bool {
     }
 }
 
+/// The one reply to DATA for a mail with several recipients, from each recipient's answer (in
+/// RCPT order). SMTP without LMTP answers DATA once for all recipients, so:
+/// - every recipient took it (or had it already): 250;
+/// - any recipient failed for now (4xx): that 4xx, so the client sends the whole mail again
+///   later; recipients that took it already answer "already delivered" to the resend (the
+///   Message-ID is remembered per alias) and are not given it twice;
+/// - some took it and the others refused it for good (5xx): the first 5xx, its text saying which
+///   recipients refused it and that the others have it. The sender's MTA turns that into a bounce
+///   for the user, which is the only way left to tell them (per-recipient refusals belong at
+///   RCPT, and the reasons found only in the message, like an empty reply, are known only now);
+/// - none took it: the first refusal, as it is.
+pub fn answer_for_recipients(answers: &[(String, SmtpAnswer)]) -> SmtpAnswer {
+    let taken = answers.iter().filter(|(_, a)| a.is_positive()).count();
+    if answers.len() == 1 || taken == answers.len() {
+        return match answers {
+            [(_, only)] => only.clone(),
+            _ => SmtpAnswer::accepted(format!("delivered to {taken} conversations")),
+        };
+    }
+    let refused = |failed: &dyn Fn(&SmtpAnswer) -> bool| -> Option<(SmtpAnswer, String)> {
+        let mut first = None;
+        let mut who = Vec::new();
+        for (rcpt, answer) in answers.iter().filter(|(_, a)| failed(a)) {
+            first.get_or_insert_with(|| answer.clone());
+            who.push(rcpt.as_str());
+        }
+        first.map(|f| (f, who.join(", ")))
+    };
+    if let Some((first, who)) = refused(&|a| (400..500).contains(&a.code)) {
+        return SmtpAnswer::new(
+            first.code,
+            first.enhanced,
+            format!(
+                "not taken for {who} for now ({}); send it again later: the recipients that took it will not get it twice",
+                first.text
+            ),
+        );
+    }
+    let Some((first, who)) = refused(&|a| !a.is_positive()) else {
+        return SmtpAnswer::accepted(format!("delivered to {taken} conversations"));
+    };
+    if taken == 0 {
+        return first;
+    }
+    SmtpAnswer::new(
+        first.code,
+        first.enhanced,
+        format!(
+            "refused for {who}: {}; delivered to the other {taken} recipient(s)",
+            first.text
+        ),
+    )
+}
+
 /// DATA: a read reply. Accepted (250) only once what it leads to is stored, which the caller
 /// guarantees by committing before it answers.
 pub(super) fn on_reply(
@@ -458,12 +512,23 @@ pub(super) fn on_reply(
             "this reply address takes mail from its owner's address only",
         ));
     }
+    // Checked before the Message-ID is recorded: a refused mail leaves nothing behind, so the
+    // same mail corrected and resent is taken.
+    if matches!(alias.purpose, AliasPurpose::Session { .. }) && mail.reply.text.trim().is_empty() {
+        return Ok(SmtpAnswer::new(
+            550,
+            "5.6.0",
+            "no reply text found above the quoted message",
+        ));
+    }
+    let hash = token_hash(&token);
+    // One mail to several aliases is one delivery per alias (per conversation); the same mail
+    // resent to an alias that already took it is accepted and not delivered again.
     if let Some(id) = &mail.reply.message_id {
-        if !store.first_sight_of_mail(id, now)? {
+        if !store.first_sight_of_mail(id, &hash, now)? {
             return Ok(SmtpAnswer::accepted("already delivered"));
         }
     }
-    let hash = token_hash(&token);
     store.put_alias(
         &hash,
         &Alias {
@@ -479,13 +544,6 @@ pub(super) fn on_reply(
         }
         AliasPurpose::Session { peer, .. } => {
             let text = mail.reply.text.trim();
-            if text.is_empty() {
-                return Ok(SmtpAnswer::new(
-                    550,
-                    "5.6.0",
-                    "no reply text found above the quoted message",
-                ));
-            }
             let mut session = store.touch_session(&user.jid, &peer, now)?;
             let mut message = chat(&core.reach_address(&user.handle), &peer, text);
             message.set_attr(
@@ -904,6 +962,110 @@ mod tests {
         t.advance(200);
         tick(&t);
         assert_eq!(t.store.seen_ids(), 0);
+    }
+
+    #[test]
+    fn one_mail_to_two_aliases_reaches_both_conversations_once_each() {
+        // Alice answers Bob's and Carol's emails with one mail (one To, one Cc): one Message-ID,
+        // two recipients. Each conversation gets its copy; a resend reaches neither again.
+        const CAROL: &str = "carol@example.net";
+        let t = Harness::new();
+        let bob_alias = forwarded_alias(&t);
+        t.run(&format!("<message type='chat' id='c1' from='{CAROL}/pc' to='alice@{D}'><body>hi from carol</body></message>"));
+        t.advance(31);
+        let carol_alias = tick(&t)[0].email.from_address.clone();
+        assert_ne!(bob_alias, carol_alias);
+        let mail = || reply(ALICE_MAIL, "See you both at noon", "both@mail");
+        for (alias, peer) in [(&bob_alias, BOB), (&carol_alias, CAROL)] {
+            let (a, stanzas) = answer(&t, ALICE_MAIL, alias, mail());
+            assert_eq!(a.code, 250, "{a:?}");
+            assert_eq!(stanzas.len(), 1, "{peer} gets the reply");
+            assert_eq!(stanzas[0].attr("to"), Some(peer));
+            assert_eq!(
+                child_text(&stanzas[0], "body").as_deref(),
+                Some("See you both at noon")
+            );
+        }
+        // The same mail resent (an MTA retrying after a lost 250): taken once per conversation.
+        for alias in [&bob_alias, &carol_alias] {
+            let (a, stanzas) = answer(&t, ALICE_MAIL, alias, mail());
+            assert_eq!(a.code, 250);
+            assert!(stanzas.is_empty(), "{stanzas:?}");
+        }
+        assert_eq!(t.store.seen_ids(), 2);
+    }
+
+    #[test]
+    fn one_answer_to_data_for_several_recipients() {
+        let ok = |t: &str| SmtpAnswer::accepted(t);
+        let later = SmtpAnswer::new(451, "4.3.0", "temporary failure, try again later");
+        let gone = SmtpAnswer::new(550, "5.1.1", "no such reply address here");
+        let r = |rcpt: &str, a: &SmtpAnswer| (rcpt.to_owned(), a.clone());
+        // One recipient: its own answer.
+        assert_eq!(answer_for_recipients(&[r("r-a@d", &gone)]), gone);
+        assert_eq!(
+            answer_for_recipients(&[r("r-a@d", &ok("delivered to bob"))]),
+            ok("delivered to bob")
+        );
+        // All took it (a resend counts as taken).
+        let all =
+            answer_for_recipients(&[r("r-a@d", &ok("x")), r("r-b@d", &ok("already delivered"))]);
+        assert_eq!(
+            (all.code, all.text.as_str()),
+            (250, "delivered to 2 conversations")
+        );
+        // A transient failure anywhere: try the whole mail again.
+        let again =
+            answer_for_recipients(&[r("r-a@d", &ok("x")), r("r-b@d", &gone), r("r-c@d", &later)]);
+        assert_eq!((again.code, again.enhanced), (451, "4.3.0"));
+        assert!(
+            again.text.contains("r-c@d") && !again.text.contains("r-a@d"),
+            "{}",
+            again.text
+        );
+        // Taken by some, refused for good by others: a 5xx naming the refused ones.
+        let part = answer_for_recipients(&[r("r-a@d", &ok("x")), r("r-b@d", &gone)]);
+        assert_eq!((part.code, part.enhanced), (550, "5.1.1"));
+        assert!(
+            part.text
+                .starts_with("refused for r-b@d: no such reply address here;"),
+            "{}",
+            part.text
+        );
+        assert!(
+            part.text.ends_with("delivered to the other 1 recipient(s)"),
+            "{}",
+            part.text
+        );
+        // Refused by all: the first refusal as it is.
+        let none = answer_for_recipients(&[
+            r("r-a@d", &gone),
+            r("r-b@d", &SmtpAnswer::new(550, "5.7.1", "x")),
+        ]);
+        assert_eq!(none, gone);
+    }
+
+    #[test]
+    fn a_reply_without_text_is_refused_and_the_corrected_resend_is_taken() {
+        let t = Harness::new();
+        let alias = forwarded_alias(&t);
+        let (a, stanzas) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply(ALICE_MAIL, "  ", "empty@mail"),
+        );
+        assert_eq!(a.code, 550);
+        assert!(stanzas.is_empty());
+        // Refused mail is not remembered: the same Message-ID with text is a new delivery.
+        let (a, stanzas) = answer(
+            &t,
+            ALICE_MAIL,
+            &alias,
+            reply(ALICE_MAIL, "oops, here", "empty@mail"),
+        );
+        assert_eq!(a.code, 250);
+        assert_eq!(stanzas.len(), 1);
     }
 
     #[test]

@@ -9,15 +9,18 @@
 //!
 //! Layout: the byte-level parts are sans-IO and tested with input split at every point
 //! ([`LineFramer`] for command lines, [`DataReceiver`] for the DATA phase, [`parse_command`] for
-//! one line); [`session`] drives one connection over any `AsyncRead + AsyncWrite`; [`serve`]
-//! accepts TCP connections under a connection cap until shutdown.
+//! one line); [`session`] drives one connection over any `AsyncRead + AsyncWrite`, under the
+//! deadlines of [`SmtpConfig`] (per command line, per transaction, for the message data, and
+//! an idle clock that only a received message restarts); [`serve`] accepts TCP connections under
+//! a global and a per-client-address cap until shutdown.
 //!
 //! Logging: connection events at `debug` with the peer address; message content never, envelope
 //! addresses never above `debug`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -40,6 +44,8 @@ const READ_CHUNK: usize = 16 * 1024;
 const SHUTDOWN_GRACE_MAX: Duration = Duration::from_secs(30);
 /// How long [`serve`] may spend telling a connection over the cap that it is refused.
 const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a newcomer waits for the place an idle session was asked to give up.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
 /// Longest path (address with angle brackets), RFC 5321 4.5.3.1.3.
 const MAX_PATH: usize = 256;
 
@@ -175,6 +181,10 @@ pub trait SmtpHandler: Send + Sync + 'static {
 }
 
 /// Listener settings.
+///
+/// The deadlines bound how long a client can hold one of the `max_connections` places without
+/// handing over mail: a client that trickles bytes, or keeps a session open with NOOP, RSET,
+/// HELP or VRFY, is answered `421 4.4.2` and disconnected when the first deadline passes.
 #[derive(Clone)]
 pub struct SmtpConfig {
     /// Name in the greeting and the EHLO reply.
@@ -182,15 +192,42 @@ pub struct SmtpConfig {
     /// Advertised as `SIZE n`; bigger messages get 552 5.3.4 (at `MAIL FROM ... SIZE=` and while
     /// receiving DATA).
     pub max_message_bytes: usize,
-    /// Connections beyond this get `421 4.7.0` and are closed (at least 1 is allowed).
+    /// Connections beyond this get `421 4.7.0` and are closed (at least 1 is allowed), unless an
+    /// idle session of an address holding more places makes room (see [`serve`]).
     pub max_connections: usize,
+    /// Connections from one client address (IPv4 address, or IPv6 /64 network) beyond this get
+    /// `421 4.7.0` and are closed, while other addresses still get in (at least 1 is allowed).
+    pub max_connections_per_ip: usize,
     /// Recipients per transaction; more get 452 4.5.3.
     pub max_recipients: usize,
-    /// How long the listener waits for the client (each read and write); then 421 4.4.2 and close.
-    /// Also bounds the TLS handshake and, capped at 30 s, the shutdown grace of [`serve`].
+    /// Time to receive one whole command line, counted from the reply to the previous one (so a
+    /// client sending a byte now and then gains nothing). Also bounds each write, each read
+    /// inside DATA, the TLS handshake and, capped at 30 s, the shutdown grace of [`serve`].
     pub command_timeout: Duration,
+    /// Time without a message received (counted from the greeting, then from the end of the last
+    /// message's data, whatever its reply). Commands that do not hand over mail (NOOP, RSET,
+    /// HELP, VRFY, EHLO, refused or accepted envelope commands) do not restart it; STARTTLS does
+    /// not either. Not applied while the message data is being received.
+    pub idle_timeout: Duration,
+    /// Time from MAIL to the end of the message data.
+    pub transaction_timeout: Duration,
+    /// Time to receive the message data after 354, at least: the whole data must arrive within
+    /// this plus `max_message_bytes / data_min_bytes_per_second` ([`SmtpConfig::data_deadline`]).
+    pub data_timeout: Duration,
+    /// The slowest transfer of the message data allowed for a message of the maximum size.
+    pub data_min_bytes_per_second: u64,
     /// Some: advertise and accept STARTTLS.
     pub tls: Option<Arc<ServerConfig>>,
+}
+
+impl SmtpConfig {
+    /// How long the message data may take after 354: `data_timeout` plus the time a message of
+    /// `max_message_bytes` takes at `data_min_bytes_per_second`.
+    pub fn data_deadline(&self) -> Duration {
+        let rate = self.data_min_bytes_per_second.max(1);
+        self.data_timeout
+            .saturating_add(Duration::from_secs(self.max_message_bytes as u64 / rate))
+    }
 }
 
 /// Errors of the listener.
@@ -625,17 +662,65 @@ fn is_valid_mailbox(address: &str) -> bool {
 // The session
 // ---------------------------------------------------------------------------------------------
 
-/// Waits for the shutdown signal: the value turning true, or the sender being dropped.
-struct Shutdown(Option<watch::Receiver<bool>>);
+/// What ends a session from outside while it waits for a command: the shutdown signal (the
+/// value turning true, or the sender being dropped), or [`serve`] asking this idle session to
+/// make room for a client from a less-served address.
+struct Shutdown {
+    stop: Option<watch::Receiver<bool>>,
+    room: Option<Arc<Member>>,
+}
+
+/// Why a session is ended from outside.
+enum Ended {
+    Shutdown,
+    MakeRoom,
+}
 
 impl Shutdown {
+    fn never() -> Shutdown {
+        Shutdown {
+            stop: None,
+            room: None,
+        }
+    }
+
+    fn on(stop: watch::Receiver<bool>) -> Shutdown {
+        Shutdown {
+            stop: Some(stop),
+            room: None,
+        }
+    }
+
     async fn wait(&mut self) {
-        match &mut self.0 {
+        match &mut self.stop {
             Some(rx) => {
                 // Err: the sender is gone, which also means shutdown.
                 let _ = rx.wait_for(|stop| *stop).await;
             }
             None => std::future::pending().await,
+        }
+    }
+
+    async fn wait_either(&mut self) -> Ended {
+        let room = self.room.clone();
+        let make_room = async {
+            match room {
+                Some(member) => member.make_room.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.wait() => Ended::Shutdown,
+            _ = make_room => Ended::MakeRoom,
+        }
+    }
+
+    /// Tells [`serve`] whether this session is inside a transaction (never cut to make room).
+    fn set_busy(&self, busy: bool) {
+        if let Some(member) = &self.room {
+            member
+                .busy
+                .store(busy, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -663,11 +748,48 @@ enum Input {
     Eof,
     Timeout,
     Shutdown,
+    MakeRoom,
+}
+
+/// Which deadline passed; says so in the 421.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    Command,
+    Idle,
+    Transaction,
+    Data,
+    /// Inside DATA, no byte for `command_timeout`.
+    DataStalled,
+}
+
+impl Deadline {
+    fn reply(self, host: &str) -> Reply {
+        let what = match self {
+            Deadline::Command => "timeout waiting for a complete command",
+            Deadline::Idle => "idle too long without sending a message",
+            Deadline::Transaction => "transaction took too long",
+            Deadline::Data => "message data took too long",
+            Deadline::DataStalled => "no message data received for too long",
+        };
+        Reply::new(421, "4.4.2", format!("{host} {what}, closing connection"))
+    }
+}
+
+/// The earliest of the deadlines given.
+fn earliest(deadlines: &[Option<(Instant, Deadline)>]) -> (Instant, Deadline) {
+    deadlines
+        .iter()
+        .flatten()
+        .copied()
+        .min_by_key(|(at, _)| *at)
+        .unwrap_or_else(|| (Instant::now(), Deadline::Command))
 }
 
 struct Transaction {
     mail_from: String,
     rcpt_to: Vec<String>,
+    /// When MAIL was accepted: the transaction deadline counts from here.
+    started: Instant,
 }
 
 /// One session's state between (and, after STARTTLS, anew) command loops.
@@ -679,6 +801,9 @@ struct Session<'a, H> {
     helo: Option<String>,
     transaction: Option<Transaction>,
     errors: u32,
+    /// When the idle clock started (the greeting, or the end of the last message's data). Kept
+    /// across STARTTLS.
+    idle_since: Instant,
 }
 
 /// Runs one SMTP session over `io` until QUIT, the client closing, a timeout or an I/O error.
@@ -693,7 +818,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
     H: SmtpHandler,
 {
-    run_session(io, peer, config, handler, Shutdown(None)).await
+    run_session(io, peer, config, handler, Shutdown::never()).await
 }
 
 async fn run_session<IO, H>(
@@ -712,8 +837,8 @@ where
     Reply::new(220, "", format!("{} ESMTP Reach", config.hostname)).render(&mut out);
     write_out(&mut io, &mut out, config.command_timeout).await?;
 
-    let plain = Session::new(peer, config, handler, false);
-    let next = plain.run(&mut io, &mut shutdown).await?;
+    let plain = Session::new(peer, config, handler, false, Instant::now());
+    let (next, idle_since) = plain.run(&mut io, &mut shutdown).await?;
     let (Next::StartTls, Some(tls)) = (next, config.tls.clone()) else {
         let _ = io.shutdown().await;
         debug!(%peer, "SMTP session closed");
@@ -733,7 +858,7 @@ where
     };
     debug!(%peer, "TLS established");
     // RFC 3207 4.2: the session starts over; nothing learnt before the handshake is kept.
-    let secure = Session::new(peer, config, handler, true);
+    let secure = Session::new(peer, config, handler, true, idle_since);
     secure.run(&mut io, &mut shutdown).await?;
     let _ = io.shutdown().await;
     debug!(%peer, "SMTP session closed");
@@ -762,7 +887,13 @@ async fn write_out<S: AsyncWrite + Unpin>(
 }
 
 impl<'a, H: SmtpHandler> Session<'a, H> {
-    fn new(peer: SocketAddr, config: &'a SmtpConfig, handler: &'a H, tls_active: bool) -> Self {
+    fn new(
+        peer: SocketAddr,
+        config: &'a SmtpConfig,
+        handler: &'a H,
+        tls_active: bool,
+        idle_since: Instant,
+    ) -> Self {
         Session {
             peer,
             config,
@@ -771,12 +902,41 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
             helo: None,
             transaction: None,
             errors: 0,
+            idle_since,
         }
     }
 
+    /// The deadlines while waiting for a command whose wait began at `command_started`.
+    fn command_deadline(&self, command_started: Instant) -> (Instant, Deadline) {
+        let config = self.config;
+        earliest(&[
+            Some((command_started + config.command_timeout, Deadline::Command)),
+            Some((self.idle_since + config.idle_timeout, Deadline::Idle)),
+            self.transaction.as_ref().map(|t| {
+                (
+                    t.started + config.transaction_timeout,
+                    Deadline::Transaction,
+                )
+            }),
+        ])
+    }
+
     /// The command loop. Replies are collected and written when more input is needed, so a
-    /// pipelined batch is answered in order and in one write (RFC 2920).
-    async fn run<S>(mut self, io: &mut S, shutdown: &mut Shutdown) -> Result<Next, SmtpError>
+    /// pipelined batch is answered in order and in one write (RFC 2920). Returns what to do next
+    /// and when the idle clock started (for the session after STARTTLS).
+    async fn run<S>(
+        mut self,
+        io: &mut S,
+        shutdown: &mut Shutdown,
+    ) -> Result<(Next, Instant), SmtpError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let next = self.commands(io, shutdown).await?;
+        Ok((next, self.idle_since))
+    }
+
+    async fn commands<S>(&mut self, io: &mut S, shutdown: &mut Shutdown) -> Result<Next, SmtpError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -785,6 +945,8 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
         let mut inbuf: Vec<u8> = Vec::new();
         let mut out: Vec<u8> = Vec::new();
         let mut framer = LineFramer::default();
+        // The wait for the next command line starts when the previous one has been handled.
+        let mut command_started = Instant::now();
         loop {
             while let Some(line) = framer.next_line(&mut inbuf) {
                 let action = match line {
@@ -809,8 +971,19 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                         return Ok(Next::StartTls);
                     }
                     Action::Data => {
+                        shutdown.set_busy(true);
                         Reply::new(354, "", "end data with <CR><LF>.<CR><LF>").render(&mut out);
                         let mut receiver = DataReceiver::new(self.config.max_message_bytes);
+                        // The whole data within its deadline and the transaction's; each read
+                        // within the command timeout. The idle clock does not run meanwhile.
+                        let data_deadline =
+                            (Instant::now() + self.config.data_deadline(), Deadline::Data);
+                        let transaction_deadline = self.transaction.as_ref().map(|t| {
+                            (
+                                t.started + self.config.transaction_timeout,
+                                Deadline::Transaction,
+                            )
+                        });
                         loop {
                             let (used, done) = receiver.feed(&inbuf);
                             inbuf.drain(..used);
@@ -818,23 +991,30 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                                 break;
                             }
                             write_out(io, &mut out, timeout).await?;
-                            match read_more(io, &mut inbuf, timeout, None).await? {
+                            let (at, which) = earliest(&[
+                                Some(data_deadline),
+                                transaction_deadline,
+                                Some((Instant::now() + timeout, Deadline::DataStalled)),
+                            ]);
+                            match read_more(io, &mut inbuf, at, None).await? {
                                 Input::Some => {}
                                 Input::Eof => {
                                     debug!(%peer, "connection closed during DATA");
                                     return Ok(Next::Close);
                                 }
-                                Input::Timeout | Input::Shutdown => {
-                                    debug!(%peer, "timeout during DATA");
-                                    self.timeout_reply().render(&mut out);
+                                Input::Timeout | Input::Shutdown | Input::MakeRoom => {
+                                    debug!(%peer, deadline = ?which, "timeout during DATA");
+                                    which.reply(&self.config.hostname).render(&mut out);
                                     write_out(io, &mut out, timeout).await?;
                                     return Ok(Next::Close);
                                 }
                             }
                         }
                         self.finish_data(receiver).await.render(&mut out);
+                        self.idle_since = Instant::now();
                     }
                 }
+                command_started = Instant::now();
                 if self.errors >= MAX_PROTOCOL_ERRORS {
                     debug!(%peer, "too many protocol errors");
                     let host = &self.config.hostname;
@@ -849,15 +1029,17 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                 }
             }
             write_out(io, &mut out, timeout).await?;
-            match read_more(io, &mut inbuf, timeout, Some(shutdown)).await? {
+            let (at, which) = self.command_deadline(command_started);
+            shutdown.set_busy(self.transaction.is_some());
+            match read_more(io, &mut inbuf, at, Some(shutdown)).await? {
                 Input::Some => {}
                 Input::Eof => {
                     debug!(%peer, "client closed the connection");
                     return Ok(Next::Close);
                 }
                 Input::Timeout => {
-                    debug!(%peer, "command timeout");
-                    self.timeout_reply().render(&mut out);
+                    debug!(%peer, deadline = ?which, "SMTP deadline passed");
+                    which.reply(&self.config.hostname).render(&mut out);
                     write_out(io, &mut out, timeout).await?;
                     return Ok(Next::Close);
                 }
@@ -873,13 +1055,24 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                     write_out(io, &mut out, timeout).await?;
                     return Ok(Next::Close);
                 }
+                // Only an idle session is cut to make room; one in a transaction goes on.
+                Input::MakeRoom if self.transaction.is_some() => {}
+                Input::MakeRoom => {
+                    debug!(%peer, "closing an idle session to make room for another address");
+                    let host = &self.config.hostname;
+                    Reply::new(
+                        421,
+                        "4.7.0",
+                        format!(
+                            "{host} too many connections from your address, closing this idle one"
+                        ),
+                    )
+                    .render(&mut out);
+                    write_out(io, &mut out, timeout).await?;
+                    return Ok(Next::Close);
+                }
             }
         }
-    }
-
-    fn timeout_reply(&self) -> Reply {
-        let host = &self.config.hostname;
-        Reply::new(421, "4.4.2", format!("{host} timeout, closing connection"))
     }
 
     fn envelope(&self) -> Envelope {
@@ -955,6 +1148,7 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
                     self.transaction = Some(Transaction {
                         mail_from: from,
                         rcpt_to: Vec::new(),
+                        started: Instant::now(),
                     });
                     Reply::new(250, "2.1.0", "sender ok")
                 }
@@ -1052,19 +1246,23 @@ impl<'a, H: SmtpHandler> Session<'a, H> {
     }
 }
 
-/// Reads what is available into `buf`, waiting at most `limit` (and, if given, until shutdown).
+/// Reads what is available into `buf`, waiting until `deadline` at most (and, if given, until
+/// shutdown).
 async fn read_more<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut Vec<u8>,
-    limit: Duration,
+    deadline: Instant,
     shutdown: Option<&mut Shutdown>,
 ) -> Result<Input, SmtpError> {
     let mut chunk = [0u8; READ_CHUNK];
-    let read = tokio::time::timeout(limit, io.read(&mut chunk));
+    let read = tokio::time::timeout_at(deadline, io.read(&mut chunk));
     let result = match shutdown {
         Some(shutdown) => tokio::select! {
             result = read => result,
-            _ = shutdown.wait() => return Ok(Input::Shutdown),
+            ended = shutdown.wait_either() => return Ok(match ended {
+                Ended::Shutdown => Input::Shutdown,
+                Ended::MakeRoom => Input::MakeRoom,
+            }),
         },
         None => read.await,
     };
@@ -1083,8 +1281,128 @@ async fn read_more<S: AsyncRead + Unpin>(
 // The listener
 // ---------------------------------------------------------------------------------------------
 
+/// The client address a per-address connection count is kept for: an IPv4 address (also when
+/// written as IPv4-mapped IPv6), or the /64 network of an IPv6 address (one site or one
+/// customer's line usually has a whole /64, so counting single IPv6 addresses would cap nothing).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let network = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(network))
+            }
+        },
+    }
+}
+
+/// One running session as [`serve`] sees it, to pick one that may make room.
+struct Member {
+    started: Instant,
+    /// Inside a transaction (MAIL to the end of the data): never asked to make room.
+    busy: std::sync::atomic::AtomicBool,
+    /// Already asked to make room.
+    asked: std::sync::atomic::AtomicBool,
+    make_room: tokio::sync::Notify,
+}
+
+/// Running sessions per client address ([`client_key`]).
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<HashMap<IpAddr, Vec<Arc<Member>>>>);
+
+/// One connection counted for an address; uncounted when dropped.
+struct AddressSlot {
+    counts: Arc<PerAddress>,
+    key: IpAddr,
+    member: Arc<Member>,
+}
+
+impl PerAddress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Vec<Arc<Member>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `ip`, or None if that address has `cap` connections already.
+    fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<AddressSlot> {
+        let key = client_key(ip);
+        let mut members = self.lock();
+        let list = members.entry(key).or_default();
+        if list.len() >= cap.max(1) {
+            return None;
+        }
+        let member = Arc::new(Member {
+            started: Instant::now(),
+            busy: false.into(),
+            asked: false.into(),
+            make_room: tokio::sync::Notify::new(),
+        });
+        list.push(member.clone());
+        Some(AddressSlot {
+            counts: self.clone(),
+            key,
+            member,
+        })
+    }
+
+    /// When every place is taken: asks the oldest idle session of the address holding the most
+    /// places to close, if that address holds more than the newcomer's (whose slot is already
+    /// counted). Max-min fairness: an address can be pushed down to the newcomer's share, never
+    /// below, so a few addresses can no longer hold every place. True if a session was asked.
+    fn make_room_for(&self, newcomer: &AddressSlot) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let members = self.lock();
+        let ours = members.get(&newcomer.key).map_or(0, Vec::len);
+        let Some((_, most)) = members
+            .iter()
+            .filter(|(key, _)| **key != newcomer.key)
+            .max_by_key(|(_, list)| list.iter().filter(|m| !m.asked.load(Relaxed)).count())
+        else {
+            return false;
+        };
+        let remaining = most.iter().filter(|m| !m.asked.load(Relaxed)).count();
+        if remaining <= ours {
+            return false;
+        }
+        let victim = most
+            .iter()
+            .filter(|m| !m.asked.load(Relaxed) && !m.busy.load(Relaxed))
+            .min_by_key(|m| m.started);
+        match victim {
+            Some(victim) => {
+                victim.asked.store(true, Relaxed);
+                victim.make_room.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut members = self.counts.lock();
+        if let Some(list) = members.get_mut(&self.key) {
+            list.retain(|m| !Arc::ptr_eq(m, &self.member));
+            if list.is_empty() {
+                members.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Tells a connection that it is refused. A fresh socket has room in its send buffer, so this is
+/// immediate; the bound only guards the accept loop against a pathological peer.
+async fn refuse(mut stream: tokio::net::TcpStream, text: &str) {
+    let write = stream.write_all(text.as_bytes());
+    let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, write).await;
+}
+
 /// Accepts connections on `listener` and runs a [`session`] for each, at most
-/// `config.max_connections` at once (others get `421 4.7.0` and are closed). When `shutdown` turns
+/// `config.max_connections` at once and `config.max_connections_per_ip` from one client address
+/// (others get `421 4.7.0` and are closed). When every place is taken, a newcomer from an address
+/// holding fewer places than the busiest one gets the place of that address's oldest session not
+/// inside a transaction, which is told `421 4.7.0` and closed. When `shutdown` turns
 /// true (or its sender is dropped) it stops accepting; idle sessions get `421 4.3.2` at their next
 /// wait for a command, a message being received is finished; sessions still running after the
 /// grace period (`command_timeout`, at most 30 s) are aborted. Returns when all are done.
@@ -1101,36 +1419,62 @@ pub async fn serve<H: SmtpHandler>(
         "421 4.7.0 {} too many connections, try again later\r\n",
         config.hostname
     );
+    let too_many_from_you = format!(
+        "421 4.7.0 {} too many connections from your address, try again later\r\n",
+        config.hostname
+    );
+    let per_address = Arc::new(PerAddress::default());
     let mut sessions = JoinSet::new();
-    let mut stop = Shutdown(Some(shutdown.clone()));
+    let mut stop = Shutdown::on(shutdown.clone());
     info!(local = ?listener.local_addr().ok(), "SMTP listener accepting connections");
     loop {
         tokio::select! {
             _ = stop.wait() => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let config = config.clone();
-                        let handler = handler.clone();
-                        let shutdown = Shutdown(Some(shutdown.clone()));
-                        sessions.spawn(async move {
-                            let result = run_session(stream, peer, &config, &*handler, shutdown).await;
-                            if let Err(e) = result {
-                                debug!(%peer, error = %e, "SMTP session ended with an error");
-                            }
-                            drop(permit);
-                        });
-                    }
-                    Err(_) => {
-                        debug!(%peer, "too many connections, refusing");
-                        // A fresh socket has room in its send buffer, so this is immediate; the
-                        // bound only guards the accept loop against a pathological peer.
-                        let mut stream = stream;
-                        let write = stream.write_all(too_many.as_bytes());
-                        let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, write).await;
-                    }
-                },
+                Ok((stream, peer)) => {
+                    let Some(slot) = per_address.take(peer.ip(), config.max_connections_per_ip)
+                    else {
+                        debug!(%peer, "too many connections from this address, refusing");
+                        refuse(stream, &too_many_from_you).await;
+                        continue;
+                    };
+                    let permit = match limit.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        // The place an idle session of a busier address gives up.
+                        Err(_) if per_address.make_room_for(&slot) => None,
+                        Err(_) => {
+                            debug!(%peer, "too many connections, refusing");
+                            refuse(stream, &too_many).await;
+                            continue;
+                        }
+                    };
+                    let config = config.clone();
+                    let handler = handler.clone();
+                    let limit = limit.clone();
+                    let too_many = too_many.clone();
+                    let mut shutdown = Shutdown::on(shutdown.clone());
+                    shutdown.room = Some(slot.member.clone());
+                    sessions.spawn(async move {
+                        let permit = match permit {
+                            Some(permit) => permit,
+                            None => match tokio::time::timeout(ROOM_WAIT, limit.acquire_owned()).await {
+                                Ok(Ok(permit)) => permit,
+                                _ => {
+                                    debug!(%peer, "no place was freed in time, refusing");
+                                    refuse(stream, &too_many).await;
+                                    return;
+                                }
+                            },
+                        };
+                        let result = run_session(stream, peer, &config, &*handler, shutdown).await;
+                        if let Err(e) = result {
+                            debug!(%peer, error = %e, "SMTP session ended with an error");
+                        }
+                        drop(permit);
+                        drop(slot);
+                    });
+                }
                 Err(e) => {
                     // E.g. out of file descriptors: do not spin.
                     warn!(error = %e, "SMTP accept failed");
@@ -1173,8 +1517,13 @@ mod tests {
             hostname: "reach.test".to_string(),
             max_message_bytes: 1000,
             max_connections: 4,
+            max_connections_per_ip: 4,
             max_recipients: 3,
             command_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            transaction_timeout: Duration::from_secs(60),
+            data_timeout: Duration::from_secs(5),
+            data_min_bytes_per_second: 1000,
             tls: None,
         }
     }
@@ -1219,6 +1568,8 @@ mod tests {
         io: BufReader<S>,
         task: JoinHandle<Result<(), SmtpError>>,
         handler: Arc<Recorder>,
+        /// How long a reply may take to come (longer in tests on a paused clock).
+        wait: Duration,
     }
 
     impl TestSession {
@@ -1237,6 +1588,7 @@ mod tests {
                 io: BufReader::new(client),
                 task,
                 handler,
+                wait: WAIT,
             };
             let greeting = s.expect(220).await;
             assert!(greeting.contains("reach.test"), "{greeting}");
@@ -1260,7 +1612,7 @@ mod tests {
             let mut text = Vec::new();
             loop {
                 let mut line = String::new();
-                let n = tokio::time::timeout(WAIT, self.io.read_line(&mut line))
+                let n = tokio::time::timeout(self.wait, self.io.read_line(&mut line))
                     .await
                     .expect("no reply in time")
                     .unwrap();
@@ -1967,6 +2319,230 @@ mod tests {
         assert!(s.handler.delivered().is_empty());
     }
 
+    // ---- deadlines, on a paused clock -----------------------------------------------------------
+
+    /// A session on a paused clock (time jumps ahead whenever every task waits) with short
+    /// deadlines: command 10 s, idle 30 s, transaction 60 s, data 5 s + 1000 B at 1000 B/s.
+    async fn paused_session(change: impl FnOnce(&mut SmtpConfig)) -> TestSession {
+        let mut config = config();
+        config.command_timeout = Duration::from_secs(10);
+        config.idle_timeout = Duration::from_secs(30);
+        config.transaction_timeout = Duration::from_secs(60);
+        config.data_timeout = Duration::from_secs(5);
+        config.data_min_bytes_per_second = 1000;
+        change(&mut config);
+        let mut s = TestSession::start_with(config).await;
+        s.wait = Duration::from_secs(3600);
+        s
+    }
+
+    impl TestSession {
+        /// Writes, ignoring a closed connection (the server may have hung up already).
+        async fn send_lossy(&mut self, bytes: &[u8]) {
+            let _ = self.io.get_mut().write_all(bytes).await;
+            let _ = self.io.get_mut().flush().await;
+        }
+
+        /// Sends `bytes` one per second until the server says something; returns the reply and
+        /// how many bytes were sent.
+        async fn trickle(&mut self, bytes: &[u8]) -> ((u16, String), usize) {
+            for (i, byte) in bytes.iter().enumerate() {
+                self.send_lossy(&[*byte]).await;
+                // fill_buf is cancel-safe: a reply arriving at the end of the second stays buffered.
+                if self.hears_within(Duration::from_secs(1)).await {
+                    return (self.reply().await.expect("a reply"), i + 1);
+                }
+            }
+            panic!(
+                "the server never answered {} bytes sent one per second",
+                bytes.len()
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_line_trickled_byte_by_byte_gets_421_at_the_command_deadline() {
+        let mut s = paused_session(|_| {}).await;
+        s.ehlo().await;
+        let start = Instant::now();
+        let line = format!("NOOP {}\r\n", "x".repeat(100));
+        let ((code, text), sent) = s.trickle(line.as_bytes()).await;
+        assert_eq!(code, 421, "{text}");
+        assert_eq!(
+            text,
+            "4.4.2 reach.test timeout waiting for a complete command, closing connection"
+        );
+        // Every read brought a byte, yet the 10 s for the whole line ran out.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "{waited:?}"
+        );
+        assert!(sent <= 11, "{sent}");
+        s.expect_closed().await;
+    }
+
+    impl TestSession {
+        /// Waits up to `limit` for the server to say something; true if it did.
+        async fn hears_within(&mut self, limit: Duration) -> bool {
+            let heard = tokio::time::timeout(limit, self.io.fill_buf()).await;
+            matches!(heard, Ok(Ok(buf)) if !buf.is_empty())
+        }
+
+        /// Sends `commands` in turn, one every 7 s, each answered 2xx, until the server says
+        /// something unasked or `until` (from `start`) is reached. Returns how many were answered
+        /// and the unasked reply, if any.
+        async fn keep_busy(
+            &mut self,
+            commands: &[&str],
+            start: Instant,
+            until: Duration,
+        ) -> (usize, Option<(u16, String)>) {
+            let mut answered = 0;
+            while start.elapsed() < until {
+                let command = commands[answered % commands.len()];
+                self.send_lossy(format!("{command}\r\n").as_bytes()).await;
+                match self.reply().await {
+                    Some((421, text)) => return (answered, Some((421, text))),
+                    Some((code, text)) => assert!((200..300).contains(&code), "{code} {text}"),
+                    None => panic!("closed without 421"),
+                }
+                answered += 1;
+                if self.hears_within(Duration::from_secs(7)).await {
+                    return (answered, self.reply().await);
+                }
+            }
+            (answered, None)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn noop_rset_help_vrfy_do_not_keep_an_idle_session_open() {
+        let mut s = paused_session(|_| {}).await;
+        let start = Instant::now();
+        s.ehlo().await;
+        let commands = ["NOOP", "RSET", "HELP", "VRFY x", "EHLO again.test"];
+        let (answered, said) = s
+            .keep_busy(&commands, start, Duration::from_secs(3600))
+            .await;
+        let (code, text) = said.expect("421 before the hour is up");
+        assert_eq!(code, 421);
+        assert_eq!(
+            text,
+            "4.4.2 reach.test idle too long without sending a message, closing connection"
+        );
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "{waited:?}"
+        );
+        assert_eq!(answered, 5, "commands at 0, 7, 14, 21, 28 s were answered");
+        s.expect_closed().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_restarts_the_idle_clock() {
+        let mut s = paused_session(|_| {}).await;
+        let start = Instant::now();
+        s.ehlo().await;
+        let (_, said) = s.keep_busy(&["NOOP"], start, Duration::from_secs(25)).await;
+        assert!(said.is_none(), "{said:?}");
+        assert_eq!(
+            s.transaction("a@example.net", "r-abc@reply.test", "x\r\n")
+                .await,
+            250
+        );
+        let sent = start.elapsed();
+        let (answered, said) = s
+            .keep_busy(&["NOOP"], start, Duration::from_secs(3600))
+            .await;
+        assert!(said.expect("421").1.contains("idle"));
+        // 30 s after the message, not after the greeting.
+        let waited = start.elapsed() - sent;
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "{waited:?}"
+        );
+        assert_eq!(answered, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_dragged_out_gets_421_at_the_transaction_deadline() {
+        let mut s = paused_session(|c| c.idle_timeout = Duration::from_secs(600)).await;
+        s.ehlo().await;
+        s.send("MAIL FROM:<a@example.net>").await;
+        s.expect(250).await;
+        let start = Instant::now();
+        let (_, said) = s
+            .keep_busy(
+                &["RCPT TO:<r-abc@reply.test>", "NOOP"],
+                start,
+                Duration::from_secs(3600),
+            )
+            .await;
+        assert_eq!(
+            said.expect("421").1,
+            "4.4.2 reach.test transaction took too long, closing connection"
+        );
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(61),
+            "{waited:?}"
+        );
+        assert!(s.handler.delivered().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn message_data_slower_than_the_minimum_rate_gets_421_and_stores_nothing() {
+        // 1000 bytes allowed at 1000 B/s after a 5 s floor: the data must be in within 6 s.
+        let mut s = paused_session(|_| {}).await;
+        s.ehlo().await;
+        s.send("MAIL FROM:<a@example.net>").await;
+        s.expect(250).await;
+        s.send("RCPT TO:<r-abc@reply.test>").await;
+        s.expect(250).await;
+        s.send("DATA").await;
+        s.expect(354).await;
+        let start = Instant::now();
+        let ((code, text), _) = s.trickle(&[b'x'; 100]).await;
+        assert_eq!(
+            (code, text.as_str()),
+            (
+                421,
+                "4.4.2 reach.test message data took too long, closing connection"
+            )
+        );
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(6) && waited < Duration::from_secs(7),
+            "{waited:?}"
+        );
+        s.expect_closed().await;
+        assert!(s.handler.delivered().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_message_at_a_fair_rate_is_not_cut() {
+        // Five 100-byte lines a second apart: inside the 6 s data deadline, and every pause is
+        // shorter than the command timeout.
+        let mut s = paused_session(|_| {}).await;
+        s.ehlo().await;
+        s.send("MAIL FROM:<a@example.net>").await;
+        s.expect(250).await;
+        s.send("RCPT TO:<r-abc@reply.test>").await;
+        s.expect(250).await;
+        s.send("DATA").await;
+        s.expect(354).await;
+        for _ in 0..5 {
+            s.send_raw(&[b'y'; 98]).await;
+            s.send_raw(b"\r\n").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        s.send_raw(b".\r\n").await;
+        s.expect(250).await;
+        assert_eq!(s.handler.delivered()[0].1.len(), 500);
+    }
+
     #[tokio::test]
     async fn a_client_closing_mid_data_delivers_nothing() {
         let mut s = TestSession::start().await;
@@ -2032,6 +2608,7 @@ mod tests {
             io: BufReader::new(tls),
             task: s.task,
             handler: s.handler,
+            wait: WAIT,
         };
         // The session starts over: EHLO first, and STARTTLS is no longer offered.
         t.send("MAIL FROM:<a@example.net>").await;
@@ -2078,7 +2655,174 @@ mod tests {
             io: BufReader::new(stream),
             task: tokio::spawn(async { Ok(()) }),
             handler: Arc::new(Recorder::default()),
+            wait: WAIT,
         }
+    }
+
+    #[test]
+    fn connections_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let key = |ip: &str| client_key(ip.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        let counts = Arc::new(PerAddress::default());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let first = counts.take(ip, 2).unwrap();
+        let _second = counts.take(ip, 2).unwrap();
+        assert!(counts.take(ip, 2).is_none());
+        assert!(counts.take("192.0.2.8".parse().unwrap(), 2).is_some());
+        drop(first);
+        assert!(counts.take(ip, 2).is_some());
+    }
+
+    async fn connect_from(source: &str, addr: SocketAddr) -> TestSession<tokio::net::TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        TestSession {
+            io: BufReader::new(stream),
+            task: tokio::spawn(async { Ok(()) }),
+            handler: Arc::new(Recorder::default()),
+            wait: WAIT,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_address_over_its_cap_is_refused_while_others_get_in() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = config();
+        config.max_connections = 4;
+        config.max_connections_per_ip = 2;
+        let handler = Arc::new(Recorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, config, handler.clone(), shutdown));
+
+        let mut first = connect_from("127.0.0.1", addr).await;
+        first.expect(220).await;
+        let mut second = connect_from("127.0.0.1", addr).await;
+        second.expect(220).await;
+        let mut third = connect_from("127.0.0.1", addr).await;
+        assert_eq!(
+            third.expect(421).await,
+            "4.7.0 reach.test too many connections from your address, try again later"
+        );
+        third.expect_closed().await;
+        // Another address still gets in, and can deliver.
+        let mut other = connect_from("127.0.0.2", addr).await;
+        other.expect(220).await;
+        other.ehlo().await;
+        assert_eq!(
+            other
+                .transaction("a@example.net", "r-abc@reply.test", "x\r\n")
+                .await,
+            250
+        );
+        // A closed session frees its address's place (once the server has seen the close).
+        first.send("QUIT").await;
+        first.expect(221).await;
+        first.expect_closed().await;
+        let mut again = None;
+        for _ in 0..100 {
+            let mut c = connect_from("127.0.0.1", addr).await;
+            match c.reply().await {
+                Some((220, _)) => {
+                    again = Some(c);
+                    break;
+                }
+                Some((421, _)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(again.is_some(), "a place for 127.0.0.1 after QUIT");
+        stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn when_full_an_idle_session_of_the_busiest_address_makes_room_for_another_address() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = config();
+        config.max_connections = 3;
+        config.max_connections_per_ip = 3;
+        let handler = Arc::new(Recorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, config, handler.clone(), shutdown));
+
+        // 127.0.0.1 takes every place.
+        let mut ones = Vec::new();
+        for _ in 0..3 {
+            let mut c = connect_from("127.0.0.1", addr).await;
+            c.expect(220).await;
+            c.ehlo().await;
+            ones.push(c);
+        }
+        // A client from 127.0.0.2 gets in: 127.0.0.1's oldest idle session is closed for it.
+        let mut two = connect_from("127.0.0.2", addr).await;
+        two.expect(220).await;
+        assert_eq!(
+            ones[0].expect(421).await,
+            "4.7.0 reach.test too many connections from your address, closing this idle one"
+        );
+        ones[0].expect_closed().await;
+        ones[1].send("NOOP").await;
+        ones[1].expect(250).await;
+        // 127.0.0.1 cannot push 127.0.0.2 out: it already holds more.
+        let mut more = connect_from("127.0.0.1", addr).await;
+        assert_eq!(
+            more.expect(421).await,
+            "4.7.0 reach.test too many connections, try again later"
+        );
+        // A third address pushes 127.0.0.1 down to one place, like the others.
+        let mut three = connect_from("127.0.0.3", addr).await;
+        three.expect(220).await;
+        ones[1].expect(421).await;
+        // Now every address has one place: nobody is pushed out for a fourth.
+        let mut four = connect_from("127.0.0.4", addr).await;
+        four.expect(421).await;
+        for c in [&mut ones[2], &mut two, &mut three] {
+            c.send("NOOP").await;
+            c.expect(250).await;
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_inside_a_transaction_is_never_cut_to_make_room() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = config();
+        config.max_connections = 2;
+        config.max_connections_per_ip = 2;
+        let handler = Arc::new(Recorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, config, handler.clone(), shutdown));
+        let mut ones = Vec::new();
+        for _ in 0..2 {
+            let mut c = connect_from("127.0.0.1", addr).await;
+            c.expect(220).await;
+            c.ehlo().await;
+            c.send("MAIL FROM:<a@example.net>").await;
+            c.expect(250).await;
+            ones.push(c);
+        }
+        let mut two = connect_from("127.0.0.2", addr).await;
+        assert!(two.expect(421).await.starts_with("4.7.0 "));
+        for c in &mut ones {
+            c.send("RCPT TO:<r-abc@reply.test>").await;
+            c.expect(250).await;
+            c.send("DATA").await;
+            c.expect(354).await;
+            c.send_raw(b"kept\r\n.\r\n").await;
+            c.expect(250).await;
+        }
+        assert_eq!(handler.delivered().len(), 2);
+        stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// aiosmtpd storing every mail in a Maildir.
@@ -272,4 +272,84 @@ pub async fn submit(port: u16, mail_from: &str, rcpts: &[&str], message: &str) -
     out.data = Some(read_reply(&mut reader).await);
     let _ = write.write_all(b"QUIT\r\n").await;
     out
+}
+
+/// A raw SMTP connection for abuse tests: it sends what a test says, as slowly as it likes,
+/// from the loopback source address it is given (127.0.0.1, 127.0.0.2, ...).
+pub struct SmtpConn {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl SmtpConn {
+    /// Connects from `source` (an IPv4 loopback address) to the listener on `port`.
+    pub async fn try_connect(source: &str, port: u16) -> Option<SmtpConn> {
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.bind(format!("{source}:0").parse().ok()?).ok()?;
+        let stream = socket.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+        let (read, write) = stream.into_split();
+        Some(SmtpConn {
+            reader: BufReader::new(read),
+            write,
+        })
+    }
+
+    /// Sends a command line (CRLF added). A connection the server closed is ignored here: the
+    /// next read tells.
+    pub async fn send(&mut self, line: &str) {
+        self.send_raw(format!("{line}\r\n").as_bytes()).await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.write.write_all(bytes).await;
+    }
+
+    /// The next reply (code and text, lines joined by '\n'), or None if the connection closed.
+    /// Panics after 20 s of silence.
+    pub async fn reply(&mut self) -> Option<(u16, String)> {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(20), self.reader.read_line(&mut line))
+                .await
+                .expect("SMTP reply in time")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+            text.push_str(line.get(4..).unwrap_or("").trim_end());
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Some((code, text));
+            }
+            text.push('\n');
+        }
+    }
+
+    /// A reply if the server starts one within `limit` (nothing read is lost otherwise).
+    pub async fn reply_within(&mut self, limit: Duration) -> Option<(u16, String)> {
+        match tokio::time::timeout(limit, self.reader.fill_buf()).await {
+            Ok(Ok(buf)) if !buf.is_empty() => self.reply().await,
+            _ => None,
+        }
+    }
+
+    /// Sends a command and returns its reply; panics if the connection closed instead.
+    pub async fn command(&mut self, line: &str) -> (u16, String) {
+        self.send(line).await;
+        self.reply()
+            .await
+            .unwrap_or_else(|| panic!("connection closed instead of answering {line:?}"))
+    }
+
+    /// True once the server has closed the connection (within 20 s), with nothing more said.
+    pub async fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(20), self.reader.read_to_end(&mut rest))
+            .await
+        {
+            Ok(Ok(_)) | Ok(Err(_)) => rest.is_empty(),
+            Err(_) => false,
+        }
+    }
 }
