@@ -439,6 +439,9 @@ fn guarded(core: &Core, store: &Store, now: u64, event: &Event) -> Handled {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let actions = match core.handle_cleaned(store, now, event) {
             Ok(actions) => actions,
+            Err(crate::store::StoreError::Unwritable(e)) => {
+                return Handled::Bug(format!("a stanza to keep cannot be written as XML: {e}"));
+            }
             Err(e) => {
                 tracing::error!("store failure while handling an event: {e}");
                 return Handled::Failed;

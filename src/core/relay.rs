@@ -12,6 +12,7 @@
 use minidom::Element;
 
 use crate::xmpp::stanza::an;
+use crate::xmpp::xml_text::to_xml;
 use xmpp_parsers::ns;
 
 use super::rules::{Decision, ItemKind};
@@ -116,16 +117,18 @@ fn relay_to_user(
     if content {
         remember_conversation(store, now, user, peer, stanza)?;
     }
-    let item = |stanza: &Element, on_xmpp: bool, text: String| PendingItem {
-        at: now,
-        id: stanza.attr("id").map(str::to_owned),
-        text,
-        stanza: String::from(stanza),
-        on_xmpp,
-        receipt: stanza.has_child("request", ns::RECEIPTS),
-        terminal: None,
-        due_at: None,
-        unconditional: false,
+    let item = |stanza: &Element, on_xmpp: bool, text: String| -> Result<_, StoreError> {
+        Ok(PendingItem {
+            at: now,
+            id: stanza.attr("id").map(str::to_owned),
+            text,
+            stanza: to_xml(stanza)?,
+            on_xmpp,
+            receipt: stanza.has_child("request", ns::RECEIPTS),
+            terminal: None,
+            due_at: None,
+            unconditional: false,
+        })
     };
     let pending_full = |store: &Store| -> Result<bool, StoreError> {
         Ok(store.pending_count(&user.jid, peer)?
@@ -158,7 +161,7 @@ fn relay_to_user(
                 now,
                 user,
                 peer,
-                item(&relayed, true, text.clone()),
+                item(&relayed, true, text.clone())?,
                 to,
                 out,
             )?;
@@ -180,7 +183,7 @@ fn relay_to_user(
                 now,
                 user,
                 peer,
-                item(&held, false, text),
+                item(&held, false, text)?,
                 to,
                 out,
             )?,
@@ -190,7 +193,7 @@ fn relay_to_user(
                     &user.jid,
                     &HeldMessage {
                         peer: peer.to_owned(),
-                        stanza: String::from(&held),
+                        stanza: to_xml(&held).map_err(StoreError::from)?,
                         held_at: now,
                     },
                 )?;
