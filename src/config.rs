@@ -570,7 +570,8 @@ pub struct EmailConfig {
     pub require_dmarc: bool,
 
     // ---- the SMTP listener under abuse (docs/limits.md, "SMTP listener") ----
-    /// `max_connections_per_ip` (optional, default 10): simultaneous SMTP connections from one
+    /// `max_connections_per_ip` (optional, default 20, Postfix's default concurrency towards one
+    /// destination, so a site MTA in front is not slowed): simultaneous SMTP connections from one
     /// client address (an IPv4 address, or an IPv6 /64 network); more get `421 4.7.0` and are
     /// closed, while other addresses still get in. Above `max_connections` it changes nothing.
     #[serde(default = "default_max_connections_per_ip")]
@@ -622,7 +623,7 @@ fn default_alias_idle_days() -> u64 {
     30
 }
 fn default_max_connections_per_ip() -> usize {
-    10
+    20
 }
 fn default_command_timeout_secs() -> u64 {
     300
@@ -1711,7 +1712,7 @@ mod tests {
         };
         let defaults = parse(&email_section("")).unwrap().email.unwrap();
         for email in [&example, &defaults] {
-            assert_eq!(email.max_connections_per_ip, 10);
+            assert_eq!(email.max_connections_per_ip, 20);
             assert_eq!(email.command_timeout_secs, 300);
             assert_eq!(email.idle_timeout_secs, 600);
             assert_eq!(email.transaction_timeout_secs, 1800);
