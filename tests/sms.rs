@@ -187,11 +187,18 @@ async fn stop_start_and_commands_from_the_phone() {
     bob.send(&format!("<presence type='subscribed' to='alice@{D}'/>"))
         .await;
     bob.presence("").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    w.text("/who").await;
-    let who = w.mt("the answer to /who").await;
-    assert!(who.text.contains("bob@localhost"), "{who:?}");
+    // Reach learns Bob's presence through the server a moment later: ask until it has.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        w.text("/who").await;
+        let who = w.mt("the answer to /who").await;
+        if who.text.contains("bob@localhost") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{who:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     w.text("@bob Are you there?").await;
     assert_eq!(

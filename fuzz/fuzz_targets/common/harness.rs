@@ -19,6 +19,41 @@ pub const NS: &str = "jabber:component:accept";
 pub const NOW: u64 = 1_795_000_000;
 const RENEW_EVERY: u32 = 5_000;
 
+/// The settings every Core-driving target uses: email and SMS configured, the shipped stanza
+/// limits, the rate limits raised (see below).
+pub fn settings() -> Settings {
+    Settings {
+        domain: D.into(),
+        allowed_domains: vec!["example.org".into()],
+        grace_delay_secs: 120,
+        email: Some(EmailSettings {
+            from_address: "reach@reply.example.org".into(),
+            from_name: "Reach".into(),
+            reply_domain: "reply.example.org".into(),
+            digest_window_secs: 30,
+            alias_idle_secs: 30 * 86_400,
+        }),
+        sms: Some(SmsSettings {
+            max_segments: 3,
+            daily_cap: 5,
+            allowed_prefixes: vec!["+1".into(), "+44".into()],
+        }),
+        // The stanza limits as shipped; the rate limits raised, since every input happens
+        // at the same `NOW` and the default ones would soon shut the registration and
+        // verification paths for the rest of a harness's life.
+        limits: Limits {
+            registrations_per_jid_per_hour: 1_000,
+            new_registrations_per_domain_per_hour: 1_000,
+            codes_per_terminal_per_day: 1_000,
+            codes_per_user_per_day: 1_000,
+            new_terminals_per_user_per_day: 1_000,
+            verification_sms_per_hour: 1_000,
+            wrong_codes_per_user_per_day: 1_000,
+            ..Limits::default()
+        },
+    }
+}
+
 pub struct Harness {
     pub core: Core,
     pub store: Store,
@@ -27,39 +62,7 @@ pub struct Harness {
 
 impl Harness {
     fn new() -> Harness {
-        let core = Core::with_seed(
-            Settings {
-                domain: D.into(),
-                allowed_domains: vec!["example.org".into()],
-                grace_delay_secs: 120,
-                email: Some(EmailSettings {
-                    from_address: "reach@reply.example.org".into(),
-                    from_name: "Reach".into(),
-                    reply_domain: "reply.example.org".into(),
-                    digest_window_secs: 30,
-                    alias_idle_secs: 30 * 86_400,
-                }),
-                sms: Some(SmsSettings {
-                    max_segments: 3,
-                    daily_cap: 5,
-                    allowed_prefixes: vec!["+1".into(), "+44".into()],
-                }),
-                // The stanza limits as shipped; the rate limits raised, since every input happens
-                // at the same `NOW` and the default ones would soon shut the registration and
-                // verification paths for the rest of a harness's life.
-                limits: Limits {
-                    registrations_per_jid_per_hour: 1_000,
-                    new_registrations_per_domain_per_hour: 1_000,
-                    codes_per_terminal_per_day: 1_000,
-                    codes_per_user_per_day: 1_000,
-                    new_terminals_per_user_per_day: 1_000,
-                    verification_sms_per_hour: 1_000,
-                    wrong_codes_per_user_per_day: 1_000,
-                    ..Limits::default()
-                },
-            },
-            7,
-        );
+        let core = Core::with_seed(settings(), 7);
         let store = Store::temporary().expect("temporary store");
         let h = Harness {
             core,
