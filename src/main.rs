@@ -251,6 +251,23 @@ fn run(path: &str, log_format: Option<LogFormat>) -> ExitCode {
             .with_env_filter(filter)
             .init(),
     }
+    // A panic's message can quote the data it choked on (a slice of a message body, say): it
+    // goes to the log at debug only; the error line says where. The item is then set aside by
+    // the runtime's guard (see docs/limits.md).
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, "a bug: Reach panicked");
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::debug!(%location, message, "the panic's message");
+    }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -494,9 +494,13 @@ fn guarded(core: &Core, store: &Store, now: u64, event: &Event) -> Handled {
             .map(|s| (*s).to_owned())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".to_owned());
-        Handled::Bug(format!("the core panicked: {what}"))
+        Handled::Bug(format!("{PANICKED}: {what}"))
     })
 }
+
+/// The start of a dead letter's reason when the core panicked; what follows is the panic's
+/// message, which may quote the input, so the log shows only this part above `debug`.
+const PANICKED: &str = "the core panicked";
 
 /// Sets a failed event aside as a dead letter (see [`crate::core::dead_letter`]), queues the
 /// refusal a stanza's sender gets, and says what a waiting SMTP client or webhook call hears.
@@ -506,13 +510,21 @@ fn set_aside(store: &Store, now: u64, event: &Event, reason: &str) -> Said {
     if !reason.is_empty() {
         match dead_letter::set_aside(event, now, reason) {
             Some(letter) => match store.put_dead_letter(&letter) {
-                Ok(id) => tracing::error!(
-                    id,
-                    kind = letter.kind.as_str(),
-                    reason,
-                    "an input could not be handled; it is set aside as a dead letter \
-                     (`reach dead-letters` lists it)"
-                ),
+                Ok(id) => {
+                    let shown = if reason.starts_with(PANICKED) {
+                        PANICKED
+                    } else {
+                        reason
+                    };
+                    tracing::error!(
+                        id,
+                        kind = letter.kind.as_str(),
+                        reason = shown,
+                        "an input could not be handled; it is set aside as a dead letter \
+                         (`reach dead-letters` lists it)"
+                    );
+                    tracing::debug!(id, reason, "why it was set aside");
+                }
                 Err(e) => {
                     tracing::error!("could not set a failed input aside: {e}");
                     return Said::Temporary;
@@ -541,10 +553,16 @@ fn log_internal_failure(reason: &str) {
     static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
     let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
     if *last != reason {
+        let shown = if reason.starts_with(PANICKED) {
+            PANICKED
+        } else {
+            reason
+        };
         tracing::error!(
-            reason,
+            reason = shown,
             "an internal event could not be handled; the next one goes on"
         );
+        tracing::debug!(reason, "why");
         reason.clone_into(&mut last);
     }
 }
