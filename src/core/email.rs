@@ -489,6 +489,8 @@ pub(super) fn on_reply(
                 t.failing = true;
             }
             store.put_user(&failing)?;
+            // A failing address cannot reach the user: buddies see what is left.
+            super::presence::refresh_global(core, store, now, &failing, out)?;
         }
         tracing::info!(
             handle = user.handle.as_str(),
@@ -568,6 +570,7 @@ pub(super) fn on_reply(
                 if let Some(t) = fresh.email.as_mut().filter(|t| t.failing) {
                     t.failing = false;
                     store.put_user(&fresh)?;
+                    super::presence::refresh_global(core, store, now, &fresh, out)?;
                 }
             }
             tracing::debug!(handle = user.handle.as_str(), "email reply relayed");
