@@ -791,6 +791,11 @@ pub(super) fn take_prompt(
     }
 }
 
+/// The commands the email prompt offers: the three local states, as `state` sets them.
+const EMAIL_STATE_AWAY: &str = "state email away";
+const EMAIL_STATE_DND: &str = "state email dnd";
+const EMAIL_STATE_AVAILABLE: &str = "state email available";
+
 /// The footer line that prompts for the email terminal's local state, the first time a forward
 /// goes to it on a day (else empty). Marks the terminal prompted.
 pub(super) fn email_prompt(
@@ -802,7 +807,9 @@ pub(super) fn email_prompt(
     Ok(if take_prompt(store, now, user, TerminalKind::Email)? {
         format!(
             "\nReach now forwards your chats to this address while you are away from XMPP. \
-             To change that, set this address to away, dnd or back with the state command at {}.",
+             To change that and what your buddies see, send '{EMAIL_STATE_AWAY}', \
+             '{EMAIL_STATE_DND}' (nothing comes here, messages wait) or '{EMAIL_STATE_AVAILABLE}' \
+             in a chat with {}.",
             core.settings.domain
         )
     } else {
@@ -1309,6 +1316,50 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         (out, said)
+    }
+
+    /// The commands the daily prompts offer (SMS and the email footer) set exactly the three
+    /// local states, and buddies see each at once.
+    #[test]
+    fn the_prompts_commands_set_the_local_states_buddies_see() {
+        use crate::store::LocalState::*;
+        let t = Harness::new();
+        alice_with_verified_phone(&t);
+        t.run(&format!(
+            "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        for (text, state, expected) in [
+            ("/away", Away, away("reachable by SMS")),
+            ("/dnd", Dnd, dnd()),
+            ("/back", Available, on("on SMS")),
+        ] {
+            assert!(super::super::sms::PROMPT.contains(text), "{text}");
+            let out = stanzas(&sms_in(&t, text));
+            assert_eq!(seen_by_bob(&out), vec![expected], "{text}");
+            let phone = t.store.user(ALICE).unwrap().unwrap().phone.unwrap();
+            assert_eq!(phone.state, state, "{text}");
+        }
+        // The email prompt's lines, sent as chat.
+        let mut u = t.store.user(ALICE).unwrap().unwrap();
+        let mut mail =
+            Terminal::unverified(crate::address::Email::parse("alice@mail.example.org").unwrap());
+        mail.verified = true;
+        mail.state = Away;
+        u.email = Some(mail);
+        u.phone.as_mut().unwrap().state = Dnd;
+        t.store.put_user(&u).unwrap();
+        let footer = email_prompt(&t.core, &t.store, 0, &u).unwrap();
+        for (line, state, expected) in [
+            (EMAIL_STATE_DND, Dnd, dnd()),
+            (EMAIL_STATE_AVAILABLE, Available, on("by email")),
+            (EMAIL_STATE_AWAY, Away, away("reachable by email")),
+        ] {
+            assert!(footer.contains(&format!("'{line}'")), "{footer}");
+            let (out, _) = chat_command(&t, line);
+            assert_eq!(seen_by_bob(&out), vec![expected], "{line}");
+            let email = t.store.user(ALICE).unwrap().unwrap().email.unwrap();
+            assert_eq!(email.state, state, "{line}");
+        }
     }
 
     #[test]

@@ -43,7 +43,8 @@ const HELP: &str =
 /approve JID or /deny JID answers a presence request; STOP ends SMS, START resumes.";
 
 /// The prompt for a local state, texted when forwarding to the phone starts (once a day).
-pub(super) const PROMPT: &str = "Reach: now forwarding to this phone. /away /dnd /back to change.";
+pub(super) const PROMPT: &str =
+    "Reach: now forwarding to this phone. /away, /dnd (messages wait) or /back sets what buddies see.";
 
 fn settings(core: &Core) -> Option<&SmsSettings> {
     core.settings.sms.as_ref()
