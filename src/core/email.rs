@@ -319,7 +319,7 @@ pub(super) fn confirm_email(
     store.remove_verification(&user.jid, TerminalKind::Email)?;
     tracing::info!(handle = user.handle.as_str(), "email terminal verified");
     // What was held while there was no terminal goes out the usual way.
-    if !presence::global_presence(store, &user)?.is_available() {
+    if !presence::xmpp_presence(store, &user)?.is_available() {
         super::forward::forward_held(core, store, now, &user, out)?;
     }
     presence::refresh_global(core, store, now, &user, out)?;

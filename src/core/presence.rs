@@ -2,13 +2,13 @@
 //! Reach publishes for each reach address, and the buddies' presence Reach receives.
 //!
 //! Two presences are computed for a user, and they must not be confused:
-//! - the *XMPP presence* ([`global_presence`]): the best of the user's own XMPP resources. Routing
+//! - the *XMPP presence* ([`xmpp_presence`]): the best of the user's own XMPP resources. Routing
 //!   decides with it (is the user at an XMPP client?);
-//! - the *published presence* ([`published_presence`]), what buddies see on `HANDLE@D`
-//!   (DESIGN.md "Presence"), the *global presence* made of all the local states: the XMPP
-//!   presence while the user has an available resource; else the best local state among the
-//!   terminals that can reach her ([`compose_presence`]: available "on SMS", away "reachable by
-//!   email", dnd "messages wait"); else unavailable.
+//! - the *global presence* ([`published_presence`]), what buddies see on `HANDLE@D` (DESIGN.md
+//!   "Presence"), made of the XMPP presence and every terminal's local state: the XMPP presence
+//!   while the user has an available resource; else the best local state among the terminals
+//!   that can reach her ([`compose_presence`]: available "on SMS", away "reachable by email", dnd
+//!   "messages wait"); else unavailable. It is published: the store keeps what buddies last saw.
 //!
 //! Every input of the published presence (resources, a terminal verified, removed, stopped or set
 //! to another local state, the link coming up) ends in [`refresh_global`], which compares with what
@@ -215,7 +215,7 @@ impl GlobalPresence {
 }
 
 /// The user's XMPP presence: the best of their resources. Routing decides with this one.
-pub(crate) fn global_presence(store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
+pub(crate) fn xmpp_presence(store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
     Ok(best_presence(&store.resources(&user.jid)?))
 }
 
@@ -240,7 +240,7 @@ pub(crate) fn published_presence(
                 .is_some_and(|s| super::sms::number_allowed(s, phone.address.as_str()))
         })
         .and_then(reach_state);
-    Ok(compose_presence(global_presence(store, user)?, email, sms))
+    Ok(compose_presence(xmpp_presence(store, user)?, email, sms))
 }
 
 /// The presence last published for the user (what buddies see now); what it would be, if
@@ -441,7 +441,7 @@ fn on_service_presence(
                 .resource()
                 .map(|r| r.as_str().to_owned())
                 .unwrap_or_default();
-            let before = global_presence(store, &user)?;
+            let before = xmpp_presence(store, &user)?;
             if type_ == "unavailable" {
                 store.remove_resource(&user.jid, &resource)?;
             } else {
@@ -460,7 +460,7 @@ fn on_service_presence(
                     },
                 )?;
             }
-            let after = global_presence(store, &user)?;
+            let after = xmpp_presence(store, &user)?;
             refresh_global(core, store, now, &user, out)?;
             if after.is_available() && !before.is_available() {
                 relay::release_held(store, &user, now, out)?;

@@ -274,7 +274,7 @@ pub(super) fn confirm_phone(
     store.put_user(&user)?;
     store.remove_verification(&user.jid, TerminalKind::Phone)?;
     tracing::info!(handle = user.handle.as_str(), "phone terminal verified");
-    if !super::presence::global_presence(store, &user)?.is_available() {
+    if !super::presence::xmpp_presence(store, &user)?.is_available() {
         super::forward::forward_held(core, store, now, &user, out)?;
     }
     super::presence::refresh_global(core, store, now, &user, out)?;
