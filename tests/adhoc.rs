@@ -396,7 +396,9 @@ async fn alice_sets_her_preferences_in_a_form_and_reads_them_in_the_chat() {
         notes(&away),
         vec![(
             "info".to_owned(),
-            format!("Your email address {ALICE_MAIL} is away.")
+            // Her email terminal forwards never, and Reach does not see her client (she did not
+            // approve its subscription): nothing reaches her, whatever the state.
+            format!("Your email address {ALICE_MAIL} is away. Buddies see you: unavailable.")
         )]
     );
     let status = chat_until(&mut alice, "status", "her status", |b| {
@@ -407,6 +409,7 @@ async fn alice_sets_her_preferences_in_a_form_and_reads_them_in_the_chat() {
         status.contains(&format!("Email: {ALICE_MAIL} (verified, away)")),
         "{status}"
     );
+    assert!(status.contains("Buddies see: unavailable\n"), "{status}");
     let by_command = command(&mut alice, "node='status'", "").await;
     assert_eq!(attr(&by_command, "status"), "completed");
     assert_eq!(notes(&by_command), vec![("info".to_owned(), status)]);

@@ -1,25 +1,31 @@
-//! Presence end to end: the built `reach` against a real Prosody and a real Kannel (the test holds
-//! the fake SMSC's socket as Alice's phone). What Bob sees of alice@D as Alice leaves XMPP and
-//! sets her phone's local state, and the buddy alerts her phone gets.
+//! Presence end to end: the built `reach` against a real Prosody or ejabberd, a real Kannel (the
+//! test holds the fake SMSC's socket as Alice's phone) and a mail sink (Alice's mailbox). What Bob
+//! sees of alice@D as Alice leaves XMPP and sets her terminals' local states (the global presence,
+//! DESIGN.md "Presence"), what `status` says of it, and the buddy alerts her phone gets.
 
 mod support;
 
 use std::time::Duration;
 
 use support::kannel::{Handset, Kannel, Mt};
-use support::{attr, child_text, Client, Element, Reach, Server, ServerKind, NS_CLIENT};
+use support::mail::MailSink;
+use support::{attr, body, child_text, Client, Element, Reach, Server, ServerKind, NS_CLIENT};
 
 const D: &str = "reach.localhost";
 const ALICE_D: &str = "alice@reach.localhost";
+const ALICE_MAIL: &str = "alice@mail.example";
 const T: Duration = Duration::from_secs(15);
 const PHONE: &str = "+15551234567";
 const SERVICE_NUMBER: &str = "+15550000000";
 const SECRET: &str = "webhooksecret42";
+/// What Bob's client sees while every terminal that can reach Alice is on do not disturb.
+const DND_STATUS: &str = "do not disturb: messages wait";
 
 struct World {
     server: Server,
     kannel: Kannel,
     phone: Handset,
+    sink: MailSink,
     reach: Reach,
     _state: tempfile::TempDir,
 }
@@ -37,8 +43,8 @@ impl Drop for World {
 }
 
 impl World {
-    async fn new() -> World {
-        let server = Server::start(ServerKind::Prosody).await;
+    async fn new(kind: ServerKind) -> World {
+        let server = Server::start(kind).await;
         for user in ["alice", "bob", "carol"] {
             server.register(user, &format!("{user}pw")).await;
         }
@@ -48,20 +54,28 @@ impl World {
         ))
         .await;
         let phone = Handset::connect(&kannel).await;
+        let sink = MailSink::start().await;
         let state = tempfile::tempdir().unwrap();
+        // A one-second grace delay, so a forward that dnd failed to stop would show in seconds.
         let extra = format!(
-            "[sms]\nsendsms_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nfrom = \"{SERVICE_NUMBER}\"\n\
+            "[routing]\ngrace_delay_secs = 1\n\n\
+             [sms]\nsendsms_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nfrom = \"{SERVICE_NUMBER}\"\n\
              webhook_listen = \"127.0.0.1:{webhook_port}\"\nwebhook_url = \"http://127.0.0.1:{webhook_port}\"\n\
-             webhook_secret = \"{SECRET}\"\ndaily_cap = 40\nallowed_prefixes = [\"+1\"]\n",
+             webhook_secret = \"{SECRET}\"\ndaily_cap = 40\nallowed_prefixes = [\"+1\"]\n\n\
+             [email]\nrelay = \"smtp://127.0.0.1:{}\"\nfrom_address = \"reach@{D}\"\n\
+             reply_domain = \"{D}\"\nlisten = \"127.0.0.1:{}\"\ndigest_window_secs = 1\n",
             kannel.sendsms_url(),
             kannel.username(),
-            kannel.password()
+            kannel.password(),
+            sink.port,
+            support::free_port(),
         );
         let reach = Reach::start_with(&server, state.path(), &extra).await;
         World {
             server,
             kannel,
             phone,
+            sink,
             reach,
             _state: state,
         }
@@ -92,13 +106,14 @@ impl World {
         self.mt(&format!("the answer to {text}")).await.text
     }
 
-    /// Alice (online, as `alice/pc`) registers her phone and confirms it by texting the code.
-    async fn alice_with_verified_phone(&mut self) -> Client {
+    /// Alice (online, as `alice/pc`) registers `fields` and approves Reach's subscription, so
+    /// Reach sees her client.
+    async fn alice_registers(&mut self, fields: &str) -> Client {
         let mut alice = self.client("alice", "pc").await;
         alice.presence("").await;
         alice
             .iq_ok(&format!(
-                "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'><username>alice</username><phone>{PHONE}</phone></query></iq>"
+                "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'><username>alice</username>{fields}</query></iq>"
             ))
             .await;
         alice
@@ -109,6 +124,11 @@ impl World {
         alice
             .send(&format!("<presence type='subscribed' to='{D}'/>"))
             .await;
+        alice
+    }
+
+    /// Confirms the phone by texting back the code it got.
+    async fn verify_phone(&mut self) {
         let code_sms = self.mt("the verification code").await;
         let code: String = code_sms
             .text
@@ -117,6 +137,30 @@ impl World {
             .map(str::to_owned)
             .unwrap_or_else(|| panic!("a 6-digit code in {code_sms:?}"));
         assert!(self.text(&code).await.contains("is verified"));
+    }
+
+    /// Alice (online, as `alice/pc`) registers her phone and confirms it by texting the code.
+    async fn alice_with_verified_phone(&mut self) -> Client {
+        let alice = self
+            .alice_registers(&format!("<phone>{PHONE}</phone>"))
+            .await;
+        self.verify_phone().await;
+        alice
+    }
+
+    /// Alice registers her phone and her email address and confirms both.
+    async fn alice_with_verified_phone_and_email(&mut self) -> Client {
+        let mut alice = self
+            .alice_registers(&format!(
+                "<phone>{PHONE}</phone><email>{ALICE_MAIL}</email>"
+            ))
+            .await;
+        self.verify_phone().await;
+        let mails = self.sink.wait_for(1, T).await;
+        let subject = mails[0].header("Subject").unwrap();
+        let code: String = subject.chars().filter(char::is_ascii_digit).collect();
+        assert_eq!(code.len(), 6, "subject: {subject}");
+        say(&mut alice, &format!("verify {code}"), "is verified").await;
         alice
     }
 
@@ -134,10 +178,38 @@ impl World {
             .await;
         c
     }
+
+    /// The mails that forward IMs (not the verification mail).
+    fn forwarded_mails(&self) -> usize {
+        self.sink
+            .mails()
+            .iter()
+            .filter(|m| {
+                m.header("Subject")
+                    .is_some_and(|s| s.starts_with("IM from"))
+            })
+            .count()
+    }
+}
+
+/// Chats `line` to the service and returns its answer, the first one containing `needle`.
+async fn say(c: &mut Client, line: &str, needle: &str) -> String {
+    c.send(&format!(
+        "<message type='chat' to='{D}'><body>{line}</body></message>"
+    ))
+    .await;
+    let answer = c
+        .expect(&format!("the answer to {line}"), T, |s| {
+            attr(s, "from") == D && body(s).is_some_and(|b| b.contains(needle))
+        })
+        .await;
+    body(&answer).unwrap_or_default()
 }
 
 /// A presence of alice@D as a buddy sees it: `None` unavailable, else (show, status).
-fn alice_d(s: &Element) -> Option<Option<(Option<String>, Option<String>)>> {
+type Seen = Option<(Option<String>, Option<String>)>;
+
+fn alice_d(s: &Element) -> Option<Seen> {
     if s.name() != "presence" || attr(s, "from") != ALICE_D {
         return None;
     }
@@ -151,44 +223,185 @@ fn alice_d(s: &Element) -> Option<Option<(Option<String>, Option<String>)>> {
     }
 }
 
-fn reachable_by_sms(s: &Element) -> bool {
-    alice_d(s) == Some(Some((Some("away".into()), Some("reachable by SMS".into()))))
+fn seen(show: Option<&str>, status: &str) -> Seen {
+    Some((show.map(Into::into), Some(status.into())))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bob_sees_alice_go_from_xmpp_to_her_phone_and_its_local_states() {
-    let mut w = World::new().await;
+/// Bob's client watching alice@D: what it saw last.
+struct Watching {
+    bob: Client,
+    last: Seen,
+}
+
+impl Watching {
+    /// Bob, once alice@D shows her client (available, no show, no status).
+    async fn start(bob: Client) -> Watching {
+        let mut watching = Watching { bob, last: None };
+        watching
+            .sees(
+                "alice@D available, as Alice is at her client",
+                Some((None, None)),
+            )
+            .await;
+        watching
+    }
+
+    /// The next presence of alice@D that differs from the last one (servers may repeat one,
+    /// e.g. a probe's answer) must be `expected`: no stale or intermediate presence comes first.
+    /// Every presence of alice@D up to it is taken off the client, in the order it came.
+    async fn sees(&mut self, what: &str, expected: Seen) {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Some(got) = self.bob.wait_for(left, |s| alice_d(s).is_some()).await else {
+                panic!("Bob got no new presence of alice@D: expected {what}");
+            };
+            let got = alice_d(&got).unwrap_or(None);
+            if got == self.last {
+                continue;
+            }
+            assert_eq!(got, expected, "{what}");
+            self.last = expected;
+            return;
+        }
+    }
+}
+
+macro_rules! on_both_servers {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn prosody() {
+                super::$scenario(ServerKind::Prosody).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ejabberd() {
+                super::$scenario(ServerKind::Ejabberd).await
+            }
+        }
+    )*};
+}
+
+on_both_servers!(
+    bob_sees_alice_go_from_xmpp_to_her_phone_and_its_local_states,
+    dnd_on_one_terminal_and_available_on_another,
+);
+
+async fn bob_sees_alice_go_from_xmpp_to_her_phone_and_its_local_states(kind: ServerKind) {
+    let mut w = World::new(kind).await;
     let alice = w.alice_with_verified_phone().await;
-    let mut bob = w.buddy("bob").await;
-    bob.expect("alice@D available, as Alice is at her client", T, |s| {
-        alice_d(s) == Some(Some((None, None)))
-    })
-    .await;
+    let mut bob = Watching::start(w.buddy("bob").await).await;
 
     alice.close().await;
-    bob.expect("alice@D away, reachable by SMS", T, reachable_by_sms)
+    bob.sees("alice@D available on SMS", seen(None, "on SMS"))
         .await;
 
-    assert!(w.text("/dnd").await.contains("do not disturb"));
-    bob.expect("alice@D unavailable while her phone is dnd", T, |s| {
-        alice_d(s) == Some(None)
-    })
-    .await;
+    let said = w.text("/dnd").await;
+    assert!(
+        said.contains("Buddies see you: do not disturb (messages wait)."),
+        "{said}"
+    );
+    bob.sees("alice@D dnd", seen(Some("dnd"), DND_STATUS)).await;
 
-    assert!(w.text("/back").await.contains("available"));
-    bob.expect("alice@D reachable by SMS again", T, reachable_by_sms)
+    let said = w.text("/away").await;
+    assert!(
+        said.contains("Buddies see you: away (reachable by SMS)."),
+        "{said}"
+    );
+    bob.sees("alice@D away", seen(Some("away"), "reachable by SMS"))
         .await;
+
+    let said = w.text("/back").await;
+    assert!(
+        said.contains("Buddies see you: available (on SMS)."),
+        "{said}"
+    );
+    bob.sees("alice@D available on SMS again", seen(None, "on SMS"))
+        .await;
+    let status = w.text("/status").await;
+    assert!(
+        status.contains("phone available; buddies see: available (on SMS)."),
+        "{status}"
+    );
+
+    // STOP: the phone cannot reach her any more, and nothing else can.
+    w.phone.send_mo(PHONE, SERVICE_NUMBER, "STOP").await;
+    bob.sees("alice@D unavailable after STOP", None).await;
 
     // Bob logs in again: his server probes alice@D, and Reach answers what it published.
-    bob.close().await;
+    bob.bob.close().await;
     let mut bob = w.client("bob", "laptop").await;
     bob.presence("").await;
-    bob.expect("the probe's answer", T, reachable_by_sms).await;
+    let answer = bob
+        .expect("the probe's answer", T, |s| alice_d(s).is_some())
+        .await;
+    assert_eq!(alice_d(&answer), Some(None));
+}
+
+async fn dnd_on_one_terminal_and_available_on_another(kind: ServerKind) {
+    let mut w = World::new(kind).await;
+    let mut alice = w.alice_with_verified_phone_and_email().await;
+    let mut bob = Watching::start(w.buddy("bob").await).await;
+
+    // At her client, Alice sets her email address to dnd: Bob still sees her client.
+    let said = say(&mut alice, "state email dnd", "do not disturb").await;
+    assert!(said.ends_with("Buddies see you: available."), "{said}");
+    let status = say(&mut alice, "status", "Your reach address").await;
+    assert!(status.contains("\nBuddies see: available\n"), "{status}");
+
+    // She leaves: the phone is available, the email address dnd: available on SMS.
+    alice.close().await;
+    bob.sees("alice@D available on SMS", seen(None, "on SMS"))
+        .await;
+
+    // Now dnd on the phone too: dnd, and what Bob writes waits for her.
+    let said = w.text("/dnd").await;
+    assert!(
+        said.contains("Buddies see you: do not disturb (messages wait)."),
+        "{said}"
+    );
+    bob.sees("alice@D dnd", seen(Some("dnd"), DND_STATUS)).await;
+    bob.bob
+        .send(&format!(
+            "<message type='chat' id='w1' to='{ALICE_D}'><body>while you rest</body></message>"
+        ))
+        .await;
+    w.no_mt("the phone is on do not disturb").await;
+    assert_eq!(w.forwarded_mails(), 0, "the email address is on dnd");
+
+    // Away on the phone: away, reachable by SMS, while the email address stays dnd.
+    let said = w.text("/away").await;
+    assert!(
+        said.contains("Buddies see you: away (reachable by SMS)."),
+        "{said}"
+    );
+    bob.sees(
+        "alice@D away by SMS",
+        seen(Some("away"), "reachable by SMS"),
+    )
+    .await;
+
+    // Available by email, away on the phone: available by email.
+    let mut alice = w.client("alice", "pc").await;
+    let said = say(&mut alice, "state email available", "is available").await;
+    // Her new client has sent no presence yet, so Reach does not count it.
+    assert!(
+        said.ends_with("Buddies see you: available (by email)."),
+        "{said}"
+    );
+    bob.sees("alice@D available by email", seen(None, "by email"))
+        .await;
+
+    // Alice's client comes online: Bob sees her client.
+    alice.presence("").await;
+    bob.sees("alice@D available at her client", Some((None, None)))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alices_phone_hears_once_of_each_change_of_the_buddies_she_chose() {
-    let mut w = World::new().await;
+    let mut w = World::new(ServerKind::Prosody).await;
     let alice = w.alice_with_verified_phone().await;
     alice.close().await;
     let bob = w.buddy("bob").await;

@@ -319,7 +319,7 @@ pub(super) fn confirm_email(
     store.remove_verification(&user.jid, TerminalKind::Email)?;
     tracing::info!(handle = user.handle.as_str(), "email terminal verified");
     // What was held while there was no terminal goes out the usual way.
-    if !presence::global_presence(store, &user)?.is_available() {
+    if !presence::xmpp_presence(store, &user)?.is_available() {
         super::forward::forward_held(core, store, now, &user, out)?;
     }
     presence::refresh_global(core, store, now, &user, out)?;
@@ -489,6 +489,8 @@ pub(super) fn on_reply(
                 t.failing = true;
             }
             store.put_user(&failing)?;
+            // A failing address cannot reach the user: buddies see what is left.
+            super::presence::refresh_global(core, store, now, &failing, out)?;
         }
         tracing::info!(
             handle = user.handle.as_str(),
@@ -568,6 +570,7 @@ pub(super) fn on_reply(
                 if let Some(t) = fresh.email.as_mut().filter(|t| t.failing) {
                     t.failing = false;
                     store.put_user(&fresh)?;
+                    super::presence::refresh_global(core, store, now, &fresh, out)?;
                 }
             }
             tracing::debug!(handle = user.handle.as_str(), "email reply relayed");

@@ -2,12 +2,13 @@
 //! Reach publishes for each reach address, and the buddies' presence Reach receives.
 //!
 //! Two presences are computed for a user, and they must not be confused:
-//! - the *XMPP presence* ([`global_presence`]): the best of the user's own XMPP resources. Routing
+//! - the *XMPP presence* ([`xmpp_presence`]): the best of the user's own XMPP resources. Routing
 //!   decides with it (is the user at an XMPP client?);
-//! - the *published presence* ([`published_presence`]), what buddies see on `HANDLE@D`
-//!   (DESIGN.md "Presence"): the XMPP presence while the user has an available resource; else
-//!   `away` with a status naming the terminals that would take a message ("reachable by SMS");
-//!   else unavailable.
+//! - the *global presence* ([`published_presence`]), what buddies see on `HANDLE@D` (DESIGN.md
+//!   "Presence"), made of the XMPP presence and every terminal's local state: the XMPP presence
+//!   while the user has an available resource; else the best local state among the terminals
+//!   that can reach her ([`compose_presence`]: available "on SMS", away "reachable by email", dnd
+//!   "messages wait"); else unavailable. It is published: the store keeps what buddies last saw.
 //!
 //! Every input of the published presence (resources, a terminal verified, removed, stopped or set
 //! to another local state, the link coming up) ends in [`refresh_global`], which compares with what
@@ -79,35 +80,105 @@ pub fn best_presence(resources: &[(String, ResourcePresence)]) -> GlobalPresence
         })
 }
 
-/// Whether a terminal would take a message now, as far as the published presence goes: verified,
-/// not stopped (STOP), in local state available or away (not do-not-disturb), and not set to
-/// never forward.
-pub fn terminal_reachable<A>(terminal: &Terminal<A>) -> bool {
-    terminal.verified
+/// The local state a terminal contributes to the global presence: `Some` while the terminal can
+/// reach the user (verified, not stopped by STOP, not failing with bounces, not set to never
+/// forward), whatever state the user set there; `None` for a terminal that cannot reach her.
+pub fn reach_state<A>(terminal: &Terminal<A>) -> Option<LocalState> {
+    (terminal.verified
         && !terminal.stopped
-        && matches!(terminal.state, LocalState::Available | LocalState::Away)
-        && terminal.prefs.when != ForwardWhen::Never
+        && !terminal.failing
+        && terminal.prefs.when != ForwardWhen::Never)
+        .then_some(terminal.state)
 }
 
-/// The published presence from its inputs: the XMPP presence if available; else `away` naming
-/// the reachable terminals; else unavailable.
-pub fn compose_presence(xmpp: GlobalPresence, by_email: bool, by_sms: bool) -> GlobalPresence {
+/// How good a local state is for a buddy who wants to reach the user: available, then away, then
+/// do not disturb. The global presence follows the best state among the terminals that can reach
+/// her.
+fn state_rank(state: LocalState) -> u8 {
+    match state {
+        LocalState::Available => 3,
+        LocalState::Away => 2,
+        LocalState::Dnd => 1,
+    }
+}
+
+/// The status text of a terminal-made global presence while its best state is available or
+/// away: the terminals in that state, named the way a buddy reads them.
+fn terminals_named(by_email: bool, by_sms: bool, available: bool) -> Option<&'static str> {
+    Some(match (available, by_email, by_sms) {
+        (true, true, true) => "by email and on SMS",
+        (true, true, false) => "by email",
+        (true, false, true) => "on SMS",
+        (false, true, true) => "reachable by email and SMS",
+        (false, true, false) => "reachable by email",
+        (false, false, true) => "reachable by SMS",
+        (_, false, false) => return None,
+    })
+}
+
+/// The status of the global presence while every terminal that can reach the user is on do not
+/// disturb: nothing is forwarded, messages wait for her.
+pub const DND_STATUS: &str = "do not disturb: messages wait";
+
+/// The global presence from its inputs: the XMPP presence if one of the user's clients is
+/// available; else the best local state among the terminals that can reach her (`email`, `sms`:
+/// [`reach_state`] of each, `None` when it cannot reach her), with available > away > dnd:
+/// - available on a terminal → available, status naming the available terminals ("on SMS");
+/// - else away on a terminal → `away`, status naming the away terminals ("reachable by email");
+/// - else dnd on every terminal that can reach her → `dnd`, [`DND_STATUS`];
+/// - no terminal can reach her → unavailable.
+pub fn compose_presence(
+    xmpp: GlobalPresence,
+    email: Option<LocalState>,
+    sms: Option<LocalState>,
+) -> GlobalPresence {
     if xmpp.is_available() {
         return xmpp;
     }
-    let status = match (by_email, by_sms) {
-        (true, true) => "reachable by email and SMS",
-        (true, false) => "reachable by email",
-        (false, true) => "reachable by SMS",
-        (false, false) => return GlobalPresence::Unavailable,
+    let Some(best) = email.into_iter().chain(sms).max_by_key(|s| state_rank(*s)) else {
+        return GlobalPresence::Unavailable;
+    };
+    let (show, status) = match best {
+        LocalState::Dnd => (Some("dnd"), Some(DND_STATUS)),
+        LocalState::Available | LocalState::Away => {
+            let named = terminals_named(
+                email == Some(best),
+                sms == Some(best),
+                best == LocalState::Available,
+            );
+            ((best == LocalState::Away).then_some("away"), named)
+        }
     };
     GlobalPresence::Available {
-        show: Some("away".to_owned()),
-        status: Some(status.to_owned()),
+        show: show.map(str::to_owned),
+        status: status.map(str::to_owned),
     }
 }
 
 impl GlobalPresence {
+    /// The presence in words, as the user is told what buddies see: "available (on SMS)",
+    /// "away (reachable by email)", "do not disturb (messages wait)", "unavailable".
+    pub fn describe(&self) -> String {
+        let GlobalPresence::Available { show, status } = self else {
+            return "unavailable".to_owned();
+        };
+        let shown = match show.as_deref() {
+            None => "available",
+            Some("chat") => "free to chat",
+            Some("away") => "away",
+            Some("dnd") => "do not disturb",
+            Some("xa") => "away for long",
+            Some(_) => "available",
+        };
+        match status.as_deref().map(str::trim) {
+            Some(status) if !status.is_empty() => {
+                let status = status.strip_prefix("do not disturb: ").unwrap_or(status);
+                format!("{shown} ({status})")
+            }
+            _ => shown.to_owned(),
+        }
+    }
+
     fn to_stanza(&self, from: &str, to: &str) -> Element {
         match self {
             GlobalPresence::Unavailable => presence(from, to, Some("unavailable")),
@@ -144,7 +215,7 @@ impl GlobalPresence {
 }
 
 /// The user's XMPP presence: the best of their resources. Routing decides with this one.
-pub(crate) fn global_presence(store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
+pub(crate) fn xmpp_presence(store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
     Ok(best_presence(&store.resources(&user.jid)?))
 }
 
@@ -154,29 +225,45 @@ pub(crate) fn published_presence(
     store: &Store,
     user: &User,
 ) -> Result<GlobalPresence, StoreError> {
-    let by_email =
-        core.settings.email.is_some() && user.email.as_ref().is_some_and(terminal_reachable);
-    let by_sms = user.phone.as_ref().is_some_and(|phone| {
-        terminal_reachable(phone)
-            && core
-                .settings
+    let email = user
+        .email
+        .as_ref()
+        .filter(|_| core.settings.email.is_some())
+        .and_then(reach_state);
+    let sms = user
+        .phone
+        .as_ref()
+        .filter(|phone| {
+            core.settings
                 .sms
                 .as_ref()
                 .is_some_and(|s| super::sms::number_allowed(s, phone.address.as_str()))
-    });
-    Ok(compose_presence(
-        global_presence(store, user)?,
-        by_email,
-        by_sms,
-    ))
+        })
+        .and_then(reach_state);
+    Ok(compose_presence(xmpp_presence(store, user)?, email, sms))
 }
 
-/// The presence last published for the user; what it would be, if nothing was published yet.
-fn last_published(core: &Core, store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
+/// The presence last published for the user (what buddies see now); what it would be, if
+/// nothing was published yet.
+pub(crate) fn last_published(
+    core: &Core,
+    store: &Store,
+    user: &User,
+) -> Result<GlobalPresence, StoreError> {
     match store.published_presence(&user.jid)? {
         Some(shown) => Ok(shown),
         None => published_presence(core, store, user),
     }
+}
+
+/// What buddies see of the reach address now, in words (for the answers to `state`, `/away`
+/// `/back` `/dnd` and `status`).
+pub(crate) fn seen_by_buddies(
+    core: &Core,
+    store: &Store,
+    user: &User,
+) -> Result<String, StoreError> {
+    Ok(last_published(core, store, user)?.describe())
 }
 
 /// Recomputes the reach address's published presence after one of its inputs changed (a
@@ -354,7 +441,7 @@ fn on_service_presence(
                 .resource()
                 .map(|r| r.as_str().to_owned())
                 .unwrap_or_default();
-            let before = global_presence(store, &user)?;
+            let before = xmpp_presence(store, &user)?;
             if type_ == "unavailable" {
                 store.remove_resource(&user.jid, &resource)?;
             } else {
@@ -373,7 +460,7 @@ fn on_service_presence(
                     },
                 )?;
             }
-            let after = global_presence(store, &user)?;
+            let after = xmpp_presence(store, &user)?;
             refresh_global(core, store, now, &user, out)?;
             if after.is_available() && !before.is_available() {
                 relay::release_held(store, &user, now, out)?;
@@ -704,6 +791,11 @@ pub(super) fn take_prompt(
     }
 }
 
+/// The commands the email prompt offers: the three local states, as `state` sets them.
+const EMAIL_STATE_AWAY: &str = "state email away";
+const EMAIL_STATE_DND: &str = "state email dnd";
+const EMAIL_STATE_AVAILABLE: &str = "state email available";
+
 /// The footer line that prompts for the email terminal's local state, the first time a forward
 /// goes to it on a day (else empty). Marks the terminal prompted.
 pub(super) fn email_prompt(
@@ -715,7 +807,9 @@ pub(super) fn email_prompt(
     Ok(if take_prompt(store, now, user, TerminalKind::Email)? {
         format!(
             "\nReach now forwards your chats to this address while you are away from XMPP. \
-             To change that, set this address to away, dnd or back with the state command at {}.",
+             To change that and what your buddies see, send '{EMAIL_STATE_AWAY}', \
+             '{EMAIL_STATE_DND}' (nothing comes here, messages wait) or '{EMAIL_STATE_AVAILABLE}' \
+             in a chat with {}.",
             core.settings.domain
         )
     } else {
@@ -968,61 +1062,110 @@ mod tests {
     }
 
     #[test]
-    fn a_terminal_is_reachable_when_verified_not_stopped_and_not_dnd() {
+    fn a_terminal_reaches_the_user_when_verified_not_stopped_not_failing_and_forwarding() {
         use crate::store::LocalState::*;
-        // (verified, stopped, local state, never forwards) → reachable
+        // (verified, stopped, failing, never forwards, local state) → what it contributes
         let cases = [
-            (true, false, Available, false, true),
-            (true, false, Away, false, true),
-            (true, false, Dnd, false, false),
-            (false, false, Available, false, false),
-            (false, false, Away, false, false),
-            (true, true, Available, false, false),
-            (true, true, Away, false, false),
-            (true, false, Available, true, false),
+            (true, false, false, false, Available, Some(Available)),
+            (true, false, false, false, Away, Some(Away)),
+            (true, false, false, false, Dnd, Some(Dnd)),
+            (false, false, false, false, Available, None),
+            (false, false, false, false, Dnd, None),
+            (true, true, false, false, Available, None),
+            (true, true, false, false, Away, None),
+            (true, false, true, false, Available, None),
+            (true, false, false, true, Available, None),
         ];
-        for (verified, stopped, state, never, reachable) in cases {
+        for (verified, stopped, failing, never, state, expected) in cases {
             let mut t = Terminal::unverified(());
             t.verified = verified;
             t.stopped = stopped;
+            t.failing = failing;
             t.state = state;
             if never {
                 t.prefs.when = ForwardWhen::Never;
             }
             assert_eq!(
-                terminal_reachable(&t),
-                reachable,
-                "{verified} {stopped} {state:?} {never}"
+                reach_state(&t),
+                expected,
+                "{verified} {stopped} {failing} {never} {state:?}"
             );
         }
     }
 
+    /// Every combination of the email and SMS terminals' contributions (cannot reach, available,
+    /// away, dnd), with no XMPP client: the best state wins (available > away > dnd), and the
+    /// status names the terminals in that state.
     #[test]
-    fn the_published_presence_is_xmpp_first_then_the_reachable_terminals() {
-        let away_by = |how: &str| available(Some("away"), Some(&format!("reachable by {how}")));
-        // XMPP presence × (email reachable, SMS reachable) → published.
+    fn the_global_presence_is_the_best_local_state_of_the_terminals() {
+        use crate::store::LocalState::*;
+        let on = |status: &str| available(None, Some(status));
+        let away = |status: &str| available(Some("away"), Some(status));
+        let dnd = available(Some("dnd"), Some(DND_STATUS));
+        // (email, SMS) → what a buddy sees
+        let table = [
+            (None, None, GlobalPresence::Unavailable),
+            (None, Some(Available), on("on SMS")),
+            (None, Some(Away), away("reachable by SMS")),
+            (None, Some(Dnd), dnd.clone()),
+            (Some(Available), None, on("by email")),
+            (Some(Available), Some(Available), on("by email and on SMS")),
+            (Some(Available), Some(Away), on("by email")),
+            (Some(Available), Some(Dnd), on("by email")),
+            (Some(Away), None, away("reachable by email")),
+            (Some(Away), Some(Available), on("on SMS")),
+            (Some(Away), Some(Away), away("reachable by email and SMS")),
+            (Some(Away), Some(Dnd), away("reachable by email")),
+            (Some(Dnd), None, dnd.clone()),
+            (Some(Dnd), Some(Available), on("on SMS")),
+            (Some(Dnd), Some(Away), away("reachable by SMS")),
+            (Some(Dnd), Some(Dnd), dnd.clone()),
+        ];
+        assert_eq!(table.len(), 16, "every combination of 4 × 4");
+        for (email, sms, expected) in &table {
+            assert_eq!(
+                compose_presence(GlobalPresence::Unavailable, *email, *sms),
+                *expected,
+                "email {email:?}, SMS {sms:?}"
+            );
+        }
+        // An available XMPP client wins over every combination, with its own show and status.
         let xmpp_states = [
-            GlobalPresence::Unavailable,
             available(None, Some("at my desk")),
             available(Some("away"), None),
             available(Some("dnd"), Some("meeting")),
             available(Some("xa"), None),
         ];
         for xmpp in xmpp_states {
-            for (by_email, by_sms) in [(false, false), (true, false), (false, true), (true, true)] {
-                let expected = match (&xmpp, by_email, by_sms) {
-                    (GlobalPresence::Available { .. }, _, _) => xmpp.clone(),
-                    (_, false, false) => GlobalPresence::Unavailable,
-                    (_, true, false) => away_by("email"),
-                    (_, false, true) => away_by("SMS"),
-                    (_, true, true) => away_by("email and SMS"),
-                };
+            for (email, sms, _) in &table {
                 assert_eq!(
-                    compose_presence(xmpp.clone(), by_email, by_sms),
-                    expected,
-                    "{xmpp:?} {by_email} {by_sms}"
+                    compose_presence(xmpp.clone(), *email, *sms),
+                    xmpp,
+                    "{xmpp:?} email {email:?}, SMS {sms:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_user_is_told_the_presence_in_words() {
+        let cases = [
+            (GlobalPresence::Unavailable, "unavailable"),
+            (available(None, Some("on SMS")), "available (on SMS)"),
+            (available(None, None), "available"),
+            (
+                available(Some("away"), Some("reachable by email")),
+                "away (reachable by email)",
+            ),
+            (
+                available(Some("dnd"), Some(DND_STATUS)),
+                "do not disturb (messages wait)",
+            ),
+            (available(Some("xa"), Some("  ")), "away for long"),
+            (available(Some("chat"), Some("hi")), "free to chat (hi)"),
+        ];
+        for (presence, words) in cases {
+            assert_eq!(presence.describe(), words, "{presence:?}");
         }
     }
 
@@ -1102,6 +1245,14 @@ mod tests {
         Some((Some("away".into()), Some(status.into())))
     }
 
+    fn on(status: &str) -> Seen {
+        Some((None, Some(status.into())))
+    }
+
+    fn dnd() -> Seen {
+        Some((Some("dnd".into()), Some(DND_STATUS.into())))
+    }
+
     #[test]
     fn buddies_see_the_phone_take_over_when_the_user_leaves_xmpp() {
         let t = Harness::new();
@@ -1109,22 +1260,28 @@ mod tests {
         let out = t.run(&format!(
             "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
         ));
-        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        assert_eq!(seen_by_bob(&out), vec![on("on SMS")]);
         let out = t.run(&format!("<presence from='{ALICE}/pc' to='{D}'/>"));
         assert_eq!(seen_by_bob(&out), vec![Some((None, None))]);
+        // While a client is online, the phone's local state does not show.
+        let out = stanzas(&sms_in(&t, "/dnd"));
+        assert_eq!(seen_by_bob(&out), vec![]);
         let out = t.run(&format!(
             "<presence type='unavailable' from='{ALICE}/pc' to='{D}'/>"
         ));
-        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
-        // Each change of the phone's local state is published once, and only real changes.
+        assert_eq!(seen_by_bob(&out), vec![dnd()]);
+        // Each change of the phone's local state is published at once, and only real changes.
         let cases: &[(&str, Seen)] = &[
-            ("/dnd", None),
-            ("/back", away("reachable by SMS")),
+            ("/back", on("on SMS")),
+            ("/back", on("on SMS")),
+            ("/away", away("reachable by SMS")),
+            ("/dnd", dnd()),
             ("/away", away("reachable by SMS")),
             ("STOP", None),
-            ("START", away("reachable by SMS")),
+            ("/back", None),
+            ("START", on("on SMS")),
         ];
-        let mut shown = away("reachable by SMS");
+        let mut shown = dnd();
         for (text, expected) in cases {
             let out = stanzas(&sms_in(&t, text));
             let want = if *expected == shown {
@@ -1139,14 +1296,74 @@ mod tests {
         let out = t.run(&format!(
             "<presence type='probe' from='{BOB}' to='alice@{D}'/>"
         ));
-        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        assert_eq!(seen_by_bob(&out), vec![on("on SMS")]);
         // Removing the phone from the registration leaves nothing reachable.
         let out = t.run(&register_form(ALICE, "alice", "", ""));
         assert_eq!(seen_by_bob(&out), vec![None]);
     }
 
+    /// Alice chats a command to the service; the answer's body.
+    fn chat_command(t: &Harness, body: &str) -> (Vec<Element>, String) {
+        let out = t.run(&format!(
+            "<message type='chat' from='{ALICE}/pc' to='{D}'><body>{body}</body></message>"
+        ));
+        let said = out
+            .iter()
+            .filter(|s| {
+                s.name() == "message" && s.attr("to").is_some_and(|to| to.starts_with(ALICE))
+            })
+            .filter_map(|s| child_text(s, "body"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (out, said)
+    }
+
+    /// The commands the daily prompts offer (SMS and the email footer) set exactly the three
+    /// local states, and buddies see each at once.
     #[test]
-    fn a_verified_email_address_is_named_too() {
+    fn the_prompts_commands_set_the_local_states_buddies_see() {
+        use crate::store::LocalState::*;
+        let t = Harness::new();
+        alice_with_verified_phone(&t);
+        t.run(&format!(
+            "<presence type='subscribe' from='{BOB}' to='alice@{D}'/>"
+        ));
+        for (text, state, expected) in [
+            ("/away", Away, away("reachable by SMS")),
+            ("/dnd", Dnd, dnd()),
+            ("/back", Available, on("on SMS")),
+        ] {
+            assert!(super::super::sms::PROMPT.contains(text), "{text}");
+            let out = stanzas(&sms_in(&t, text));
+            assert_eq!(seen_by_bob(&out), vec![expected], "{text}");
+            let phone = t.store.user(ALICE).unwrap().unwrap().phone.unwrap();
+            assert_eq!(phone.state, state, "{text}");
+        }
+        // The email prompt's lines, sent as chat.
+        let mut u = t.store.user(ALICE).unwrap().unwrap();
+        let mut mail =
+            Terminal::unverified(crate::address::Email::parse("alice@mail.example.org").unwrap());
+        mail.verified = true;
+        mail.state = Away;
+        u.email = Some(mail);
+        u.phone.as_mut().unwrap().state = Dnd;
+        t.store.put_user(&u).unwrap();
+        let footer = email_prompt(&t.core, &t.store, 0, &u).unwrap();
+        for (line, state, expected) in [
+            (EMAIL_STATE_DND, Dnd, dnd()),
+            (EMAIL_STATE_AVAILABLE, Available, on("by email")),
+            (EMAIL_STATE_AWAY, Away, away("reachable by email")),
+        ] {
+            assert!(footer.contains(&format!("'{line}'")), "{footer}");
+            let (out, _) = chat_command(&t, line);
+            assert_eq!(seen_by_bob(&out), vec![expected], "{line}");
+            let email = t.store.user(ALICE).unwrap().unwrap().email.unwrap();
+            assert_eq!(email.state, state, "{line}");
+        }
+    }
+
+    #[test]
+    fn with_email_and_phone_the_best_local_state_shows() {
         let t = Harness::new();
         t.run(&register_form(
             ALICE,
@@ -1163,10 +1380,8 @@ mod tests {
             .unwrap()
             .unwrap()
             .code;
-        let out = t.run(&format!(
-            "<message type='chat' from='{ALICE}/pc' to='{D}'><body>verify {code}</body></message>"
-        ));
-        assert_eq!(seen_by_bob(&out), vec![away("reachable by email")]);
+        let (out, _) = chat_command(&t, &format!("verify {code}"));
+        assert_eq!(seen_by_bob(&out), vec![on("by email")]);
         let code = t
             .store
             .verification(ALICE, TerminalKind::Phone)
@@ -1174,7 +1389,50 @@ mod tests {
             .unwrap()
             .code;
         let out = stanzas(&sms_in(&t, &code));
-        assert_eq!(seen_by_bob(&out), vec![away("reachable by email and SMS")]);
+        assert_eq!(seen_by_bob(&out), vec![on("by email and on SMS")]);
+        // dnd on one terminal, available on the other: the other one shows.
+        let (out, said) = chat_command(&t, "state email dnd");
+        assert_eq!(seen_by_bob(&out), vec![on("on SMS")]);
+        assert!(
+            said.contains("Buddies see you: available (on SMS)."),
+            "{said}"
+        );
+        let out = stanzas(&sms_in(&t, "/away"));
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        // dnd on every terminal: dnd, messages wait.
+        let actions = sms_in(&t, "/dnd");
+        assert_eq!(seen_by_bob(&stanzas(&actions)), vec![dnd()]);
+        assert_eq!(
+            sms_texts(&actions),
+            vec![
+                "Reach: do not disturb. Nothing is forwarded to this phone until /back. \
+                 Buddies see you: do not disturb (messages wait)."
+                    .to_owned()
+            ]
+        );
+        let (out, _) = chat_command(&t, "state email away");
+        assert_eq!(seen_by_bob(&out), vec![away("reachable by email")]);
+        let (out, _) = chat_command(&t, "state email available");
+        assert_eq!(seen_by_bob(&out), vec![on("by email")]);
+        // The status commands show what buddies see: chat, ad-hoc and SMS.
+        let (_, status) = chat_command(&t, "status");
+        assert!(
+            status.contains("Buddies see: available (by email)"),
+            "{status}"
+        );
+        let texts = sms_texts(&sms_in(&t, "/status"));
+        assert_eq!(texts.len(), 1, "{texts:?}");
+        assert!(
+            texts[0].contains("buddies see: available (by email)"),
+            "{texts:?}"
+        );
+        // A bounce marks the email failing: it cannot reach her, the phone's dnd is all that is left.
+        let mut u = t.store.user(ALICE).unwrap().unwrap();
+        u.email.as_mut().unwrap().failing = true;
+        t.store.put_user(&u).unwrap();
+        let mut out = Out::default();
+        refresh_global(&t.core, &t.store, 0, &u, &mut out).unwrap();
+        assert_eq!(seen_by_bob(&stanzas(&out.actions)), vec![dnd()]);
     }
 
     #[test]
@@ -1190,7 +1448,7 @@ mod tests {
         t.run(&format!("<presence from='{BOB}/pc' to='alice@{D}'/>"));
         t.run(&format!("<presence from='{ALICE}/pc' to='{D}'/>"));
         let out = t.event(crate::core::Event::LinkUp);
-        assert_eq!(seen_by_bob(&out), vec![away("reachable by SMS")]);
+        assert_eq!(seen_by_bob(&out), vec![on("on SMS")]);
         let probes: Vec<_> = out
             .iter()
             .filter(|p| p.attr("type") == Some("probe"))

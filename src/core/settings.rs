@@ -525,11 +525,13 @@ pub(super) fn set_state(
     store.put_user(&updated)?;
     super::presence::refresh_global(core, store, now, &updated, out)?;
     let noun = capitalised(&kind_noun(kind, &address));
+    let seen = super::presence::seen_by_buddies(core, store, &updated)?;
     Ok(Ok(match state {
-        LocalState::Available => format!("{noun} is available."),
-        LocalState::Away => format!("{noun} is away."),
+        LocalState::Available => format!("{noun} is available. Buddies see you: {seen}."),
+        LocalState::Away => format!("{noun} is away. Buddies see you: {seen}."),
         LocalState::Dnd => format!(
-            "{noun} is on do not disturb: nothing is forwarded there until you set it available."
+            "{noun} is on do not disturb: nothing is forwarded there until you set it available. \
+             Buddies see you: {seen}."
         ),
     }))
 }
@@ -1241,8 +1243,9 @@ pub(super) fn status_text(core: &Core, store: &Store, user: &User) -> Result<Str
         .map(|p| p.items.len())
         .sum();
     Ok(format!(
-        "Your reach address: {}\n{}\n{}\nHeld messages: {}\nWaiting to be forwarded: {waiting}",
+        "Your reach address: {}\nBuddies see: {}\n{}\n{}\nHeld messages: {}\nWaiting to be forwarded: {waiting}",
         core.reach_address(&user.handle),
+        super::presence::seen_by_buddies(core, store, user)?,
         terminals.join("\n"),
         account_lines(user),
         store.held_count(&user.jid)?,
@@ -2230,7 +2233,7 @@ mod tests {
             alice(&t);
             assert_eq!(
                 say(&t, "state phone away"),
-                format!("Your phone {PHONE} is away.")
+                format!("Your phone {PHONE} is away. Buddies see you: available (by email).")
             );
             assert_eq!(user(&t).phone.unwrap().state, LocalState::Away);
             assert_eq!(
@@ -2274,7 +2277,8 @@ mod tests {
                 &echo(&form, &[("terminal", &["email"]), ("state", &["dnd"])]),
             );
             assert_eq!(notes(&c), vec![(NoteType::Info, format!(
-                "Your email address {MAIL} is on do not disturb: nothing is forwarded there until you set it available."
+                "Your email address {MAIL} is on do not disturb: nothing is forwarded there until you set it available. \
+                 Buddies see you: away (reachable by SMS)."
             ))]);
             assert_eq!(user(&t).email.unwrap().state, LocalState::Dnd);
 
@@ -2285,6 +2289,7 @@ mod tests {
             assert_eq!(notes(&c), vec![(NoteType::Info, status.clone())]);
             for line in [
                 format!("Your reach address: alice@{D}"),
+                "Buddies see: away (reachable by SMS)".to_owned(),
                 format!("Email: {MAIL} (verified, do not disturb)"),
                 format!("Phone: {PHONE} (verified, away, primary)"),
                 "  when: away_or_offline (while your XMPP clients are away or offline)".to_owned(),

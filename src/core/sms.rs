@@ -43,7 +43,8 @@ const HELP: &str =
 /approve JID or /deny JID answers a presence request; STOP ends SMS, START resumes.";
 
 /// The prompt for a local state, texted when forwarding to the phone starts (once a day).
-pub(super) const PROMPT: &str = "Reach: now forwarding to this phone. /away /dnd /back to change.";
+pub(super) const PROMPT: &str =
+    "Reach: now forwarding to this phone. /away, /dnd (messages wait) or /back sets what buddies see.";
 
 fn settings(core: &Core) -> Option<&SmsSettings> {
     core.settings.sms.as_ref()
@@ -273,7 +274,7 @@ pub(super) fn confirm_phone(
     store.put_user(&user)?;
     store.remove_verification(&user.jid, TerminalKind::Phone)?;
     tracing::info!(handle = user.handle.as_str(), "phone terminal verified");
-    if !super::presence::global_presence(store, &user)?.is_available() {
+    if !super::presence::xmpp_presence(store, &user)?.is_available() {
         super::forward::forward_held(core, store, now, &user, out)?;
     }
     super::presence::refresh_global(core, store, now, &user, out)?;
@@ -474,6 +475,21 @@ fn set_phone(
     super::presence::refresh_global(core, store, now, &user, out)
 }
 
+/// What buddies see now, in words short enough for an SMS (an XMPP client's status text may be
+/// long: it is cut at [`SEEN_CHARS`] characters).
+fn seen_by_buddies(core: &Core, store: &Store, user: &User) -> Result<String, StoreError> {
+    let seen = super::presence::seen_by_buddies(core, store, user)?;
+    Ok(if seen.chars().count() > SEEN_CHARS {
+        let cut: String = seen.chars().take(SEEN_CHARS - 3).collect();
+        format!("{cut}...")
+    } else {
+        seen
+    })
+}
+
+/// The longest presence, in characters, an answer by SMS repeats.
+const SEEN_CHARS: usize = 60;
+
 /// Sets the phone's local state. The user chose it today, so no prompt for one is needed.
 fn set_state(
     core: &Core,
@@ -576,15 +592,25 @@ fn on_command(
         }
         Command::Away(_) => {
             set_state(core, store, now, user, LocalState::Away, out)?;
-            "Reach: phone set to away.".to_owned()
+            format!(
+                "Reach: phone set to away. Buddies see you: {}.",
+                seen_by_buddies(core, store, user)?
+            )
         }
         Command::Back => {
             set_state(core, store, now, user, LocalState::Available, out)?;
-            "Reach: phone set to available.".to_owned()
+            format!(
+                "Reach: phone set to available. Buddies see you: {}.",
+                seen_by_buddies(core, store, user)?
+            )
         }
         Command::Dnd(_) => {
             set_state(core, store, now, user, LocalState::Dnd, out)?;
-            "Reach: do not disturb. Nothing is forwarded to this phone until /back.".to_owned()
+            format!(
+                "Reach: do not disturb. Nothing is forwarded to this phone until /back. \
+                 Buddies see you: {}.",
+                seen_by_buddies(core, store, user)?
+            )
         }
         Command::Status => {
             let state = user
@@ -592,13 +618,13 @@ fn on_command(
                 .as_ref()
                 .map_or(LocalState::Available, |t| t.state);
             format!(
-                "Reach: {} phone {:?}, {} held. {} SMS today.",
+                "Reach: {} phone {}; buddies see: {}. {} held, {} SMS today.",
                 core.reach_address(&user.handle),
-                state,
+                super::settings::state_word(state),
+                seen_by_buddies(core, store, user)?,
                 store.held_count(&user.jid)?,
                 store.sms_count(&user.jid, day(now))?
             )
-            .to_lowercase()
         }
         Command::Msg { peer, text } => {
             return send_to_named(core, store, now, user, &peer, &text, out)
