@@ -969,9 +969,14 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
             None => at(format!("[{key}]: unknown section{known}")),
         };
     }
-    let value_error = ["invalid type", "invalid value", "unknown variant", "invalid length"]
-        .iter()
-        .any(|p| message.starts_with(p));
+    let value_error = [
+        "invalid type",
+        "invalid value",
+        "unknown variant",
+        "invalid length",
+    ]
+    .iter()
+    .any(|p| message.starts_with(p));
     match start.and_then(|start| key_on_line(text, start)) {
         Some(key) if value_error => match section {
             Some(section) => at(format!("[{section}] {key}: {message}")),
@@ -1544,7 +1549,10 @@ mod tests {
             parse(&text).unwrap().email.unwrap().from_address,
             "bounces@reply.example.org"
         );
-        let text = format!("{}{email}from_address = \"nope\"\n", minimal("secret = \"s\""));
+        let text = format!(
+            "{}{email}from_address = \"nope\"\n",
+            minimal("secret = \"s\"")
+        );
         assert!(err(&text).contains("[email] from_address: 'nope' is not an email address"));
         // A missing required key of the section is named with its section and line.
         let text = format!(

@@ -159,11 +159,7 @@ fn as_alices_mail(raw: &[u8], unique: &str) -> Vec<u8> {
         .windows(2)
         .position(|w| w == b"\n\n")
         .map(|p| p + 1)
-        .or_else(|| {
-            raw.windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .map(|p| p + 2)
-        })
+        .or_else(|| raw.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 2))
         .unwrap_or(raw.len());
     let (head, rest) = raw.split_at(split);
     let mut out = Vec::with_capacity(raw.len() + 100);
@@ -241,10 +237,7 @@ async fn every_fixture_reaches_the_buddy_as_its_golden_text() {
             .collect();
         emls.sort();
         for eml in emls {
-            let name = format!(
-                "{category}/{}",
-                eml.file_stem().unwrap().to_string_lossy()
-            );
+            let name = format!("{category}/{}", eml.file_stem().unwrap().to_string_lossy());
             if sidecar(&eml, "needs").is_some() && !full_encoding {
                 eprintln!("{name}: skipped (needs mail-parser's full_encoding)");
                 continue;
