@@ -1919,6 +1919,20 @@ mod tests {
         let hostile = format!("from: x\nBob wrote:\n________\n{}", "\n".repeat(50)).repeat(5_000);
         let started = std::time::Instant::now();
         let _ = strip_quoted_and_signature(&hostile);
+        // Footer candidates that are never cut: each looks ahead, none may rescan the text.
+        let footers = format!(
+            "Sent from my iPhone\nstill mine\n__________\n{}unsubscribe\n",
+            "\n".repeat(50)
+        )
+        .repeat(5_000);
+        let kept = strip_quoted_and_signature(&footers);
+        assert!(
+            kept.starts_with("Sent from my iPhone\nstill mine"),
+            "{}",
+            &kept[..40]
+        );
+        let wrapped = "Bob 10:00 <b@x>\nwrote:\n".repeat(20_000);
+        let _ = strip_quoted_and_signature(&wrapped);
         let html = "<blockquote><script>".repeat(20_000) + &"<div class=\"x".repeat(20_000);
         let _ = html_to_text(&html);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
