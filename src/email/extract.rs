@@ -824,10 +824,10 @@ fn is_mobile_footer(trimmed: &str) -> bool {
 }
 
 /// Whether nothing of the user's own follows line `from`: only blank lines, then the end, a
-/// quote, an attribution, a header block, a signature or a list footer. Looks a bounded way ahead;
-/// undecided means "keep".
+/// quote, an attribution, a header block, a signature or a list footer. Decided by the first
+/// non-blank line, so a run of footer-like lines is still read in linear time.
 fn only_leftovers_follow(lines: &[&str], from: usize) -> bool {
-    for j in from..lines.len().min(from + LOOKAHEAD_LINES) {
+    for j in from..lines.len() {
         let line = lines[j];
         let trimmed = line.trim();
         if trimmed.is_empty() {
@@ -841,7 +841,7 @@ fn only_leftovers_follow(lines: &[&str], from: usize) -> bool {
                 && (next_is_header_block(lines, j + 1) || is_list_footer_at(lines, j)))
             || attribution_at(lines, j).is_some();
     }
-    from + LOOKAHEAD_LINES >= lines.len()
+    true
 }
 
 /// What mailing-list software and mail providers append below a rule: the list's name and
@@ -1750,6 +1750,8 @@ mod tests {
         assert_eq!(strip_quoted_and_signature(middle), middle);
         let end = "Yes.\n\nSent from my iPhone\n";
         assert_eq!(strip_quoted_and_signature(end), "Yes.");
+        let far_quote = format!("Yes.\n\nSent from my iPhone{}> Bob: ok?\n", "\n".repeat(30));
+        assert_eq!(strip_quoted_and_signature(&far_quote), "Yes.");
         let before_quote = "Yes.\n\nSent from my Samsung Galaxy smartphone.\n\nOn Tue, 3 Mar 2026 at 10:00, Bob <b@example.net> wrote:\n> x";
         assert_eq!(strip_quoted_and_signature(before_quote), "Yes.");
         for footer in [
@@ -1931,6 +1933,8 @@ mod tests {
             "{}",
             &kept[..40]
         );
+        let blank_runs = format!("Sent from my iPhone{}", "\n".repeat(200)).repeat(2_000) + "x";
+        assert!(strip_quoted_and_signature(&blank_runs).ends_with('x'));
         let wrapped = "Bob 10:00 <b@x>\nwrote:\n".repeat(20_000);
         let _ = strip_quoted_and_signature(&wrapped);
         let html = "<blockquote><script>".repeat(20_000) + &"<div class=\"x".repeat(20_000);
