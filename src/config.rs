@@ -35,7 +35,7 @@ pub enum ConfigError {
     },
     /// The file is not valid TOML, has an unknown key, lacks a required key or has a value of the
     /// wrong type. `message` names the line and the `[section] key` where they are known
-    /// (`line 7: [email] from_address: missing`), else it is toml's own text.
+    /// (`[email] relay: missing from the section at line 65`), else it is toml's own text.
     #[error("config file {}: {message}", path.display())]
     Syntax {
         /// The config file.
@@ -924,14 +924,14 @@ impl Default for LogConfig {
 
 /// `email.from_address` → `[email] from_address`; a key without a section stays as it is.
 fn section_key(key: &str) -> String {
-    match key.split_once('.') {
+    match key.rsplit_once('.') {
         Some((section, rest)) => format!("[{section}] {rest}"),
         None => key.to_string(),
     }
 }
 
 /// Turns toml's error into one line naming the line and the `[section] key`:
-/// `line 7: [email] from_address: missing`, `line 5: [component] idle_ping: unknown key (...)`,
+/// `[email] relay: missing from the section at line 65`, `line 5: [component] idle_ping: unknown key (...)`,
 /// `[users]: missing section`. A pure syntax error keeps toml's own text, which shows the line.
 fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim();
@@ -955,8 +955,12 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
         // A missing top-level key is a missing section: toml points at the document, or at the
         // section it was looking in, so tell the two apart by the name.
         return match section.filter(|_| !ROOT_SECTIONS.contains(&key.as_str())) {
-            Some(section) => at(format!("[{section}] {key}: missing")),
-            None => format!("[{key}]: missing section"),
+            Some(section) => match line {
+                Some(line) => format!("[{section}] {key}: missing from the section at line {line}"),
+                None => format!("[{section}] {key}: missing"),
+            },
+            None if ROOT_SECTIONS.contains(&key.as_str()) => format!("[{key}]: missing section"),
+            None => format!("{key}: missing"),
         };
     }
     if let Some(key) = quoted("unknown field `") {
@@ -1432,7 +1436,7 @@ mod tests {
         let text = format!("{}[metrics]\nport = 9464\n", minimal("secret = \"s\""));
         assert!(err(&text).contains("[metrics] port: unknown key"));
         let text = format!("{}[metrics]\n", minimal("secret = \"s\""));
-        assert!(err(&text).contains("[metrics] listen: missing"));
+        assert!(err(&text).contains("[metrics] listen: missing from the section at line"));
         assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
         assert!("JSON".parse::<LogFormat>().is_err());
     }
@@ -1516,7 +1520,10 @@ mod tests {
     fn missing_required_key_is_named() {
         let text = minimal("secret = \"s\"").replace("server = \"127.0.0.1:5347\"\n", "");
         let e = err(&text);
-        assert!(e.contains("[component] server: missing"), "{e}");
+        assert!(
+            e.contains("[component] server: missing from the section at line 1"),
+            "{e}"
+        );
 
         let text =
             minimal("secret = \"s\"").replace("[users]\nallowed_domains = [\"example.org\"]\n", "");
@@ -1561,7 +1568,10 @@ mod tests {
             email.replace("relay = \"smtp://127.0.0.1:25\"\n", "")
         );
         let e = err(&text);
-        assert!(e.contains("line 9: [email] relay: missing"), "{e}");
+        assert!(
+            e.contains("[email] relay: missing from the section at line 9"),
+            "{e}"
+        );
         assert!(e.starts_with("config file /etc/reach/config.toml: "), "{e}");
     }
 
