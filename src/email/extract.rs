@@ -884,10 +884,12 @@ const LIST_FOOTER_WORDS: &[&str] = &[
 const MAX_LIST_FOOTER_LINES: usize = 8;
 
 /// A rule line at `i` followed by a short block (to the end of the text, or to a quote) that
-/// within its first lines says what list or provider it comes from or how to unsubscribe.
+/// within its first lines says what list or provider it comes from or how to unsubscribe, and
+/// gives a link or an address for it.
 fn is_list_footer_at(lines: &[&str], i: usize) -> bool {
     let mut non_blank = 0;
     let mut names_list = false;
+    let mut has_link = false;
     for line in lines.iter().skip(i + 1) {
         let trimmed = line.trim();
         if trimmed.is_empty() {
@@ -900,12 +902,14 @@ fn is_list_footer_at(lines: &[&str], i: usize) -> bool {
         if non_blank > MAX_LIST_FOOTER_LINES {
             return false;
         }
+        let lower = trimmed.to_lowercase();
         if non_blank <= 4 {
-            let lower = trimmed.to_lowercase();
             names_list |= LIST_FOOTER_WORDS.iter().any(|w| lower.contains(w));
         }
+        // Footers say where to go: a link or an address. A list of the user's own steps does not.
+        has_link |= lower.contains("http://") || lower.contains("https://") || lower.contains('@');
     }
-    names_list
+    names_list && has_link
 }
 
 const ORIGINAL_MESSAGE_MARKERS: &[&str] = &[
@@ -1801,6 +1805,10 @@ mod tests {
         let long =
             "Notes\n----------\nI will unsubscribe from the old list.\na\nb\nc\nd\ne\nf\ng\nh";
         assert_eq!(strip_quoted_and_signature(long), long);
+        // A short one too, as long as it points nowhere.
+        let steps =
+            "Steps:\n----------\n1. unsubscribe from the old mailing list\n2. join the new one";
+        assert_eq!(strip_quoted_and_signature(steps), steps);
     }
 
     #[test]
@@ -1921,6 +1929,14 @@ mod tests {
         let hostile = format!("from: x\nBob wrote:\n________\n{}", "\n".repeat(50)).repeat(5_000);
         let started = std::time::Instant::now();
         let _ = strip_quoted_and_signature(&hostile);
+        let html = "<blockquote><script>".repeat(20_000) + &"<div class=\"x".repeat(20_000);
+        let _ = html_to_text(&html);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    /// Sized so that a rule that rescanned the rest of the text (quadratic) would not finish.
+    #[test]
+    fn footer_rules_read_hostile_input_once() {
         // Footer candidates that are never cut: each looks ahead, none may rescan the text.
         let footers = format!(
             "Sent from my iPhone\nstill mine\n__________\n{}unsubscribe\n",
@@ -1936,10 +1952,7 @@ mod tests {
         let blank_runs = format!("Sent from my iPhone{}", "\n".repeat(200)).repeat(2_000) + "x";
         assert!(strip_quoted_and_signature(&blank_runs).ends_with('x'));
         let wrapped = "Bob 10:00 <b@x>\nwrote:\n".repeat(20_000);
-        let _ = strip_quoted_and_signature(&wrapped);
-        let html = "<blockquote><script>".repeat(20_000) + &"<div class=\"x".repeat(20_000);
-        let _ = html_to_text(&html);
-        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(strip_quoted_and_signature(&wrapped), wrapped.trim());
     }
 
     #[test]
