@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::address::domain_problem;
 
 /// Why the configuration cannot be used. The text names the file and, for a bad value, the
-/// option (`component.domain: ...`).
+/// option as `[section] key` (`[component] domain: ...`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file cannot be read.
@@ -34,7 +34,8 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML, has an unknown key, lacks a required key or has a value of the
-    /// wrong type. `message` is toml's text, which names the key and shows the line.
+    /// wrong type. `message` names the line and the `[section] key` where they are known
+    /// (`[email] relay: missing from the section at line 65`), else it is toml's own text.
     #[error("config file {}: {message}", path.display())]
     Syntax {
         /// The config file.
@@ -42,8 +43,8 @@ pub enum ConfigError {
         /// toml's description (several lines).
         message: String,
     },
-    /// A value is well-typed but not acceptable.
-    #[error("config file {}: {key}: {message}", path.display())]
+    /// A value is well-typed but not acceptable. Shown as `[section] key: message`.
+    #[error("config file {}: {}: {message}", path.display(), section_key(key))]
     Invalid {
         /// The config file.
         path: PathBuf,
@@ -525,9 +526,14 @@ pub struct EmailConfig {
     /// inline or in a file (trailing line breaks ignored). Never logged.
     relay_password: Option<Secret>,
     relay_password_file: Option<PathBuf>,
-    /// `from_address` (required): the envelope sender of every mail Reach sends, and the From
-    /// of verification mails; normally an address at `reply_domain` so that bounces come back to
-    /// Reach's listener, e.g. `reach@reach.example.org`.
+    /// `from_address` (optional, default `reach@` followed by `reply_domain`): the envelope
+    /// sender of every mail Reach sends, and the From of verification mails; keep it an address
+    /// at `reply_domain` so that bounces come back to Reach's listener.
+    #[serde(default, rename = "from_address")]
+    from_address_set: Option<String>,
+    /// The envelope sender in force: `from_address` as written, or its default (set by
+    /// validation).
+    #[serde(skip)]
     pub from_address: String,
     /// `from_name` (optional, default "Reach"): mails show `"Bob via Reach"`.
     #[serde(default = "default_from_name")]
@@ -699,7 +705,14 @@ impl EmailConfig {
                 ),
             ));
         }
-        if crate::address::Email::parse(&self.from_address).is_err() {
+        self.from_address = self
+            .from_address_set
+            .clone()
+            .unwrap_or_else(|| format!("reach@{}", self.reply_domain));
+        // A default built from a bad reply_domain is reported as the reply_domain's fault below.
+        if self.from_address_set.is_some()
+            && crate::address::Email::parse(&self.from_address).is_err()
+        {
             return Err(origin.invalid(
                 "email.from_address",
                 format!("'{}' is not an email address", self.from_address),
@@ -905,6 +918,120 @@ impl Default for LogConfig {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Config errors that name `[section] key` (issue 11)
+// ---------------------------------------------------------------------------------------------
+
+/// `email.from_address` → `[email] from_address`; a key without a section stays as it is.
+fn section_key(key: &str) -> String {
+    match key.rsplit_once('.') {
+        Some((section, rest)) => format!("[{section}] {rest}"),
+        None => key.to_string(),
+    }
+}
+
+/// Turns toml's error into one line naming the line and the `[section] key`:
+/// `[email] relay: missing from the section at line 65`, `line 5: [component] idle_ping: unknown key (...)`,
+/// `[users]: missing section`. A pure syntax error keeps toml's own text, which shows the line.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim();
+    let start = error
+        .span()
+        .map(|span| span.start.min(text.len()))
+        .filter(|&start| text.is_char_boundary(start));
+    let line = start.map(|start| text[..start].matches('\n').count() + 1);
+    let at = |what: String| match line {
+        Some(line) => format!("line {line}: {what}"),
+        None => what,
+    };
+    let section = start.and_then(|start| section_at(text, start));
+    let quoted = |prefix: &str| {
+        message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string)
+    };
+    if let Some(key) = quoted("missing field `") {
+        // A missing top-level key is a missing section: toml points at the document, or at the
+        // section it was looking in, so tell the two apart by the name.
+        return match section.filter(|_| !ROOT_SECTIONS.contains(&key.as_str())) {
+            Some(section) => match line {
+                Some(line) => format!("[{section}] {key}: missing from the section at line {line}"),
+                None => format!("[{section}] {key}: missing"),
+            },
+            None if ROOT_SECTIONS.contains(&key.as_str()) => format!("[{key}]: missing section"),
+            None => format!("{key}: missing"),
+        };
+    }
+    if let Some(key) = quoted("unknown field `") {
+        let known = message
+            .split_once(", expected ")
+            .map(|(_, known)| format!(" (known: {known})"))
+            .unwrap_or_default();
+        return match section.filter(|section| *section != key) {
+            Some(section) => at(format!("[{section}] {key}: unknown key{known}")),
+            None => at(format!("[{key}]: unknown section{known}")),
+        };
+    }
+    let value_error = [
+        "invalid type",
+        "invalid value",
+        "unknown variant",
+        "invalid length",
+    ]
+    .iter()
+    .any(|p| message.starts_with(p));
+    match start.and_then(|start| key_on_line(text, start)) {
+        Some(key) if value_error => match section {
+            Some(section) => at(format!("[{section}] {key}: {message}")),
+            None => at(format!("{key}: {message}")),
+        },
+        _ => error.to_string().trim_end().to_owned(),
+    }
+}
+
+/// The top-level keys of the file: each is a section.
+const ROOT_SECTIONS: &[&str] = &[
+    "component",
+    "users",
+    "store",
+    "log",
+    "email",
+    "sms",
+    "metrics",
+    "routing",
+    "limits",
+];
+
+/// The name of the `[section]` whose header is on or above the line holding byte `pos`.
+fn section_at(text: &str, pos: usize) -> Option<String> {
+    let mut section = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if offset > pos {
+            break;
+        }
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            let name = trimmed.trim_start_matches('[');
+            if let Some(end) = name.find(']') {
+                section = Some(name[..end].trim().to_string());
+            }
+        }
+        offset += line.len();
+    }
+    section
+}
+
+/// The key of the `key = value` line holding byte `pos`.
+fn key_on_line(text: &str, pos: usize) -> Option<String> {
+    let line_start = text[..pos].rfind('\n').map_or(0, |p| p + 1);
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_string())
+}
+
 /// Reads, parses and validates the config file at `path`, and resolves the secret.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -949,7 +1076,7 @@ impl Config {
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: describe_toml_error(text, &e),
         })?;
         config.validate(&Origin { path })?;
         Ok(config)
@@ -1305,11 +1432,11 @@ mod tests {
             "{}[metrics]\nlisten = \"9464\"\n",
             minimal("secret = \"s\"")
         );
-        assert!(err(&text).contains("metrics.listen: '9464' is not host:port"));
+        assert!(err(&text).contains("[metrics] listen: '9464' is not host:port"));
         let text = format!("{}[metrics]\nport = 9464\n", minimal("secret = \"s\""));
-        assert!(err(&text).contains("unknown field `port`"));
+        assert!(err(&text).contains("[metrics] port: unknown key"));
         let text = format!("{}[metrics]\n", minimal("secret = \"s\""));
-        assert!(err(&text).contains("missing field `listen`"));
+        assert!(err(&text).contains("[metrics] listen: missing from the section at line"));
         assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
         assert!("JSON".parse::<LogFormat>().is_err());
     }
@@ -1372,7 +1499,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = err(&minimal("secret = \"s\"\nidle_ping = 5"));
-        assert!(e.contains("unknown field `idle_ping`"), "{e}");
+        assert!(e.contains("[component] idle_ping: unknown key"), "{e}");
         assert!(e.contains("/etc/reach/config.toml"), "{e}");
         assert!(e.contains("line 5"), "{e}");
 
@@ -1380,31 +1507,78 @@ mod tests {
             "{}[logging]\nlevel = \"debug\"\n",
             minimal("secret = \"s\"")
         ));
-        assert!(e.contains("unknown field `logging`"), "{e}");
+        assert!(e.contains("[logging]: unknown section"), "{e}");
 
         let e = err(&format!(
             "{}[log]\nlevle = \"debug\"\n",
             minimal("secret = \"s\"")
         ));
-        assert!(e.contains("unknown field `levle`"), "{e}");
+        assert!(e.contains("[log] levle: unknown key"), "{e}");
     }
 
     #[test]
     fn missing_required_key_is_named() {
         let text = minimal("secret = \"s\"").replace("server = \"127.0.0.1:5347\"\n", "");
         let e = err(&text);
-        assert!(e.contains("missing field `server`"), "{e}");
+        assert!(
+            e.contains("[component] server: missing from the section at line 1"),
+            "{e}"
+        );
 
         let text =
             minimal("secret = \"s\"").replace("[users]\nallowed_domains = [\"example.org\"]\n", "");
         let e = err(&text);
-        assert!(e.contains("missing field `users`"), "{e}");
+        assert!(e.contains("[users]: missing section"), "{e}");
     }
 
     #[test]
     fn wrong_type_is_reported() {
         let e = err(&minimal("secret = \"s\"\nidle_ping_secs = \"60\""));
         assert!(e.contains("invalid type"), "{e}");
+        assert!(e.contains("line 5: [component] idle_ping_secs: "), "{e}");
+    }
+
+    #[test]
+    fn from_address_defaults_to_reach_at_the_reply_domain() {
+        let email = "[email]\nrelay = \"smtp://127.0.0.1:25\"\n\
+                     reply_domain = \"reply.example.org\"\nlisten = \"127.0.0.1:2525\"\n";
+        let text = format!("{}{email}", minimal("secret = \"s\""));
+        let config = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.email.unwrap().from_address,
+            "reach@reply.example.org"
+        );
+        let text = format!(
+            "{}{email}from_address = \"bounces@reply.example.org\"\n",
+            minimal("secret = \"s\"")
+        );
+        assert_eq!(
+            parse(&text).unwrap().email.unwrap().from_address,
+            "bounces@reply.example.org"
+        );
+        let text = format!(
+            "{}{email}from_address = \"nope\"\n",
+            minimal("secret = \"s\"")
+        );
+        assert!(err(&text).contains("[email] from_address: 'nope' is not an email address"));
+        // A missing required key of the section is named with its section and line.
+        let text = format!(
+            "{}{}",
+            minimal("secret = \"s\""),
+            email.replace("relay = \"smtp://127.0.0.1:25\"\n", "")
+        );
+        let e = err(&text);
+        assert!(
+            e.contains("[email] relay: missing from the section at line 9"),
+            "{e}"
+        );
+        assert!(e.starts_with("config file /etc/reach/config.toml: "), "{e}");
+    }
+
+    #[test]
+    fn a_syntax_error_keeps_tomls_text_with_the_line() {
+        let e = err(&minimal("secret = \"s\"\nidle_ping_secs = = 5"));
+        assert!(e.contains("line 5"), "{e}");
     }
 
     #[test]
@@ -1419,7 +1593,7 @@ mod tests {
         let e = err(&minimal(""));
         assert!(e.contains("neither secret nor secret_file"), "{e}");
         let e = err(&minimal("secret = \"\""));
-        assert!(e.contains("component.secret: must not be empty"), "{e}");
+        assert!(e.contains("[component] secret: must not be empty"), "{e}");
     }
 
     #[test]
@@ -1439,7 +1613,7 @@ mod tests {
 
         let e = err(&minimal("secret_file = \"/nonexistent/reach/secret\""));
         assert!(
-            e.contains("component.secret_file: cannot read /nonexistent/reach/secret"),
+            e.contains("[component] secret_file: cannot read /nonexistent/reach/secret"),
             "{e}"
         );
     }
@@ -1499,7 +1673,7 @@ mod tests {
         assert_eq!(config.component.ping_to(), "xmpp.example.org");
         let e = err(&minimal("secret = \"s\"\nping_to = \"a@b@c\""));
         assert!(
-            e.contains("component.ping_to: 'a@b@c' is not a valid JID"),
+            e.contains("[component] ping_to: 'a@b@c' is not a valid JID"),
             "{e}"
         );
     }
@@ -1509,7 +1683,7 @@ mod tests {
         let text = minimal("secret = \"s\"").replace("reach.example.org", "Reach.Example");
         assert_eq!(
             err(&text),
-            "config file /etc/reach/config.toml: component.domain: 'Reach.Example' is not a valid \
+            "config file /etc/reach/config.toml: [component] domain: 'Reach.Example' is not a valid \
              domain: write it in lowercase ('reach.example')"
         );
         for bad in [
@@ -1521,7 +1695,7 @@ mod tests {
         ] {
             let text = minimal("secret = \"s\"").replace("reach.example.org", bad);
             let e = err(&text);
-            assert!(e.contains("component.domain:"), "{bad:?}: {e}");
+            assert!(e.contains("[component] domain:"), "{bad:?}: {e}");
         }
     }
 
@@ -1547,17 +1721,17 @@ mod tests {
         ] {
             let text = minimal("secret = \"s\"").replace("127.0.0.1:5347", bad);
             let e = err(&text);
-            assert!(e.contains("component.server:"), "{bad:?}: {e}");
+            assert!(e.contains("[component] server:"), "{bad:?}: {e}");
         }
     }
 
     #[test]
     fn bad_allowed_domains() {
         let text = minimal("secret = \"s\"").replace("[\"example.org\"]", "[]");
-        assert!(err(&text).contains("users.allowed_domains: is empty"));
+        assert!(err(&text).contains("[users] allowed_domains: is empty"));
         let text = minimal("secret = \"s\"")
             .replace("[\"example.org\"]", "[\"example.org\", \"Example.NET\"]");
-        assert!(err(&text).contains("users.allowed_domains: 'Example.NET' is not a valid domain"));
+        assert!(err(&text).contains("[users] allowed_domains: 'Example.NET' is not a valid domain"));
         let text = minimal("secret = \"s\"")
             .replace("[\"example.org\"]", "[\"example.org\", \"localhost\"]");
         let config = parse(&text).unwrap();
@@ -1568,20 +1742,20 @@ mod tests {
     #[test]
     fn other_checks() {
         let text = minimal("secret = \"s\"").replace("/var/lib/reach", "");
-        assert!(err(&text).contains("store.path: must not be empty"));
+        assert!(err(&text).contains("[store] path: must not be empty"));
         let file = TempFile::new("not-a-folder", "x");
         let text =
             minimal("secret = \"s\"").replace("/var/lib/reach", &file.0.display().to_string());
         assert!(err(&text).contains("exists and is not a folder"));
         assert!(err(&minimal("secret = \"s\"\nidle_ping_secs = 0"))
-            .contains("component.idle_ping_secs"));
+            .contains("[component] idle_ping_secs"));
         assert!(err(&minimal("secret = \"s\"\nping_timeout_secs = 0"))
-            .contains("component.ping_timeout_secs"));
+            .contains("[component] ping_timeout_secs"));
         let text = format!(
             "{}[log]\nlevel = \"reach=loud\"\n",
             minimal("secret = \"s\"")
         );
-        assert!(err(&text).contains("log.level: 'reach=loud' is not a valid log filter"));
+        assert!(err(&text).contains("[log] level: 'reach=loud' is not a valid log filter"));
         let text = format!(
             "{}[log]\nlevel = \"info,reach::xmpp=debug\"\n",
             minimal("secret = \"s\"")
@@ -1604,40 +1778,40 @@ mod tests {
         assert_eq!(limits.emails_per_user_per_hour, 5);
         assert_eq!(limits.max_body_chars, 10_000);
         for (line, message) in [
-            ("max_depth = 2", "limits.max_depth: must be at least 8"),
+            ("max_depth = 2", "[limits] max_depth: must be at least 8"),
             (
                 "max_stanza_bytes = 100",
-                "limits.max_stanza_bytes: must be at least 4096",
+                "[limits] max_stanza_bytes: must be at least 4096",
             ),
             (
                 "max_attributes = 0",
-                "limits.max_attributes: must be at least 8",
+                "[limits] max_attributes: must be at least 8",
             ),
             (
                 "max_body_chars = 0",
-                "limits.max_body_chars: must be at least 1",
+                "[limits] max_body_chars: must be at least 1",
             ),
             (
                 "max_body_chars = 300000",
-                "limits.max_body_chars: must be less than limits.max_stanza_bytes",
+                "[limits] max_body_chars: must be less than limits.max_stanza_bytes",
             ),
             (
                 "codes_per_terminal_per_day = 0",
-                "limits.codes_per_terminal_per_day: must be at least 1",
+                "[limits] codes_per_terminal_per_day: must be at least 1",
             ),
             (
                 "registrations_per_jid_per_hour = 0",
-                "limits.registrations_per_jid_per_hour: must be at least 1",
+                "[limits] registrations_per_jid_per_hour: must be at least 1",
             ),
             (
                 "wrong_codes_per_user_per_day = 0",
-                "limits.wrong_codes_per_user_per_day: must be at least 1",
+                "[limits] wrong_codes_per_user_per_day: must be at least 1",
             ),
             (
                 "verification_sms_per_hour = 0",
-                "limits.verification_sms_per_hour: must be at least 1",
+                "[limits] verification_sms_per_hour: must be at least 1",
             ),
-            ("max_deepness = 3", "unknown field `max_deepness`"),
+            ("max_deepness = 3", "[limits] max_deepness: unknown key"),
         ] {
             let text = format!("{}[limits]\n{line}\n", minimal("secret = \"s\""));
             let e = err(&text);
@@ -1694,7 +1868,7 @@ mod tests {
             let text = format!("{}[limits]\n{key} = 0\n", minimal("secret = \"s\""));
             let e = err(&text);
             assert!(
-                e.contains(&format!("limits.{key}: must be at least 1")),
+                e.contains(&format!("[limits] {key}: must be at least 1")),
                 "{key}: {e}"
             );
         }
@@ -1728,23 +1902,23 @@ mod tests {
         for (line, message) in [
             (
                 "max_connections_per_ip = 0",
-                "email.max_connections_per_ip: must be at least 1",
+                "[email] max_connections_per_ip: must be at least 1",
             ),
             (
                 "command_timeout_secs = 0",
-                "email.command_timeout_secs: must be from 1 to 86400",
+                "[email] command_timeout_secs: must be from 1 to 86400",
             ),
             (
                 "idle_timeout_secs = 90000",
-                "email.idle_timeout_secs: must be from 1 to 86400",
+                "[email] idle_timeout_secs: must be from 1 to 86400",
             ),
             (
                 "data_min_bytes_per_sec = 0",
-                "email.data_min_bytes_per_sec: must be at least 1",
+                "[email] data_min_bytes_per_sec: must be at least 1",
             ),
             (
                 "transaction_timeout_secs = 1000",
-                "email.transaction_timeout_secs: must be at least the data deadline",
+                "[email] transaction_timeout_secs: must be at least the data deadline",
             ),
         ] {
             let e = err(&email_section(line));

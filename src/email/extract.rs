@@ -595,9 +595,12 @@ fn append_attachment_lines(text: &mut String, attachments: &[String]) {
 /// three lines) together with everything after it when the quote that follows is not marked with
 /// `>`; Outlook header blocks (`-----Original Message-----`, a `____` rule or a `From:` line
 /// followed by `Sent:`/`To:`/`Subject:`-style lines, in several languages), forwarded-message
-/// markers; the signature from a `-- ` line, and mobile footers ("Sent from my iPhone", "Get
-/// Outlook for Android", ...), each to the end. Lines keep their text (trailing whitespace is
-/// dropped), runs of blank lines become one, and the result is trimmed.
+/// markers; the signature from a `-- ` line; a mobile footer ("Sent from my iPhone", "Get
+/// Outlook for Android", ...) when nothing of the user's follows it; a mailing-list or provider
+/// footer (a `___`/`---` rule over a short block naming the list, `listinfo` or how to
+/// unsubscribe); each to the end. A line of dashes or a sentence that merely starts like a
+/// footer is the user's text and stays. Lines keep their text (trailing whitespace is dropped),
+/// runs of blank lines become one, and the result is trimmed.
 pub fn strip_quoted_and_signature(text: &str) -> String {
     let text = normalize_newlines(text);
     let lines: Vec<&str> = text.split('\n').collect();
@@ -611,7 +614,8 @@ pub fn strip_quoted_and_signature(text: &str) -> String {
             continue;
         }
         if is_signature_delimiter(line)
-            || is_mobile_footer(trimmed)
+            || (is_mobile_footer(trimmed) && only_leftovers_follow(&lines, i + 1))
+            || (is_rule_line(trimmed) && is_list_footer_at(&lines, i))
             || is_original_message_marker(trimmed)
             || trimmed == "-----BEGIN PGP SIGNATURE-----"
             || is_header_block_at(&lines, i)
@@ -693,38 +697,219 @@ fn normalize_spaces(s: &str) -> String {
         .collect()
 }
 
-const MOBILE_FOOTER_PREFIXES: &[&str] = &[
-    "sent from my ",
+/// Footers that name a mail app: they are footers whatever follows the prefix.
+const APP_FOOTER_PREFIXES: &[&str] = &[
     "sent from mail for windows",
     "sent from outlook",
     "sent from yahoo mail",
     "sent from samsung",
+    "sent from proton mail",
     "sent with proton mail",
     "get outlook for ",
+    "envoyé à partir de outlook",
+];
+
+/// "Sent from my ..." in the languages mail apps are localised to: a footer only when what
+/// follows names a device ("Sent from my iPhone"), never a sentence ("Sent from my desk I ...").
+const DEVICE_FOOTER_PREFIXES: &[&str] = &[
+    "sent from my ",
+    "sent via my ",
     "envoyé de mon ",
     "envoyé depuis mon ",
     "envoyé à partir de ",
     "gesendet von meinem ",
+    "gesendet mit ",
     "enviado desde mi ",
     "enviado do meu ",
     "enviado de meu ",
+    "enviado do ",
+    "inviato dal mio ",
     "inviato da ",
     "verzonden vanaf mijn ",
     "verstuurd vanaf mijn ",
+    "verzonden met ",
     "skickat från min ",
     "отправлено с ",
     "отправлено из ",
     "wysłane z ",
+    "发自我的",
+    "从我的",
 ];
 
+/// Words that name a phone, tablet or mail app in a mobile footer (matched as words or, for
+/// the scripts without spaces, as parts).
+const DEVICE_WORDS: &[&str] = &[
+    "iphone",
+    "ipad",
+    "ipod",
+    "android",
+    "samsung",
+    "galaxy",
+    "phone",
+    "smartphone",
+    "mobile",
+    "device",
+    "tablet",
+    "blackberry",
+    "huawei",
+    "honor",
+    "pixel",
+    "xiaomi",
+    "redmi",
+    "nokia",
+    "sony",
+    "xperia",
+    "motorola",
+    "oneplus",
+    "oppo",
+    "vivo",
+    "watch",
+    "ios",
+    "k-9",
+    "outlook",
+    "gmail",
+    "handy",
+    "téléphone",
+    "móvil",
+    "celular",
+    "telefono",
+    "cellulare",
+    "telefoon",
+    "mobiel",
+    "mobil",
+    "мобильного",
+    "телефона",
+    "смартфона",
+    "telefonu",
+    "smartfona",
+];
+
+/// Whether a line looks like a mobile or app footer: short, one phrase (no comma, question or
+/// exclamation mark), and naming a device or mail app. Where it stands is checked by the caller.
 fn is_mobile_footer(trimmed: &str) -> bool {
-    if trimmed.chars().count() > 70 {
+    if trimmed.chars().count() > 70 || trimmed.contains([',', '?', '!', ';', '，', '？', '！']) {
         return false;
     }
     let lower = normalize_spaces(trimmed).to_lowercase();
-    MOBILE_FOOTER_PREFIXES.iter().any(|p| lower.starts_with(p))
-        || (lower.starts_with("von meinem ") && lower.ends_with("gesendet"))
-        || lower.ends_with("から送信")
+    if lower.split_whitespace().count() > 12 {
+        return false;
+    }
+    if APP_FOOTER_PREFIXES.iter().any(|p| lower.starts_with(p)) {
+        return true;
+    }
+    let names_device = |rest: &str| {
+        rest.split(|c: char| c.is_whitespace() || c == '\'' || c == '’' || c == '(' || c == ')')
+            .map(|w| w.trim_end_matches('.'))
+            .any(|w| DEVICE_WORDS.contains(&w))
+            || rest.contains("iphone")
+            || rest.contains("ipad")
+            || rest.contains("android")
+            || rest.contains("手机")
+    };
+    if let Some(rest) = DEVICE_FOOTER_PREFIXES
+        .iter()
+        .find_map(|p| lower.strip_prefix(p))
+    {
+        return names_device(rest);
+    }
+    if let Some(middle) = lower
+        .strip_prefix("von meinem ")
+        .and_then(|r| r.strip_suffix(" gesendet"))
+    {
+        return names_device(middle);
+    }
+    lower
+        .strip_suffix("から送信")
+        .is_some_and(|rest| rest.chars().count() <= 30 && !rest.is_empty())
+}
+
+/// Whether nothing of the user's own follows line `from`: only blank lines, then the end, a
+/// quote, an attribution, a header block, a signature or a list footer. Decided by the first
+/// non-blank line, so a run of footer-like lines is still read in linear time.
+fn only_leftovers_follow(lines: &[&str], from: usize) -> bool {
+    for j in from..lines.len() {
+        let line = lines[j];
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        return is_quote_line(line)
+            || is_signature_delimiter(line)
+            || is_original_message_marker(trimmed)
+            || is_header_block_at(lines, j)
+            || (is_rule_line(trimmed)
+                && (next_is_header_block(lines, j + 1) || is_list_footer_at(lines, j)))
+            || attribution_at(lines, j).is_some();
+    }
+    true
+}
+
+/// What mailing-list software and mail providers append below a rule: the list's name and
+/// address, its `listinfo` page, how to unsubscribe.
+const LIST_FOOTER_WORDS: &[&str] = &[
+    "mailing list",
+    "mailinglist",
+    "listinfo",
+    "unsubscribe",
+    "mailman",
+    "list-request",
+    "-request@",
+    "mailingliste",
+    "abmelden",
+    "abbestellen",
+    "liste de diffusion",
+    "désabonner",
+    "désinscri",
+    "lista de correo",
+    "darse de baja",
+    "darte de baja",
+    "cancelar la suscripción",
+    "lista di distribuzione",
+    "disiscriver",
+    "cancelar a inscrição",
+    "descadastr",
+    "afmelden",
+    "avregistrera",
+    "avsluta prenumeration",
+    "отписаться",
+    "рассылк",
+    "wypisać",
+    "wypisz",
+    "配信停止",
+    "退订",
+    "取消订阅",
+];
+
+/// At most this many non-blank lines below the rule make a footer; more is the user's text.
+const MAX_LIST_FOOTER_LINES: usize = 8;
+
+/// A rule line at `i` followed by a short block (to the end of the text, or to a quote) that
+/// within its first lines says what list or provider it comes from or how to unsubscribe, and
+/// gives a link or an address for it.
+fn is_list_footer_at(lines: &[&str], i: usize) -> bool {
+    let mut non_blank = 0;
+    let mut names_list = false;
+    let mut has_link = false;
+    for line in lines.iter().skip(i + 1) {
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        if is_quote_line(line) {
+            break;
+        }
+        non_blank += 1;
+        if non_blank > MAX_LIST_FOOTER_LINES {
+            return false;
+        }
+        let lower = trimmed.to_lowercase();
+        if non_blank <= 4 {
+            names_list |= LIST_FOOTER_WORDS.iter().any(|w| lower.contains(w));
+        }
+        // Footers say where to go: a link or an address. A list of the user's own steps does not.
+        has_link |= lower.contains("http://") || lower.contains("https://") || lower.contains('@');
+    }
+    names_list && has_link
 }
 
 const ORIGINAL_MESSAGE_MARKERS: &[&str] = &[
@@ -776,6 +961,7 @@ const FROM_KEYS: &[&str] = &[
     "差出人",
     "发件人",
     "寄件者",
+    "寄件人",
     "expéditeur",
     "remitente",
     "mittente",
@@ -827,6 +1013,11 @@ const OTHER_HEADER_KEYS: &[&str] = &[
     "发送时间",
     "收件人",
     "主题",
+    "寄件日期",
+    "收件者",
+    "主旨",
+    "抄送",
+    "日期",
 ];
 
 /// The lowercased key of a `Key: value` line (Outlook's plain text may bold it as `*Key:*`).
@@ -879,6 +1070,8 @@ const ATTRIBUTION_FORMS: &[(&str, &[&str])] = &[
     ("Em ", &["escreveu"]),
     ("Op ", &["schreef"]),
     ("Den ", &["skrev"]),
+    ("Op ", &["geschreven"]),
+    ("Wiadomość napisana przez ", &["w dniu"]),
 ];
 
 /// Words that end an attribution line in any position ("Bob <b@x> wrote:").
@@ -918,6 +1111,11 @@ fn attribution_at(lines: &[&str], i: usize) -> Option<(usize, bool)> {
     let has_prefix = ATTRIBUTION_FORMS.iter().any(|(p, _)| first.starts_with(p));
     // A wrapped attribution: its first line starts like one, or breaks inside an address.
     let may_wrap = has_prefix || (first.contains('<') && !first.contains('>'));
+    if !may_wrap {
+        if let Some(found) = attribution_ending_on_next_line(lines, i, &first) {
+            return Some(found);
+        }
+    }
     let mut joined = first.clone();
     for len in 1..=3 {
         if len > 1 {
@@ -939,6 +1137,23 @@ fn attribution_at(lines: &[&str], i: usize) -> Option<(usize, bool)> {
         }
     }
     None
+}
+
+/// An attribution that a mail client wrapped right before the address or before its last word
+/// ("… Bob <b@x>" + "napisał(a):", "… Bob" + "<b@x>:"), where the first line alone does not
+/// start like one. Only ever weak: it is removed right before a `>` quote, never otherwise.
+fn attribution_ending_on_next_line(lines: &[&str], i: usize, first: &str) -> Option<(usize, bool)> {
+    if !first.chars().any(|c| c.is_ascii_digit() || c == '@') || first.ends_with(':') {
+        return None;
+    }
+    let next = normalize_spaces(lines.get(i + 1)?.trim());
+    let short_ending = next.split_whitespace().count() <= 3 && next.chars().count() <= 40;
+    let address_ending = next.starts_with('<') && next.chars().count() <= 120;
+    if next.starts_with('>') || !(short_ending || address_ending) {
+        return None;
+    }
+    let joined = format!("{first} {next}");
+    classify_attribution(&joined).map(|_| (2, false))
 }
 
 fn classify_attribution(s: &str) -> Option<bool> {
@@ -999,9 +1214,13 @@ const QUOTE_CLASSES: &[&str] = &[
 /// Ids after which everything is the quoted mail (Outlook puts the original as siblings after).
 const QUOTE_TAIL_IDS: &[&str] = &[
     "divrplyfwdmsg",
+    "outlookmessageheader",
     "appendonsend",
     "mail-editor-reference-message-container",
 ];
+
+/// Classes after which everything is the quoted mail: older Outlook's header of the original.
+const QUOTE_TAIL_CLASSES: &[&str] = &["outlookmessageheader"];
 
 /// Turns HTML into plain text, simply and safely: drops script/style/head, comments and quoted
 /// blocks (`blockquote`, `div.gmail_quote`, `div.moz-cite-prefix`, `div.moz-signature`, and
@@ -1061,10 +1280,15 @@ pub fn html_to_text(html: &str) -> String {
             }
             continue;
         }
-        if tag
-            .id
-            .as_deref()
-            .is_some_and(|id| QUOTE_TAIL_IDS.contains(&id))
+        let tail_class = tag.class.as_deref().is_some_and(|c| {
+            c.split_whitespace()
+                .any(|c| QUOTE_TAIL_CLASSES.contains(&c))
+        });
+        if tail_class
+            || tag
+                .id
+                .as_deref()
+                .is_some_and(|id| QUOTE_TAIL_IDS.contains(&id))
         {
             break;
         }
@@ -1519,6 +1743,103 @@ mod tests {
     }
 
     #[test]
+    fn a_mobile_footer_is_cut_only_at_the_end() {
+        let sentence = "Sent from my desk I can see the harbour, and the ferry is late.";
+        assert_eq!(strip_quoted_and_signature(sentence), sentence);
+        let last = "Sent from my desk I can see the harbour";
+        assert_eq!(strip_quoted_and_signature(last), last);
+        let text = "Sent from my iPhone, but I read it on the laptop.\n\nSee you at 8.";
+        assert_eq!(strip_quoted_and_signature(text), text);
+        let middle = "Yes.\nSent from my iPhone\nAnd bring the cake.";
+        assert_eq!(strip_quoted_and_signature(middle), middle);
+        let end = "Yes.\n\nSent from my iPhone\n";
+        assert_eq!(strip_quoted_and_signature(end), "Yes.");
+        let far_quote = format!("Yes.\n\nSent from my iPhone{}> Bob: ok?\n", "\n".repeat(30));
+        assert_eq!(strip_quoted_and_signature(&far_quote), "Yes.");
+        let before_quote = "Yes.\n\nSent from my Samsung Galaxy smartphone.\n\nOn Tue, 3 Mar 2026 at 10:00, Bob <b@example.net> wrote:\n> x";
+        assert_eq!(strip_quoted_and_signature(before_quote), "Yes.");
+        for footer in [
+            "Inviato da iPhone",
+            "Enviado desde mi iPhone",
+            "Enviado do meu iPhone",
+            "Verzonden vanaf mijn iPhone",
+            "Skickat från min iPhone",
+            "Отправлено с iPhone",
+            "Wysłane z iPhone'a",
+            "发自我的iPhone",
+            "Sent from my Android device with K-9 Mail. Please excuse my brevity.",
+        ] {
+            let text = format!("Ok\n\n{footer}\n");
+            assert_eq!(strip_quoted_and_signature(&text), "Ok", "{footer}");
+        }
+        for sentence in [
+            "Inviato da Marco ieri sera",
+            "Sent from my office",
+            "Gesendet mit Liebe",
+        ] {
+            let text = format!("Ok\n\n{sentence}\n");
+            assert_eq!(strip_quoted_and_signature(&text), text.trim(), "{sentence}");
+        }
+    }
+
+    #[test]
+    fn list_and_provider_footers_are_cut_without_a_quote_header() {
+        let mailman = "I can take that one.\n\n_______________________________________________\ndev mailing list\ndev@lists.example.org\nhttps://lists.example.org/mailman/listinfo/dev\n";
+        assert_eq!(strip_quoted_and_signature(mailman), "I can take that one.");
+        let apache = "+1 from me\n\n---------------------------------------------------------------------\nTo unsubscribe, e-mail: dev-unsubscribe@example.org\nFor additional commands, e-mail: dev-help@example.org\n";
+        assert_eq!(strip_quoted_and_signature(apache), "+1 from me");
+        let after_quote = "Agreed.\n\n> earlier\n> text\n\n_______________________________________________\nusers mailing list\nhttps://lists.example.org/listinfo/users\n";
+        assert_eq!(strip_quoted_and_signature(after_quote), "Agreed.");
+        let german = "Passt.\n\n__________\nMailingliste team@example.de\nAbmelden: https://lists.example.de/abmelden\n";
+        assert_eq!(strip_quoted_and_signature(german), "Passt.");
+    }
+
+    #[test]
+    fn a_line_of_dashes_in_the_users_text_stays() {
+        let table =
+            "Scores so far:\n--------------------\nAlice 3\nBob 2\n--------------------\nTotal 5";
+        assert_eq!(strip_quoted_and_signature(table), table);
+        let aside = "Plan:\n__________\n1. book\n2. pay";
+        assert_eq!(strip_quoted_and_signature(aside), aside);
+        // A rule over a long text that mentions unsubscribing is still the user's.
+        let long =
+            "Notes\n----------\nI will unsubscribe from the old list.\na\nb\nc\nd\ne\nf\ng\nh";
+        assert_eq!(strip_quoted_and_signature(long), long);
+        // A short one too, as long as it points nowhere.
+        let steps =
+            "Steps:\n----------\n1. unsubscribe from the old mailing list\n2. join the new one";
+        assert_eq!(strip_quoted_and_signature(steps), steps);
+    }
+
+    #[test]
+    fn attributions_wrapped_before_the_last_word_or_the_address() {
+        for attribution in [
+            "wt., 3 mar 2026 o 10:00 Bob via Reach <r-abc@reply.example.org>\nnapisał(a):",
+            "2026年3月3日(火) 10:00 Bob via Reach\n<r-abc@reply.example.org>:",
+            "вт, 3 мар. 2026 г. в 10:00, Bob via Reach <\nr-abc@reply.example.org>:",
+            "Bob via Reach <r-abc@reply.example.org> 于2026年3月3日周二\n10:00写道：",
+            "Op 3 mrt. 2026 om 10:00 heeft Bob via Reach <r-abc@reply.example.org> het\nvolgende geschreven:",
+            "Wiadomość napisana przez Bob w dniu 03.03.2026, o godz. 10:00:",
+        ] {
+            let quoted = format!("Answer.\n\n{attribution}\n\n> question\n");
+            assert_eq!(
+                strip_quoted_and_signature(&quoted),
+                "Answer.",
+                "{attribution}"
+            );
+        }
+        // Without a quote after it, the user's own two lines stay.
+        let text = "Call me at 555 0100 after\nwork:\nI am free then";
+        assert_eq!(strip_quoted_and_signature(text), text);
+    }
+
+    #[test]
+    fn html_outlook_message_header_starts_the_quote() {
+        let html = "<div>Fine by me.</div><div class=OutlookMessageHeader lang=en-us dir=ltr align=left><hr tabindex=-1><b>From:</b> Bob<br><b>Sent:</b> Tuesday<br>Dinner?</div>";
+        assert_eq!(html_to_text(html), "Fine by me.");
+    }
+
+    #[test]
     fn blank_lines_collapse_and_text_is_trimmed() {
         let text = "\n\n  Hello\n\n\n\nWorld  \n\n";
         assert_eq!(strip_quoted_and_signature(text), "Hello\n\nWorld");
@@ -1611,6 +1932,27 @@ mod tests {
         let html = "<blockquote><script>".repeat(20_000) + &"<div class=\"x".repeat(20_000);
         let _ = html_to_text(&html);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    /// Sized so that a rule that rescanned the rest of the text (quadratic) would not finish.
+    #[test]
+    fn footer_rules_read_hostile_input_once() {
+        // Footer candidates that are never cut: each looks ahead, none may rescan the text.
+        let footers = format!(
+            "Sent from my iPhone\nstill mine\n__________\n{}unsubscribe\n",
+            "\n".repeat(50)
+        )
+        .repeat(5_000);
+        let kept = strip_quoted_and_signature(&footers);
+        assert!(
+            kept.starts_with("Sent from my iPhone\nstill mine"),
+            "{}",
+            &kept[..40]
+        );
+        let blank_runs = format!("Sent from my iPhone{}", "\n".repeat(200)).repeat(2_000) + "x";
+        assert!(strip_quoted_and_signature(&blank_runs).ends_with('x'));
+        let wrapped = "Bob 10:00 <b@x>\nwrote:\n".repeat(20_000);
+        assert_eq!(strip_quoted_and_signature(&wrapped), wrapped.trim());
     }
 
     #[test]
