@@ -1924,14 +1924,14 @@ mod tests {
     }
 
     #[test]
+    /// Sized so that a rule that rescanned the rest of the text (quadratic) would not finish;
+    /// no clock (speed belongs in benchmarks).
     fn line_rules_stay_linear_on_hostile_input() {
         // Lines that each trigger a look-ahead but are never cut, separated by blank runs.
         let hostile = format!("from: x\nBob wrote:\n________\n{}", "\n".repeat(50)).repeat(5_000);
-        let started = std::time::Instant::now();
-        let _ = strip_quoted_and_signature(&hostile);
+        assert!(strip_quoted_and_signature(&hostile).len() <= hostile.len());
         let html = "<blockquote><script>".repeat(20_000) + &"<div class=\"x".repeat(20_000);
-        let _ = html_to_text(&html);
-        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(html_to_text(&html).len() <= html.len());
     }
 
     /// Sized so that a rule that rescanned the rest of the text (quadratic) would not finish.
