@@ -1820,6 +1820,21 @@ mod tests {
     }
 
     #[test]
+    fn every_section_of_the_example_is_a_known_root_section() {
+        let headers: Vec<&str> = EXAMPLE
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+            .collect();
+        assert!(headers.len() >= 9, "{headers:?}");
+        for header in headers {
+            assert!(
+                ROOT_SECTIONS.contains(&header),
+                "[{header}] missing in ROOT_SECTIONS"
+            );
+        }
+    }
+
+    #[test]
     fn check_config_warns_when_sms_may_go_to_every_country() {
         let all = parse(EXAMPLE).unwrap();
         assert!(all.sms.as_ref().unwrap().allowed_prefixes.is_empty());
