@@ -260,12 +260,7 @@ fn run(path: &str, log_format: Option<LogFormat>) -> ExitCode {
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
         tracing::error!(%location, "a bug: Reach panicked");
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let message = reach::runtime::panic_message(info.payload());
         tracing::debug!(%location, message, "the panic's message");
     }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()

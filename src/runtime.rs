@@ -488,19 +488,30 @@ fn guarded(core: &Core, store: &Store, now: u64, event: &Event) -> Handled {
         }
         Handled::Done(carried)
     }));
-    outcome.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_owned());
-        Handled::Bug(format!("{PANICKED}: {what}"))
-    })
+    outcome.unwrap_or_else(|panic| Handled::Bug(format!("{PANICKED}: {}", panic_message(&*panic))))
 }
 
 /// The start of a dead letter's reason when the core panicked; what follows is the panic's
 /// message, which may quote the input, so the log shows only this part above `debug`.
 const PANICKED: &str = "the core panicked";
+
+/// A panic's message, from its payload (what `panic!` was given), or "unknown panic".
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// What of a reason may be logged above `debug`: a panic's message may quote the input.
+fn loggable(reason: &str) -> &str {
+    if reason.starts_with(PANICKED) {
+        PANICKED
+    } else {
+        reason
+    }
+}
 
 /// Sets a failed event aside as a dead letter (see [`crate::core::dead_letter`]), queues the
 /// refusal a stanza's sender gets, and says what a waiting SMTP client or webhook call hears.
@@ -511,15 +522,10 @@ fn set_aside(store: &Store, now: u64, event: &Event, reason: &str) -> Said {
         match dead_letter::set_aside(event, now, reason) {
             Some(letter) => match store.put_dead_letter(&letter) {
                 Ok(id) => {
-                    let shown = if reason.starts_with(PANICKED) {
-                        PANICKED
-                    } else {
-                        reason
-                    };
                     tracing::error!(
                         id,
                         kind = letter.kind.as_str(),
-                        reason = shown,
+                        reason = loggable(reason),
                         "an input could not be handled; it is set aside as a dead letter \
                          (`reach dead-letters` lists it)"
                     );
@@ -553,13 +559,8 @@ fn log_internal_failure(reason: &str) {
     static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
     let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
     if *last != reason {
-        let shown = if reason.starts_with(PANICKED) {
-            PANICKED
-        } else {
-            reason
-        };
         tracing::error!(
-            reason = shown,
+            reason = loggable(reason),
             "an internal event could not be handled; the next one goes on"
         );
         tracing::debug!(reason, "why");

@@ -21,7 +21,7 @@
 #[allow(dead_code)]
 mod harness;
 
-use harness::{D, NOW, NS};
+use harness::{xml_text, D, NOW, NS};
 use libfuzzer_sys::fuzz_target;
 use minidom::Element;
 use reach::core::email::InboundMail;
@@ -133,23 +133,6 @@ fn check(action: &Action) {
     }
 }
 
-/// XML text escaping, dropping what XML cannot carry (the XML doors cannot bring it in).
-fn xml_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c if is_xml_char(c) => out.push(c),
-            _ => {}
-        }
-    }
-    out
-}
-
 thread_local! {
     static DOORS: std::cell::RefCell<Option<Doors>> = const { std::cell::RefCell::new(None) };
 }
@@ -214,8 +197,8 @@ fuzz_target!(|data: &[u8]| {
                 doors.stanza(&format!(
                     "<message xmlns='{NS}' type='chat' id='f1' from='bob@example.net/pc' \
                      to='alice@{D}'><body>{}</body><nick xmlns='http://jabber.org/protocol/nick'>{}</nick></message>",
-                    xml_escape(&a),
-                    xml_escape(&b)
+                    xml_text(&a),
+                    xml_text(&b)
                 ));
                 doors.handle(Event::Tick, NOW + 7_200);
             }
@@ -227,9 +210,9 @@ fuzz_target!(|data: &[u8]| {
                      <field var='username'><value>{}</value></field>\
                      <field var='email'><value>{}</value></field>\
                      <field var='phone'><value>{}</value></field></x></query></iq>",
-                    xml_escape(&a),
-                    xml_escape(&b),
-                    xml_escape(&c)
+                    xml_text(&a),
+                    xml_text(&b),
+                    xml_text(&c)
                 ));
             }
             _ => {
@@ -239,10 +222,10 @@ fuzz_target!(|data: &[u8]| {
                      <x xmlns='jabber:x:data' type='submit'>\
                      <field var='{}'><value>{}</value></field>\
                      <field var='{}'><value>{}</value></field></x></command></iq>",
-                    xml_escape(&a),
-                    xml_escape(&b),
-                    xml_escape(&c),
-                    xml_escape(&d)
+                    xml_text(&a),
+                    xml_text(&b),
+                    xml_text(&c),
+                    xml_text(&d)
                 ));
             }
         }

@@ -138,9 +138,8 @@ pub fn xml_text(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '\'' => out.push_str("&apos;"),
             '"' => out.push_str("&quot;"),
-            '\t' | '\n' | '\r' => out.push(c),
-            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => {}
-            c => out.push(c),
+            c if reach::xmpp::xml_text::is_xml_char(c) => out.push(c),
+            _ => {}
         }
     }
     out
