@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use reach::core::email::EmailSettings;
 use reach::core::{Core, Event, Limits, Settings};
-use reach::store::Store;
+use reach::store::{Store, Transaction};
 
 const D: &str = "reach.example.org";
 const NS: &str = "jabber:component:accept";
@@ -54,42 +54,41 @@ fn main() {
         7,
     );
     let store = Store::temporary().expect("a temporary store");
-    core.handle(
-        &store,
-        NOW,
-        stanza(&format!(
-            "<iq xmlns='{NS}' type='set' id='reg' from='{ALICE}/pc' to='{D}'>\
-             <query xmlns='jabber:iq:register'><username>alice</username>\
-             <email>alice@mail.example.org</email></query></iq>"
-        )),
-    )
-    .expect("registered");
-    let mut user = store.user(ALICE).expect("store").expect("alice");
-    if let Some(email) = user.email.as_mut() {
-        email.verified = true;
-    }
-    store.put_user(&user).expect("store");
+    let handle = |event: Event| {
+        let mut tx = store.begin().expect("a transaction");
+        core.handle(&mut tx, NOW, event).expect("handled");
+        tx.commit().expect("committed");
+    };
+    handle(stanza(&format!(
+        "<iq xmlns='{NS}' type='set' id='reg' from='{ALICE}/pc' to='{D}'>\
+         <query xmlns='jabber:iq:register'><username>alice</username>\
+         <email>alice@mail.example.org</email></query></iq>"
+    )));
+    store
+        .write(|tx| {
+            let mut user = tx.user(ALICE)?.expect("alice");
+            if let Some(email) = user.email.as_mut() {
+                email.verified = true;
+            }
+            tx.put_user(&user)
+        })
+        .expect("store");
 
     let text = "x".repeat(200);
     let mut hundreds = Vec::new();
     let mut started = Instant::now();
     for i in 0..messages {
-        core.handle(
-            &store,
-            NOW,
-            stanza(&format!(
-                "<message xmlns='{NS}' type='chat' id='s{i}' from='mallory@example.com/x' \
-                 to='alice@{D}'><body>{text} {i}</body></message>"
-            )),
-        )
-        .expect("handled");
+        handle(stanza(&format!(
+            "<message xmlns='{NS}' type='chat' id='s{i}' from='mallory@example.com/x' \
+             to='alice@{D}'><body>{text} {i}</body></message>"
+        )));
         if i % 100 == 99 {
             hundreds.push(started.elapsed());
             started = Instant::now();
         }
     }
     let pending: usize = store
-        .pending_for(ALICE)
+        .read(|tx| tx.pending_for(ALICE))
         .expect("store")
         .iter()
         .map(|p| p.items.len())

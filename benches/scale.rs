@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reach::address::{Email, Handle};
-use reach::store::{Buddy, Session, Store, Terminal, User};
+use reach::store::{Buddy, Session, Store, Terminal, Transaction, User};
 use support::{body, Client, Reach, Server, ServerKind};
 
 const D: &str = "reach.localhost";
@@ -34,6 +34,7 @@ const MESSAGES: usize = 2000;
 fn populate(dir: &Path, users: usize, sessions: usize, buddies: usize) -> Duration {
     let started = Instant::now();
     let store = Store::open(dir).expect("open the store");
+    let mut tx = store.begin().expect("a transaction");
     for i in 0..users {
         let handle = Handle::parse(&format!("user{i}")).expect("a valid handle");
         let mut email =
@@ -49,7 +50,7 @@ fn populate(dir: &Path, users: usize, sessions: usize, buddies: usize) -> Durati
             subscription_policy: Default::default(),
             time_zone: None,
         };
-        store.put_user(&user).expect("write a user");
+        tx.put_user(&user).expect("write a user");
         for s in 0..sessions {
             let session = Session {
                 peer: format!("peer{}@example.net", (i * 7 + s) % (users * 3)),
@@ -57,8 +58,7 @@ fn populate(dir: &Path, users: usize, sessions: usize, buddies: usize) -> Durati
                 thread: Some(format!("t{i}-{s}")),
                 ..Session::default()
             };
-            store
-                .put_session(&user.jid, &session)
+            tx.put_session(&user.jid, &session)
                 .expect("write a session");
         }
         for b in 0..buddies {
@@ -67,15 +67,15 @@ fn populate(dir: &Path, users: usize, sessions: usize, buddies: usize) -> Durati
                 we_subscribed: true,
                 ..Buddy::default()
             };
-            store
-                .put_buddy(&handle, &format!("buddy{b}-{i}@example.net"), &buddy)
+            tx.put_buddy(&handle, &format!("buddy{b}-{i}@example.net"), &buddy)
                 .expect("write a buddy");
         }
         if i % 10_000 == 9_999 {
-            store.flush().expect("flush");
+            tx.commit().expect("commit");
+            tx = store.begin().expect("a transaction");
         }
     }
-    store.flush().expect("flush");
+    tx.commit().expect("commit");
     started.elapsed()
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::core::Core;
-use crate::store::{Stats, Store, StoreError, UserState};
+use crate::store::{Stats, Store, StoreError, Transaction, UserState};
 
 /// Why an admin command could not do its job. The text says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -100,33 +100,33 @@ impl fmt::Display for Counts {
     }
 }
 
-/// Opens the store of `config`, telling a locked store (a running Reach) apart.
+/// Opens the store of `config`, telling a locked embedded store (a running Reach) apart. A
+/// PostgreSQL store is shared: the admin command works beside running instances, under an
+/// instance name of its own (what it queues is sent by a running instance, which takes it over).
 pub fn open_store(config: &Config, hint: &str) -> Result<Store, AdminError> {
+    use crate::store::Location;
+    let location = config.store.location();
+    let path = match location {
+        Location::Sled(path) => path,
+        Location::Postgres { .. } => {
+            let instance = format!("admin-{}", std::process::id());
+            return Ok(Store::open_at(location, &instance)?);
+        }
+    };
     // Opening creates a store; an admin command must not create one where none was.
-    if !config.store.path.is_dir() {
-        return Err(AdminError::NoStore(config.store.path.clone()));
+    if !path.is_dir() {
+        return Err(AdminError::NoStore(path.clone()));
     }
-    Store::open(&config.store.path).map_err(|e| {
-        if is_locked(&e) {
+    Store::open(path).map_err(|e| {
+        if matches!(e, StoreError::InUse(_)) {
             AdminError::Running {
-                store: config.store.path.clone(),
+                store: path.clone(),
                 hint: hint.to_owned(),
             }
         } else {
             AdminError::Store(e)
         }
     })
-}
-
-/// Whether opening the store failed because another process holds its lock.
-fn is_locked(e: &StoreError) -> bool {
-    match e {
-        StoreError::Sled(sled::Error::Io(io)) => {
-            io.kind() == std::io::ErrorKind::WouldBlock
-                || io.to_string().contains("could not acquire lock")
-        }
-        _ => false,
-    }
 }
 
 /// `reach stats`: the counts from the store, or from the running Reach's `/stats`.
@@ -221,11 +221,11 @@ pub struct Export {
 
 /// `reach export`: everything held about `jid` (nothing if unknown: `registered` is false).
 pub fn export(store: &Store, jid: &str) -> Result<Export, AdminError> {
-    let data = store.user_state(jid)?;
+    let data = store.read(|tx| tx.user_state(jid))?;
     Ok(Export {
         jid: jid.to_owned(),
         registered: data.user.is_some(),
-        exported_at: crate::runtime::now(),
+        exported_at: crate::clock::now(),
         data,
     })
 }
@@ -244,13 +244,18 @@ pub struct Purged {
 /// durable when this returns.
 pub fn purge(config: &Config, store: &Store, jid: &str) -> Result<Purged, AdminError> {
     let core = Core::new(crate::runtime::core_settings(config));
-    let Some(goodbyes) = core.purge_user(store, jid)? else {
+    let goodbyes = store.write(|tx| {
+        let Some(goodbyes) = core.purge_user(tx, jid)? else {
+            return Ok(None);
+        };
+        for stanza in &goodbyes {
+            tx.enqueue_stanza(stanza)?;
+        }
+        Ok(Some(goodbyes))
+    })?;
+    let Some(goodbyes) = goodbyes else {
         return Err(AdminError::NotRegistered(jid.to_owned()));
     };
-    for stanza in &goodbyes {
-        store.enqueue_stanza(stanza)?;
-    }
-    store.flush()?;
     Ok(Purged {
         jid: jid.to_owned(),
         queued_stanzas: goodbyes.len(),
@@ -336,7 +341,6 @@ pub fn dead_letters(store: &Store, command: DeadLetterCommand) -> anyhow::Result
         DeadLetterCommand::Redrive(id) => {
             find(id)?;
             store.mark_for_redrive(id)?;
-            store.flush()?;
             vec![format!(
                 "dead letter {id} will be handled again when Reach next starts"
             )]
@@ -344,7 +348,6 @@ pub fn dead_letters(store: &Store, command: DeadLetterCommand) -> anyhow::Result
         DeadLetterCommand::Drop(id) => {
             find(id)?;
             store.remove_dead_letter(id)?;
-            store.flush()?;
             vec![format!("dead letter {id} deleted")]
         }
     };
@@ -405,10 +408,9 @@ mod tests {
             panic!("no store yet");
         };
         assert!(e.to_string().contains("there is no store at"), "{e}");
-        std::fs::create_dir_all(&config.store.path).unwrap();
+        std::fs::create_dir_all(config.store.sled_path().unwrap()).unwrap();
         let store = open_store(&config, "").unwrap();
-        store.put_user(&alice()).unwrap();
-        store.flush().unwrap();
+        store.write(|tx| tx.put_user(&alice())).unwrap();
 
         let exported = export(&store, "alice@example.org").unwrap();
         assert!(exported.registered);
@@ -464,7 +466,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let running = std::sync::Arc::new(Store::open(&path).unwrap());
-        running.put_user(&alice()).unwrap();
+        running.write(|tx| tx.put_user(&alice())).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = listener.local_addr().unwrap().to_string();
         let (_stop, shutdown) = tokio::sync::watch::channel(false);

@@ -859,9 +859,27 @@ impl UsersConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `path` (required): the folder holding the store (created if missing). Back it up; losing
-    /// it loses all registrations, sessions and queued messages.
-    pub path: PathBuf,
+    /// `url` (this or `path`): where the store is. `sled:///var/lib/reach` is the embedded
+    /// store in that folder (created if missing; one Reach process); `postgres://USER@HOST/DB`
+    /// (also `postgresql://`) a PostgreSQL database that several Reach instances may share
+    /// (its tables are created and migrated at start; the connection is not encrypted: use a
+    /// Unix socket, `postgres://reach@%2Frun%2Fpostgresql/reach`, or a private network). Back it
+    /// up; losing it loses all registrations, sessions and queued messages.
+    url: Option<String>,
+    /// `path` (this or `url`): the folder of an embedded store, as `url = "sled://PATH"`.
+    path: Option<PathBuf>,
+    /// `password_file` (optional, PostgreSQL only): a file holding the database password, so
+    /// that the URL in this file carries none. Never logged.
+    password_file: Option<PathBuf>,
+    /// `instance` (optional): this instance's name among the Reach instances sharing one
+    /// PostgreSQL store; each needs its own (a second start under a name in use is refused).
+    /// Default: the machine's host name. The environment variable `REACH_INSTANCE` overrides it
+    /// (for a systemd template unit). The embedded store has one instance and ignores it.
+    instance: Option<String>,
+    #[serde(skip)]
+    resolved: Option<crate::store::Location>,
+    #[serde(skip)]
+    resolved_instance: String,
 }
 
 /// `[log]`: logging.
@@ -1119,7 +1137,7 @@ impl Config {
              component {domain}, authenticating with {secret_from}; reach addresses would be \
              HANDLE@{domain}. When the link is idle for {idle} s it would ping {ping_to}, and \
              reconnect if no answer comes within {timeout} s. Users from {allowed} could register. \
-             The store would be kept in {store}. Logging would use the filter \"{level}\" \
+             The store would be {store}. Logging would use the filter \"{level}\" \
              (RUST_LOG overrides it) and the {format} format. {metrics}{prefixes}",
             server = c.server,
             domain = c.domain,
@@ -1127,7 +1145,15 @@ impl Config {
             ping_to = c.ping_to(),
             timeout = c.ping_timeout_secs,
             allowed = list_in_words(&self.users.allowed_domains),
-            store = self.store.path.display(),
+            store = match self.store.location() {
+                crate::store::Location::Sled(path) =>
+                    format!("kept in {} (the embedded engine)", path.display()),
+                location @ crate::store::Location::Postgres { .. } => format!(
+                    "the PostgreSQL database {location}, shared by instances by name; this one \
+                     is \"{}\"",
+                    self.store.instance()
+                ),
+            },
             level = self.log.level,
             format = match self.log.format {
                 LogFormat::Text => "text",
@@ -1323,19 +1349,130 @@ impl UsersConfig {
 }
 
 impl StoreConfig {
-    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
-        if self.path.as_os_str().is_empty() {
-            return Err(origin.invalid("store.path", "must not be empty"));
+    /// Where the store is (set by validation).
+    pub fn location(&self) -> &crate::store::Location {
+        static NONE: std::sync::OnceLock<crate::store::Location> = std::sync::OnceLock::new();
+        self.resolved.as_ref().unwrap_or_else(|| {
+            NONE.get_or_init(|| crate::store::Location::Sled(PathBuf::from("data")))
+        })
+    }
+
+    /// The embedded store's folder, if the store is embedded.
+    pub fn sled_path(&self) -> Option<&Path> {
+        match self.location() {
+            crate::store::Location::Sled(path) => Some(path),
+            crate::store::Location::Postgres { .. } => None,
         }
-        self.path = origin.resolve(&self.path);
-        if self.path.exists() && !self.path.is_dir() {
+    }
+
+    /// This instance's name (see `instance`).
+    pub fn instance(&self) -> &str {
+        &self.resolved_instance
+    }
+
+    fn validate(&mut self, origin: &Origin<'_>) -> Result<(), ConfigError> {
+        use crate::store::Location;
+        let location = match (self.url.take(), self.path.take()) {
+            (Some(_), Some(_)) => {
+                return Err(origin.invalid("store.url", "give either url or path, not both"))
+            }
+            (None, None) => {
+                return Err(origin.invalid(
+                    "store.url",
+                    "is required: url = \"sled:///var/lib/reach\" (or path = ...) for the \
+                     embedded store, or a postgres:// URL",
+                ))
+            }
+            (None, Some(path)) => {
+                if path.as_os_str().is_empty() {
+                    return Err(origin.invalid("store.path", "must not be empty"));
+                }
+                Location::Sled(path)
+            }
+            (Some(url), None) => {
+                if let Some(path) = url.strip_prefix("sled://") {
+                    if path.is_empty() {
+                        return Err(origin.invalid(
+                            "store.url",
+                            "sled:// needs a folder, e.g. sled:///var/lib/reach",
+                        ));
+                    }
+                    Location::Sled(PathBuf::from(path))
+                } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                    Location::Postgres {
+                        url,
+                        password: None,
+                    }
+                } else {
+                    return Err(origin.invalid(
+                        "store.url",
+                        "must start with sled:// (the embedded store) or postgres://",
+                    ));
+                }
+            }
+        };
+        let location = match location {
+            Location::Sled(path) => {
+                if self.password_file.is_some() {
+                    return Err(
+                        origin.invalid("store.password_file", "is for a PostgreSQL store only")
+                    );
+                }
+                let path = origin.resolve(&path);
+                if path.exists() && !path.is_dir() {
+                    return Err(origin.invalid(
+                        "store.path",
+                        format!("{} exists and is not a folder", path.display()),
+                    ));
+                }
+                Location::Sled(path)
+            }
+            Location::Postgres { url, .. } => {
+                let password = match &self.password_file {
+                    Some(file) => {
+                        let file = origin.resolve(file);
+                        let text = std::fs::read_to_string(&file).map_err(|e| {
+                            origin.invalid(
+                                "store.password_file",
+                                format!("cannot read {}: {e}", file.display()),
+                            )
+                        })?;
+                        Some(text.trim_end_matches(['\r', '\n']).to_owned())
+                    }
+                    None => None,
+                };
+                Location::Postgres { url, password }
+            }
+        };
+        self.resolved = Some(location);
+        let instance = std::env::var("REACH_INSTANCE")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| self.instance.clone())
+            .unwrap_or_else(host_name);
+        if instance.is_empty()
+            || !instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+        {
             return Err(origin.invalid(
-                "store.path",
-                format!("{} exists and is not a folder", self.path.display()),
+                "store.instance",
+                "must be letters, digits, '.', '_', '-' or '@'",
             ));
         }
+        self.resolved_instance = instance;
         Ok(())
     }
+}
+
+/// The machine's host name (the default instance name), or "reach".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "reach".to_owned())
 }
 
 impl LogConfig {
@@ -1406,7 +1543,7 @@ mod tests {
         assert_eq!(config.component.idle_ping(), Duration::from_secs(60));
         assert_eq!(config.component.ping_timeout(), Duration::from_secs(20));
         assert_eq!(config.users.allowed_domains, ["example.org"]);
-        assert_eq!(config.store.path, Path::new("/var/lib/reach"));
+        assert_eq!(config.store.sled_path(), Some(Path::new("/var/lib/reach")));
         assert_eq!(config.log.level, "info");
         assert_eq!(config.log.format, LogFormat::Text);
         assert_eq!(config.metrics.unwrap().listen, "127.0.0.1:9464");
@@ -1625,7 +1762,10 @@ mod tests {
         let text = minimal(&format!("secret_file = {name:?}")).replace("/var/lib/reach", "data");
         let config = Config::from_toml(&text, &std::env::temp_dir().join("reach.toml")).unwrap();
         assert_eq!(config.secret().expose(), "s3cret");
-        assert_eq!(config.store.path, std::env::temp_dir().join("data"));
+        assert_eq!(
+            config.store.sled_path(),
+            Some(std::env::temp_dir().join("data").as_path())
+        );
     }
 
     #[test]

@@ -1,19 +1,22 @@
 //! Drains a durable job queue (email or SMS) through its courier, several sends at a time.
 //!
-//! A job leaves the queue only once the courier's peer accepted it; removals are committed
-//! together, before the drainer goes idle and at most every 250 ms while a backlog drains. Each
-//! send is its own task, and a new one starts as soon as a slot frees. A transient refusal
-//! retries with exponential backoff until the job is too old; a permanent one is reported to the
-//! core (through the failure channel), which tells the buddies and keeps their messages for the
-//! user's XMPP client, and removes the job in the same commit. Meanwhile the job stays queued but
-//! is never tried again. A crash after a send and before the commit sends that job again on the
-//! next start: at least once, never lost.
+//! Due jobs are claimed from the store ([`Store::claim_jobs`]): with several instances on one
+//! store, each job is claimed by one of them, which alone sends it. A job leaves the queue only
+//! once the courier's peer accepted it; what became of the jobs sent (removed, rescheduled) is
+//! committed together, before the drainer goes idle and at most every 250 ms while a backlog
+//! drains. Each send is its own task, and a new one starts as soon as a slot frees. A transient
+//! refusal retries with exponential backoff until the job is too old; a permanent one parks the
+//! job (committed at once) and is reported to the core (through the failure channel), which
+//! tells the buddies, keeps their messages for the user's XMPP client and removes the job. A
+//! crash after a send and before its commit sends that job again: at least once, never lost
+//! (another instance takes it over at once if it sees this one gone, else when the claim runs
+//! out).
 //!
-//! What differs between email and SMS (the queue's trees, the peer, the retry policy, the
-//! metrics) is a [`Courier`]; the draining, the concurrency, the optional pacing and the
-//! shutdown are here, once.
+//! What differs between email and SMS (the queue, the peer, the retry policy, the metrics) is a
+//! [`Courier`]; the draining, the concurrency, the optional pacing and the shutdown are here,
+//! once. The store is only touched from blocking threads (its engine may be a database).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,9 +25,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::metrics::SendFailure;
-use crate::store::{QueuedJob, Store, StoreError};
+use crate::store::{Queue, QueuedJob, Store};
 
-/// Jobs read from the queue per pass.
+/// Jobs claimed from the queue per pass.
 const PASS: usize = 64;
 /// Longest time a drained job's removal waits for its commit while a backlog drains (what a
 /// crash in that time would send again).
@@ -80,20 +83,14 @@ pub struct Failure<J> {
 
 /// One kind of outbound delivery: its queue in the store, its peer, its policy, its metrics.
 pub trait Courier: Send + Sync {
-    type Job: QueuedJob + Clone + Send + Sync;
+    type Job: QueuedJob + Clone + Send + Sync + 'static;
     /// "email" or "SMS", for the log.
     const KIND: &'static str;
     const RETRY: RetryPolicy;
+    /// Its queue in the store.
+    const QUEUE: Queue;
 
-    fn due(
-        &self,
-        store: &Store,
-        now: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Self::Job)>, StoreError>;
-    fn next_attempt(&self, store: &Store) -> Result<Option<u64>, StoreError>;
-    fn put(&self, store: &Store, seq: u64, job: &Self::Job) -> Result<(), StoreError>;
-    fn remove(&self, store: &Store, seq: u64) -> Result<(), StoreError>;
+    /// What wakes the drainer when jobs are queued (by this instance or another).
     fn wake(&self, store: &Store) -> Arc<Notify>;
 
     /// Hands one job to the peer.
@@ -105,15 +102,25 @@ pub trait Courier: Send + Sync {
 }
 
 fn now() -> u64 {
-    crate::runtime::now()
+    crate::clock::now()
+}
+
+/// What became of one claimed job.
+enum Settled<J> {
+    /// The peer took it: it leaves the queue.
+    Sent,
+    /// To be tried again (as given: attempts and next attempt set).
+    Again(J),
+    /// Refused for good: parked (never tried again) until the core, told through the failure
+    /// channel, has dealt with it.
+    Failed(J, Failure<J>),
 }
 
 /// Runs until `shutdown` turns true or the failure receiver is gone. At shutdown no new send
 /// starts; those in flight finish (each bounded by the courier's own timeout) and are committed.
 ///
 /// Sends start as soon as a slot is free, not pass by pass: one slow answer (a peer's delayed
-/// ACK, a retry) holds up its own slot only. Due jobs are read from the store a batch at a time,
-/// leaving out those in flight.
+/// ACK, a retry) holds up its own slot only. Due jobs are claimed a batch at a time.
 pub async fn run<C: Courier + 'static>(
     store: Arc<Store>,
     courier: C,
@@ -127,8 +134,8 @@ pub async fn run<C: Courier + 'static>(
     let concurrency = pace.concurrency.max(1);
     let mut last_commit = Instant::now();
     let mut waiting: VecDeque<(u64, C::Job)> = VecDeque::new();
-    let mut flying: HashSet<u64> = HashSet::new();
-    let mut in_flight: JoinSet<(u64, Option<Failure<C::Job>>)> = JoinSet::new();
+    let mut in_flight: JoinSet<(u64, Settled<C::Job>)> = JoinSet::new();
+    let mut settled: Vec<(u64, Option<C::Job>)> = Vec::new();
     let mut sender_gone = false;
     let mut committing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
@@ -137,7 +144,7 @@ pub async fn run<C: Courier + 'static>(
             if let Some(running) = committing.take() {
                 let _ = running.await;
             }
-            commit(&store, C::KIND);
+            settle::<C>(&store, std::mem::take(&mut settled)).await;
             return;
         }
         let notified = wake.notified();
@@ -145,8 +152,14 @@ pub async fn run<C: Courier + 'static>(
         notified.as_mut().enable();
 
         if !stopping && waiting.is_empty() && in_flight.len() < concurrency {
-            match courier.due(&store, now(), PASS + flying.len()) {
-                Ok(due) => waiting.extend(due.into_iter().filter(|(seq, _)| !flying.contains(seq))),
+            let claimer = store.clone();
+            let claimed = tokio::task::spawn_blocking(move || {
+                claimer.claim_jobs::<C::Job>(C::QUEUE, now(), PASS)
+            })
+            .await;
+            match claimed {
+                Ok(Ok(due)) => waiting.extend(due),
+                Ok(Err(e)) => tracing::error!("cannot read the {} queue: {e}", C::KIND),
                 Err(e) => tracing::error!("cannot read the {} queue: {e}", C::KIND),
             }
         }
@@ -157,27 +170,27 @@ pub async fn run<C: Courier + 'static>(
             if let Some(pacer) = pacer.as_mut() {
                 wait_until(pacer.book()).await;
             }
-            flying.insert(seq);
-            let (store, courier) = (store.clone(), courier.clone());
-            in_flight.spawn(async move { (seq, guarded_attempt(store, courier, seq, job).await) });
+            let courier = courier.clone();
+            in_flight.spawn(async move { (seq, guarded_attempt(courier, seq, job).await) });
         }
 
         // Committing removals only makes a crash resend less; sending never waits for it.
-        // While a backlog drains, commit at most every COMMIT_EVERY (the runtime's own batch
-        // commits carry the rest), and always before going idle.
-        // The commit runs on a blocking thread: an fsync must not hold up the sends (nor the
-        // other tasks of this worker thread). One at a time.
+        // While a backlog drains, commit at most every COMMIT_EVERY, and always before going
+        // idle. The commit runs on a blocking thread: an fsync must not hold up the sends (nor
+        // the other tasks of this worker thread). One at a time.
         let idle = in_flight.is_empty() && waiting.is_empty();
         if idle {
-            // Going idle: whatever was removed must be in a commit that starts now.
+            // Going idle: whatever was settled must be in a commit that starts now.
             if let Some(running) = committing.take() {
                 let _ = running.await;
             }
         }
         let previous_done = committing.as_ref().is_none_or(|c| c.is_finished());
-        if previous_done && (idle || last_commit.elapsed() >= COMMIT_EVERY) {
-            let store = store.clone();
-            committing = Some(tokio::task::spawn_blocking(move || commit(&store, C::KIND)));
+        if previous_done && !settled.is_empty() && (idle || last_commit.elapsed() >= COMMIT_EVERY) {
+            let (store, batch) = (store.clone(), std::mem::take(&mut settled));
+            committing = Some(tokio::spawn(
+                async move { settle::<C>(&store, batch).await },
+            ));
             last_commit = Instant::now();
         }
 
@@ -187,10 +200,16 @@ pub async fn run<C: Courier + 'static>(
                     // A send never panics out of `guarded_attempt`; a task is only cancelled
                     // when this drainer is dropped.
                     if let Some(Ok((seq, outcome))) = done {
-                        flying.remove(&seq);
-                        if let Some(failure) = outcome {
-                            if failures.send(failure).await.is_err() {
-                                return;
+                        match outcome {
+                            Settled::Sent => settled.push((seq, None)),
+                            Settled::Again(job) => settled.push((seq, Some(job))),
+                            Settled::Failed(parked, failure) => {
+                                // Parked before the core hears of it: the core's removal of
+                                // the job comes after, never before.
+                                settle::<C>(&store, vec![(seq, Some(parked))]).await;
+                                if failures.send(failure).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
@@ -204,8 +223,10 @@ pub async fn run<C: Courier + 'static>(
         if !waiting.is_empty() || stopping {
             continue;
         }
-        let wait = match courier.next_attempt(&store) {
-            Ok(Some(at)) => Duration::from_secs(at.saturating_sub(now()).clamp(1, 60)),
+        let reader = store.clone();
+        let next = tokio::task::spawn_blocking(move || reader.next_attempt(C::QUEUE)).await;
+        let wait = match next {
+            Ok(Ok(Some(at))) => Duration::from_secs(at.saturating_sub(now()).clamp(1, 60)),
             _ => Duration::from_secs(60),
         };
         tokio::select! {
@@ -218,9 +239,18 @@ pub async fn run<C: Courier + 'static>(
     }
 }
 
-fn commit(store: &Store, kind: &str) {
-    if let Err(e) = store.flush() {
-        tracing::error!("cannot commit the {kind} queue: {e}");
+/// Commits what became of sent jobs (on a blocking thread).
+async fn settle<C: Courier>(store: &Arc<Store>, outcomes: Vec<(u64, Option<C::Job>)>) {
+    if outcomes.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    let done =
+        tokio::task::spawn_blocking(move || store.settle_jobs::<C::Job>(C::QUEUE, &outcomes)).await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("cannot commit the {} queue: {e}", C::KIND),
+        Err(e) => tracing::error!("cannot commit the {} queue: {e}", C::KIND),
     }
 }
 
@@ -258,15 +288,10 @@ impl Pacer {
 
 /// [`attempt`], with a panic (a bug) costing one try of one job: it is logged and the job is
 /// retried later like a transient failure, never dropped.
-async fn guarded_attempt<C: Courier>(
-    store: Arc<Store>,
-    courier: Arc<C>,
-    seq: u64,
-    job: C::Job,
-) -> Option<Failure<C::Job>> {
+async fn guarded_attempt<C: Courier>(courier: Arc<C>, seq: u64, job: C::Job) -> Settled<C::Job> {
     use futures::FutureExt;
     let mut retry = job.clone();
-    let outcome = std::panic::AssertUnwindSafe(attempt(store.clone(), courier.clone(), seq, job))
+    let outcome = std::panic::AssertUnwindSafe(attempt(courier, seq, job))
         .catch_unwind()
         .await;
     outcome.unwrap_or_else(|_| {
@@ -277,20 +302,12 @@ async fn guarded_attempt<C: Courier>(
         );
         let attempts = retry.attempts() + 1;
         retry.reschedule(attempts, now() + C::RETRY.delay(attempts));
-        if let Err(e) = courier.put(&store, seq, &retry) {
-            tracing::error!("cannot reschedule a queued {}: {e}", C::KIND);
-        }
-        None
+        Settled::Again(retry)
     })
 }
 
-/// One delivery attempt; returns the failure to report if the job failed for good.
-async fn attempt<C: Courier>(
-    store: Arc<Store>,
-    courier: Arc<C>,
-    seq: u64,
-    mut job: C::Job,
-) -> Option<Failure<C::Job>> {
+/// One delivery attempt.
+async fn attempt<C: Courier>(courier: Arc<C>, seq: u64, mut job: C::Job) -> Settled<C::Job> {
     let started = Instant::now();
     let outcome = courier.deliver(&job).await;
     let took = started.elapsed();
@@ -298,10 +315,7 @@ async fn attempt<C: Courier>(
         Ok(()) => {
             courier.count_sent(took);
             tracing::debug!(seq, "{} handed over", C::KIND);
-            if let Err(e) = courier.remove(&store, seq) {
-                tracing::error!("cannot remove a sent {} from the queue: {e}", C::KIND);
-            }
-            None
+            Settled::Sent
         }
         Err(Refusal::Transient(reason))
             if now().saturating_sub(job.queued_at()) < C::RETRY.give_up_secs =>
@@ -312,10 +326,7 @@ async fn attempt<C: Courier>(
             // The peer's text may quote the recipient's address or number: only at debug.
             tracing::warn!(seq, attempts, "{} failed for now, will retry", C::KIND);
             tracing::debug!(seq, "the peer said: {reason}");
-            if let Err(e) = courier.put(&store, seq, &job) {
-                tracing::error!("cannot reschedule a queued {}: {e}", C::KIND);
-            }
-            None
+            Settled::Again(job)
         }
         Err(refusal) => {
             let (why, reason) = match refusal {
@@ -327,10 +338,7 @@ async fn attempt<C: Courier>(
             // Queued until the core has kept its messages elsewhere; meanwhile never tried again.
             let mut parked = job.clone();
             parked.reschedule(job.attempts(), u64::MAX);
-            if let Err(e) = courier.put(&store, seq, &parked) {
-                tracing::error!("cannot park a failed {}: {e}", C::KIND);
-            }
-            Some(Failure { seq, job, reason })
+            Settled::Failed(parked, Failure { seq, job, reason })
         }
     }
 }
@@ -341,6 +349,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::core::Transaction;
     use crate::sms::sender::SmsCourier;
     use crate::sms::{OutgoingSms, SmsProvider, SmsSendError};
     use crate::store::SmsJob;
@@ -400,6 +409,7 @@ mod tests {
             attempts: 0,
             next_attempt_at: 0,
             queued_at: now(),
+            claimed_by: None,
         }
     }
 
@@ -436,7 +446,7 @@ mod tests {
     async fn sends_run_several_at_a_time_and_leave_the_queue_once_accepted() {
         let store = Arc::new(Store::temporary().unwrap());
         for i in 0..20 {
-            store.enqueue_sms(&job(&format!("j{i}"))).unwrap();
+            store.tx().enqueue_sms(&job(&format!("j{i}"))).unwrap();
         }
         let courier = Arc::new(Scripted::new(Vec::new()));
         let c = courier.clone();
@@ -456,8 +466,8 @@ mod tests {
     #[tokio::test]
     async fn a_transient_refusal_retries_later_and_a_permanent_one_is_reported_and_parked() {
         let store = Arc::new(Store::temporary().unwrap());
-        store.enqueue_sms(&job("later")).unwrap();
-        store.enqueue_sms(&job("never")).unwrap();
+        store.tx().enqueue_sms(&job("later")).unwrap();
+        store.tx().enqueue_sms(&job("never")).unwrap();
         let courier = Arc::new(Scripted::new(vec![
             Err(SmsSendError::Transient("busy".into())),
             Err(SmsSendError::Permanent("no such number".into())),
@@ -468,7 +478,8 @@ mod tests {
         };
         let s = store.clone();
         let failures = drain(&store, &courier, pace, || {
-            s.due_sms_jobs(u64::MAX - 1, 10)
+            s.tx()
+                .due_sms_jobs(u64::MAX - 1, 10)
                 .unwrap()
                 .iter()
                 .all(|(_, j)| j.attempts == 1)
@@ -477,7 +488,7 @@ mod tests {
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].job.text, "never");
         assert_eq!(failures[0].reason, "no such number");
-        let queued = store.due_sms_jobs(u64::MAX - 1, 10).unwrap();
+        let queued = store.tx().due_sms_jobs(u64::MAX - 1, 10).unwrap();
         assert_eq!(queued.len(), 1, "the parked job is never due");
         assert_eq!(queued[0].1.text, "later");
         assert!(queued[0].1.next_attempt_at >= now() + 3);
@@ -488,7 +499,7 @@ mod tests {
     async fn the_pace_limits_how_fast_sends_start() {
         let store = Arc::new(Store::temporary().unwrap());
         for i in 0..6 {
-            store.enqueue_sms(&job(&format!("j{i}"))).unwrap();
+            store.tx().enqueue_sms(&job(&format!("j{i}"))).unwrap();
         }
         let courier = Arc::new(Scripted::new(Vec::new()));
         let c = courier.clone();

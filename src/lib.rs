@@ -9,6 +9,7 @@
 
 pub mod address;
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod delivery;

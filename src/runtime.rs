@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -35,7 +35,7 @@ use crate::sms::kannel::{Kannel, KannelConfig};
 use crate::sms::sender::SmsCourier;
 use crate::sms::webhook::{self, WebhookConfig, WebhookHandler, WebhookRefusal};
 use crate::sms::{DeliveryReport, IncomingSms};
-use crate::store::Store;
+use crate::store::{Store, Transaction, Tx};
 use crate::xmpp::link::{run_link, LinkConfig, LinkEvent, OutboundQueue};
 
 /// The most events handled under one flush.
@@ -46,12 +46,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the component link to write what is queued and close.
 const LINK_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Seconds since the Unix epoch.
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::now;
 
 /// One thing for the core to handle, with where to send the SMTP answer if it is a reply.
 struct Input {
@@ -89,7 +84,16 @@ pub fn core_settings(config: &Config) -> Settings {
 
 /// Runs Reach until `shutdown` turns true, then stops gracefully (see the module comment).
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&config.store.path)?);
+    let location = config.store.location().clone();
+    let instance = config.store.instance().to_owned();
+    let store =
+        Arc::new(tokio::task::spawn_blocking(move || Store::open_at(&location, &instance)).await??);
+    blocking(&store, |s| s.register_instance(now())).await?;
+    tracing::info!(
+        engine = store.engine_name(),
+        instance = store.instance(),
+        "store open"
+    );
     let core = Arc::new(Core::new(core_settings(&config)));
     let (inputs_tx, mut inputs) = mpsc::channel::<Input>(4096);
     // Everything that takes new work or sends; all of it stops when `shutdown` turns true.
@@ -127,16 +131,39 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         link_shutdown,
     ));
     let forward = inputs_tx.clone();
+    let link_store = store.clone();
     let link_forwarder = tokio::spawn(async move {
         let metrics = crate::metrics::global();
         while let Some(event) = link_events.recv().await {
             let event = match event {
                 LinkEvent::Up => {
                     metrics.link_established();
-                    Event::LinkUp
+                    // With another instance's link up all along, the presence it received is
+                    // current: nothing to learn again.
+                    let elsewhere = blocking(&link_store, |s| {
+                        s.set_link_up(true)?;
+                        s.links_up_elsewhere()
+                    })
+                    .await;
+                    match elsewhere {
+                        Ok(true) => {
+                            tracing::info!(
+                                "another instance's link is up: the users' presence is current"
+                            );
+                            continue;
+                        }
+                        Ok(false) => Event::LinkUp,
+                        Err(e) => {
+                            tracing::error!("cannot record the link's state: {e}");
+                            Event::LinkUp
+                        }
+                    }
                 }
                 LinkEvent::Down => {
                     metrics.link_lost();
+                    if let Err(e) = blocking(&link_store, |s| s.set_link_up(false)).await {
+                        tracing::error!("cannot record the link's state: {e}");
+                    }
                     continue;
                 }
                 LinkEvent::Stanza(stanza) => Event::Stanza(stanza.into()),
@@ -170,9 +197,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     drop(inputs_tx);
     tracing::info!(domain = %config.component.domain, email = config.email.is_some(), "Reach started");
 
+    start_instance_watch(&store, &shutdown, &mut tasks);
+
     // Dead letters the admin asked to re-drive (`reach dead-letters redrive`) go first.
-    let redriven: Vec<Input> = store
-        .take_redrives()?
+    let redriven: Vec<Input> = blocking(&store, |s| s.take_redrives())
+        .await?
         .iter()
         .filter_map(|letter| {
             let event = crate::core::dead_letter::revive(letter);
@@ -254,7 +283,6 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             break;
         }
     }
-    store.flush()?;
 
     // Step 2: the link writes what is queued and closes its stream.
     let _ = link_stop.send(true);
@@ -277,7 +305,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         commit_batch(&core, &store, last).await?;
     }
     drop(inputs);
-    store.flush()?;
+    if let Err(e) = blocking(&store, |s| s.set_link_up(false)).await {
+        tracing::warn!("cannot record the link's state: {e}");
+    }
     tracing::info!("Reach stopped");
     Ok(())
 }
@@ -305,6 +335,17 @@ async fn commit_batch(
     Ok(())
 }
 
+/// Runs `f` with the store on a blocking thread (the store's engine may be a database).
+async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> crate::store::Result<T> + Send + 'static,
+) -> crate::store::Result<T> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .unwrap_or_else(|e| Err(crate::store::StoreError::Engine(e.to_string())))
+}
+
 /// Counts the messages an action carries out (see `crate::metrics::RoutedTo`).
 fn count_routed(domain: &str, action: &Action) {
     let metrics = crate::metrics::global();
@@ -330,44 +371,109 @@ fn count_routed(domain: &str, action: &Action) {
     }
 }
 
+/// How many times a batch is run again when another instance changed the same data at the
+/// same time (each time it meets the other's data, so it rarely takes a second).
+const CONFLICT_RETRIES: u32 = 5;
+
+/// Handles a batch of inputs in as few transactions as possible (one, unless another instance
+/// holds a user this batch needs: then the batch so far is committed and the rest goes on in a
+/// new transaction), and answers each input after the commit that holds it.
 fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     let now = now();
+    let mut queue = std::collections::VecDeque::from(batch);
+    for input in queue.iter_mut() {
+        crate::core::clean_event(&mut input.event);
+    }
     // A forward that fell due at once ([`Action::TickSoon`]) goes out with this batch: one clock
-    // tick is added at its end, committed with the rest (what that tick makes due waits for
-    // the clock).
-    let mut batch = std::collections::VecDeque::from(batch);
+    // tick is added at its end (what that tick makes due waits for the clock).
     let mut tick_added = false;
-    let mut answers = Vec::new();
-    let (mut emails, mut texts) = (false, false);
-    while let Some(Input { mut event, answer }) = batch.pop_front() {
-        crate::core::clean_event(&mut event);
-        let said = match guarded(core, store, now, &event) {
-            Handled::Done(carried) => {
-                emails |= carried.emails;
-                texts |= carried.texts;
-                if carried.tick_soon && !tick_added {
-                    tick_added = true;
-                    batch.push_back(Input {
-                        event: Event::Tick,
-                        answer: None,
-                    });
-                }
-                Said::Answer(carried.mail, carried.webhook)
+    let mut conflicts = 0;
+    while !queue.is_empty() {
+        let mut tx = match store.begin() {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::error!("cannot begin a transaction; the batch is not acknowledged: {e}");
+                answer(queue.into_iter().map(|i| (i, Said::Temporary)), false);
+                return;
             }
-            Handled::Failed => Said::Temporary,
-            Handled::Bug(reason) => set_aside(store, now, &event, &reason),
         };
-        if let Some(responder) = answer {
-            answers.push((responder, said));
+        let mut handled: Vec<(Input, Said)> = Vec::new();
+        let mut start_over = false;
+        while let Some(input) = queue.pop_front() {
+            tx.savepoint();
+            let said = match guarded(core, &mut tx, now, &input.event) {
+                Handled::Done(carried) => {
+                    if carried.tick_soon && !tick_added {
+                        tick_added = true;
+                        queue.push_back(Input {
+                            event: Event::Tick,
+                            answer: None,
+                        });
+                    }
+                    Said::Answer(carried.mail, carried.webhook)
+                }
+                Handled::Busy if !handled.is_empty() => {
+                    // Another instance holds a user it needs: commit what is done, then take
+                    // it first in a new transaction (where it may wait for that user).
+                    tx.rollback_to_savepoint();
+                    queue.push_front(input);
+                    break;
+                }
+                Handled::Conflict => {
+                    queue.push_front(input);
+                    start_over = true;
+                    break;
+                }
+                Handled::Busy | Handled::Failed => {
+                    tx.rollback_to_savepoint();
+                    Said::Temporary
+                }
+                Handled::Bug(reason) => {
+                    tx.rollback_to_savepoint();
+                    set_aside(&mut tx, now, &input.event, &reason)
+                }
+            };
+            handled.push((input, said));
+        }
+        let committed = if start_over {
+            drop(tx);
+            Err(crate::store::StoreError::Conflict)
+        } else {
+            tx.commit()
+        };
+        match committed {
+            Ok(()) => answer(handled.into_iter(), true),
+            Err(e) if e.is_retryable() && conflicts < CONFLICT_RETRIES => {
+                // Another instance committed the same data first: run these again (they see
+                // it now). Nothing of them was acknowledged.
+                conflicts += 1;
+                tracing::debug!(
+                    conflicts,
+                    "a batch met another instance's writes; running it again"
+                );
+                for (input, _) in handled.into_iter().rev() {
+                    queue.push_front(input);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    "store commit failed; nothing of this batch is sent or acknowledged: {e}"
+                );
+                answer(handled.into_iter(), false);
+            }
         }
     }
-    let flushed = store.flush();
-    if let Err(e) = &flushed {
-        tracing::error!("store flush failed; nothing of this batch is sent or acknowledged: {e}");
-    }
-    for (responder, said) in answers {
+}
+
+/// Tells each waiting SMTP client or webhook call what became of its input (after the commit;
+/// `committed` false: everything is a temporary failure).
+fn answer(handled: impl Iterator<Item = (Input, Said)>, committed: bool) {
+    for (input, said) in handled {
+        let Some(responder) = input.answer else {
+            continue;
+        };
         let (mail_said, webhook_said) = match said {
-            Said::Answer(mail, webhook) if flushed.is_ok() => (mail, webhook),
+            Said::Answer(mail, webhook) if committed => (mail, webhook),
             Said::Answer(..) | Said::Temporary => (None, None),
         };
         match responder {
@@ -382,15 +488,6 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
             }
         }
     }
-    if flushed.is_ok() {
-        store.wake_outbox();
-        if emails {
-            store.wake_email();
-        }
-        if texts {
-            store.wake_sms();
-        }
-    }
 }
 
 /// What one event came to in [`handle_batch`].
@@ -399,6 +496,10 @@ enum Handled {
     Done(Carried),
     /// The store failed: nothing of it is acknowledged, and the sender may retry.
     Failed,
+    /// Another instance holds a user it needs while this transaction holds others.
+    Busy,
+    /// Another instance changed the same data: the whole transaction runs again.
+    Conflict,
     /// A bug (a panic, or a stanza that cannot be written): it is set aside, never retried.
     Bug(String),
 }
@@ -408,8 +509,6 @@ enum Handled {
 struct Carried {
     mail: Option<SmtpAnswer>,
     webhook: Option<WebhookAnswer>,
-    emails: bool,
-    texts: bool,
     tick_soon: bool,
 }
 
@@ -419,33 +518,36 @@ enum Said {
     Temporary,
 }
 
-/// Handles one event and queues its actions, with every step guarded: a panic anywhere in the
-/// core or in queueing, and a stanza that cannot be written as XML, cost this event only.
-/// The stanzas are checked before anything is queued, so such an event queues nothing.
-fn guarded(core: &Core, store: &Store, now: u64, event: &Event) -> Handled {
+/// Handles one event and queues its actions in `tx`, with every step guarded: a panic anywhere
+/// in the core or in queueing, and a stanza that cannot be written as XML, cost this event
+/// only (the caller rolls its writes back). The stanzas are checked before anything is queued.
+fn guarded(core: &Core, tx: &mut Tx<'_>, now: u64, event: &Event) -> Handled {
+    use crate::store::StoreError;
+    let failed = |e: StoreError| match e {
+        StoreError::Busy => Handled::Busy,
+        StoreError::Conflict => Handled::Conflict,
+        e => {
+            tracing::error!("store failure while handling an event: {e}");
+            Handled::Failed
+        }
+    };
     if let Some(fingerprint) = crate::core::dead_letter::resend_fingerprint(event) {
-        match store.dead_letter_by_fingerprint(&fingerprint) {
+        match tx.dead_letter_by_fingerprint(&fingerprint) {
             Ok(Some(id)) => {
                 tracing::debug!(id, "a resend of a dead letter; refused again");
                 return Handled::Bug(String::new());
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::error!("store failure while handling an event: {e}");
-                return Handled::Failed;
-            }
+            Err(e) => return failed(e),
         }
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let actions = match core.handle_cleaned(store, now, event) {
+        let actions = match core.handle_cleaned(tx, now, event) {
             Ok(actions) => actions,
-            Err(crate::store::StoreError::Unwritable(e)) => {
+            Err(StoreError::Unwritable(e)) => {
                 return Handled::Bug(format!("a stanza to keep cannot be written as XML: {e}"));
             }
-            Err(e) => {
-                tracing::error!("store failure while handling an event: {e}");
-                return Handled::Failed;
-            }
+            Err(e) => return failed(e),
         };
         for action in &actions {
             if let Action::SendStanza(stanza) = action {
@@ -458,15 +560,9 @@ fn guarded(core: &Core, store: &Store, now: u64, event: &Event) -> Handled {
         for action in actions {
             count_routed(&core.settings().domain, &action);
             let queued = match action {
-                Action::SendStanza(stanza) => store.enqueue_stanza(&stanza),
-                Action::SendEmail(job) => {
-                    carried.emails = true;
-                    store.enqueue_email(&job).map(|_| ())
-                }
-                Action::SendSms(job) => {
-                    carried.texts = true;
-                    store.enqueue_sms(&job).map(|_| ())
-                }
+                Action::SendStanza(stanza) => tx.enqueue_stanza(&stanza),
+                Action::SendEmail(job) => tx.enqueue_email(&job).map(|_| ()),
+                Action::SendSms(job) => tx.enqueue_sms(&job).map(|_| ()),
                 Action::AnswerMail(answer) => {
                     carried.mail = Some(answer);
                     Ok(())
@@ -516,11 +612,11 @@ fn loggable(reason: &str) -> &str {
 /// Sets a failed event aside as a dead letter (see [`crate::core::dead_letter`]), queues the
 /// refusal a stanza's sender gets, and says what a waiting SMTP client or webhook call hears.
 /// An empty `reason` is a resend of a dead letter: only refused again.
-fn set_aside(store: &Store, now: u64, event: &Event, reason: &str) -> Said {
+fn set_aside(tx: &mut Tx<'_>, now: u64, event: &Event, reason: &str) -> Said {
     use crate::core::dead_letter;
     if !reason.is_empty() {
         match dead_letter::set_aside(event, now, reason) {
-            Some(letter) => match store.put_dead_letter(&letter) {
+            Some(letter) => match tx.put_dead_letter(&letter) {
                 Ok(id) => {
                     tracing::error!(
                         id,
@@ -542,7 +638,7 @@ fn set_aside(store: &Store, now: u64, event: &Event, reason: &str) -> Said {
             }
         }
         if let Some(refusal) = dead_letter::stanza_refusal(event) {
-            if let Err(e) = store.enqueue_stanza(&refusal) {
+            if let Err(e) = tx.enqueue_stanza(&refusal) {
                 tracing::error!("could not queue the refusal of a dead letter: {e}");
             }
         }
@@ -686,6 +782,34 @@ fn start_delivery<C: Courier + 'static>(
             };
             if forward.send(input).await.is_err() {
                 break;
+            }
+        }
+    }));
+}
+
+/// How often an instance looks for instances that are gone, to take over their outbox and
+/// their claims.
+const INSTANCE_WATCH: Duration = Duration::from_secs(5);
+
+/// Takes over what stopped instances left (at once, then every [`INSTANCE_WATCH`]).
+fn start_instance_watch(
+    store: &Arc<Store>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    let store = store.clone();
+    let mut stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(INSTANCE_WATCH);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop_requested(&mut stop) => break,
+            }
+            match blocking(&store, |s| s.adopt_gone_instances(now())).await {
+                Ok(adopted) if !adopted.is_empty() => store.wake_outbox(),
+                Ok(_) => {}
+                Err(e) => tracing::error!("cannot look for stopped instances: {e}"),
             }
         }
     }));
@@ -835,17 +959,19 @@ fn reply_of(answer: SmtpAnswer) -> Reply {
 
 impl SmtpHandler for ReplyHandler {
     async fn check_recipient(&self, envelope: &Envelope, rcpt: &str) -> Reply {
-        let reply =
-            match self
-                .core
-                .check_mail_recipient(&self.store, now(), &envelope.mail_from, rcpt)
-            {
-                Ok(answer) => reply_of(answer),
-                Err(e) => {
-                    tracing::error!("store failure while checking a recipient: {e}");
-                    reply_of(temporary_failure())
-                }
-            };
+        let core = self.core.clone();
+        let (mail_from, rcpt) = (envelope.mail_from.clone(), rcpt.to_owned());
+        let checked = blocking(&self.store, move |store| {
+            store.read(|tx| core.check_mail_recipient(tx, now(), &mail_from, &rcpt))
+        })
+        .await;
+        let reply = match checked {
+            Ok(answer) => reply_of(answer),
+            Err(e) => {
+                tracing::error!("store failure while checking a recipient: {e}");
+                reply_of(temporary_failure())
+            }
+        };
         if !reply.is_positive() {
             crate::metrics::global().inbound_email(Inbound::of_smtp_code(reply.code));
         }
@@ -934,6 +1060,8 @@ fn peer_ip(peer: SocketAddr) -> std::net::IpAddr {
 mod tests {
     use super::*;
     use crate::core::testing::{register_form, Harness, D};
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use crate::store::Terminal;
 
     const ALICE: &str = "alice@example.org";
@@ -943,12 +1071,12 @@ mod tests {
     fn alice_texting_bob() -> Harness {
         let t = Harness::new();
         t.run(&register_form(ALICE, "alice", "", PHONE));
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         user.phone = Some(Terminal {
             verified: true,
             ..Terminal::unverified(user.phone.unwrap().address)
         });
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
         t.run(&format!(
             "<message type='chat' id='m1' from='bob@example.net/pc' to='alice@{D}'>\
              <body>hi</body></message>"
@@ -977,12 +1105,13 @@ mod tests {
         let before = outbox_len(&t.store);
         // Uncleaned (as if a door forgot the cleaning): the relayed stanza cannot be written.
         let event = sms("yes\u{1} I am", "k1");
-        let Handled::Bug(reason) = guarded(&t.core, &t.store, t.now.get(), &event) else {
+        let Handled::Bug(reason) = guarded(&t.core, &mut t.store.tx(), t.now.get(), &event) else {
             panic!("expected the event to be set aside");
         };
         assert!(reason.contains("U+0001"), "{reason}");
         assert_eq!(outbox_len(&t.store), before, "nothing of it is queued");
-        let Said::Answer(_, Some(webhook)) = set_aside(&t.store, t.now.get(), &event, &reason)
+        let Said::Answer(_, Some(webhook)) =
+            set_aside(&mut t.store.tx(), t.now.get(), &event, &reason)
         else {
             panic!("a webhook answer");
         };
@@ -996,7 +1125,7 @@ mod tests {
         );
         // Kannel retries: the same SMS is refused at once, without being handled again.
         assert!(matches!(
-            guarded(&t.core, &t.store, t.now.get(), &event),
+            guarded(&t.core, &mut t.store.tx(), t.now.get(), &event),
             Handled::Bug(r) if r.is_empty()
         ));
         assert_eq!(t.store.dead_letters().unwrap().len(), 1);
@@ -1039,7 +1168,7 @@ mod tests {
         .unwrap();
         let event = Event::Stanza(stanza);
         assert!(matches!(
-            set_aside(&t.store, 1, &event, "the core panicked: test"),
+            set_aside(&mut t.store.tx(), 1, &event, "the core panicked: test"),
             Said::Answer(..)
         ));
         assert_eq!(outbox_len(&t.store), 1);

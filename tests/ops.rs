@@ -522,8 +522,12 @@ async fn a_dead_letter_is_listed_shown_and_redriven_by_the_admin() {
         let letter =
             reach::core::dead_letter::set_aside(&event, 1_795_000_000, "the core panicked: test")
                 .unwrap();
-        store.put_dead_letter(&letter).unwrap();
-        store.flush().unwrap();
+        store
+            .write(|tx| {
+                use reach::store::Transaction;
+                tx.put_dead_letter(&letter)
+            })
+            .unwrap();
     }
     let (ok, out, err) = w.admin(&["dead-letters", "--config", &config]);
     assert!(ok, "{err}");

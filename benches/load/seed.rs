@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use reach::address::{Email, Handle, Phone};
-use reach::store::{Store, Terminal, User};
+use reach::store::{Store, Terminal, Transaction, User};
 
 /// What the seeded users get.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +29,8 @@ pub fn phone_of(i: usize) -> String {
 /// Writes users `{prefix}{i}@localhost` with handle `{prefix}{i}` for `i` in `range`.
 pub fn users(store_dir: &Path, prefix: &str, range: std::ops::Range<usize>, terminals: Terminals) {
     let store = Store::open(store_dir).expect("open Reach's store");
-    let now = reach::runtime::now();
+    let mut tx = store.begin().expect("a transaction");
+    let now = reach::clock::now();
     for i in range {
         let handle = format!("{prefix}{i}");
         let mut user = User {
@@ -57,7 +58,7 @@ pub fn users(store_dir: &Path, prefix: &str, range: std::ops::Range<usize>, term
                 user.phone = Some(t);
             }
         }
-        store.put_user(&user).expect("put user");
+        tx.put_user(&user).expect("put user");
     }
-    store.flush().expect("flush the store");
+    tx.commit().expect("commit the users");
 }

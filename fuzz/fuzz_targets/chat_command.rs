@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(stanza) = xml.parse::<Element>() else {
         return;
     };
-    let actions = with_harness(|h| h.core.handle(&h.store, NOW, Event::Stanza(stanza)))
+    let actions = with_harness(|h| h.handle(NOW, Event::Stanza(stanza)))
         .expect("the chat door must not fail on a temporary store");
     if !body.trim().is_empty() {
         let answers = actions

@@ -28,7 +28,7 @@ use reach::core::email::InboundMail;
 use reach::core::{Action, Core, Event};
 use reach::email::extract::Reply;
 use reach::sms::{DeliveryReport, DeliveryStatus, IncomingSms};
-use reach::store::{Store, Terminal};
+use reach::store::{Store, Terminal, Transaction};
 use reach::xmpp::xml_text::{is_xml_char, to_xml};
 
 const ALICE: &str = "alice@example.org";
@@ -70,7 +70,11 @@ impl Doors {
              <query xmlns='jabber:iq:register'><username>alice</username>\
              <email>{ALICE_MAIL}</email><phone>{PHONE}</phone></query></iq>"
         ));
-        let mut user = doors.store.user(ALICE).expect("store").expect("alice");
+        let mut user = doors
+            .store
+            .read(|tx| tx.user(ALICE))
+            .expect("store")
+            .expect("alice");
         user.email = user.email.map(|e| Terminal {
             verified: true,
             ..Terminal::unverified(e.address)
@@ -79,7 +83,10 @@ impl Doors {
             verified: true,
             ..Terminal::unverified(p.address)
         });
-        doors.store.put_user(&user).expect("store");
+        doors
+            .store
+            .write(|tx| tx.put_user(&user))
+            .expect("store");
         // A conversation with Bob, forwarded by email: its reply alias is the email door.
         doors.stanza(&format!(
             "<message xmlns='{NS}' type='chat' id='b0' from='bob@example.net/pc' \
@@ -95,10 +102,12 @@ impl Doors {
     }
 
     fn handle(&self, event: Event, now: u64) -> Vec<Action> {
+        let mut tx = self.store.begin().expect("a transaction");
         let actions = self
             .core
-            .handle(&self.store, now, event)
+            .handle(&mut tx, now, event)
             .expect("a door must not fail on a temporary store");
+        tx.commit().expect("committed");
         for action in &actions {
             check(action);
         }
@@ -122,7 +131,7 @@ fn check(action: &Action) {
                 .unwrap_or_else(|e| panic!("written stanza does not read back: {e}: {xml}"));
         }
         Action::SendEmail(job) => {
-            reach::email::outbound::render(&job.email, std::time::SystemTime::UNIX_EPOCH)
+            reach::email::message::render(&job.email, std::time::SystemTime::UNIX_EPOCH)
                 .unwrap_or_else(|e| panic!("email does not render: {e}"));
         }
         Action::SendSms(job) => {

@@ -28,10 +28,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     with_harness(|h| {
-        if let Err(e) = h.core.handle(&h.store, NOW, Event::Stanza(stanza)) {
+        if let Err(e) = h.handle(NOW, Event::Stanza(stanza)) {
             panic!("a well-formed stanza made the core fail: {e}");
         }
-        if let Err(e) = h.core.handle(&h.store, NOW + 3_600, Event::Tick) {
+        if let Err(e) = h.handle(NOW + 3_600, Event::Tick) {
             panic!("the tick after a stanza failed: {e}");
         }
     });

@@ -23,7 +23,8 @@ use xmpp_parsers::ns;
 
 use super::settings::{self, field, Draft, Invalid};
 use super::{registration, Addressing, Core, Failure, Handled, Out};
-use crate::store::{Store, TerminalKind, User};
+use crate::core::model::{TerminalKind, User};
+use crate::core::Transaction;
 use crate::xmpp::adhoc::{Action, Actions, Command, Note, Status, COMMANDS};
 use crate::xmpp::forms::{self, FieldSpec, FieldType, FormType};
 use crate::xmpp::stanza::{an, iq_result, StanzaFault, NONE};
@@ -45,7 +46,7 @@ enum Pages {
 }
 
 /// A command's logic: given the stage the requester is at, what to show or what was done.
-type Handler = fn(&Context<'_>, Stage<'_>, &mut Out) -> Result<Outcome, Failure>;
+type Handler = fn(&mut Context<'_>, Stage<'_>, &mut Out) -> Result<Outcome, Failure>;
 
 /// The commands at `D`, in the order clients list them.
 pub(super) const NODES: &[CommandNode] = &[
@@ -89,7 +90,7 @@ pub(super) fn find(node: &str) -> Option<&'static CommandNode> {
 /// What a handler works with.
 struct Context<'a> {
     core: &'a Core,
-    store: &'a Store,
+    store: &'a mut dyn Transaction,
     now: u64,
     user: &'a User,
 }
@@ -181,7 +182,7 @@ pub(super) fn command_items(service: &str) -> Element {
 /// An iq set with a `<command/>` payload at `D`.
 pub(super) fn on_command(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     iq: &Element,
     payload: &Element,
@@ -248,13 +249,13 @@ pub(super) fn on_command(
         (_, None) => Stage::Start,
     };
 
-    let context = Context {
+    let mut context = Context {
         core,
         store,
         now,
         user: &user,
     };
-    match (command.run)(&context, stage, out)? {
+    match (command.run)(&mut context, stage, out)? {
         Outcome::Form { page, form, notes } => {
             response.status = Some(Status::Executing);
             response.actions = Some(page.actions());
@@ -278,7 +279,7 @@ fn new_sessionid(core: &Core) -> String {
 /// `verify`: enter the code Reach sent to a terminal not verified yet (email or phone); an empty
 /// code asks for new ones. The codes are checked by the same functions as `verify CODE` in the
 /// chat, so both doors say the same sentences.
-fn verify(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+fn verify(r: &mut Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
     let user = r.user;
     if user.email.is_none() && user.phone.is_none() {
         return Ok(done(Note::info(
@@ -428,7 +429,7 @@ fn list_single(var: &str, label: &str, value: &str, choices: &[(&str, &str)]) ->
 // ---- terminals ----
 
 /// `terminals`: first the action (list, add, remove, primary), then what it needs.
-fn terminals(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+fn terminals(r: &mut Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
     let user = r.user;
     let Stage::Submit(values) = stage else {
         return Ok(page(Page::First, terminals_first_page(user, "list")));
@@ -594,7 +595,7 @@ mod var {
 
 /// `preferences`: with two terminals, first which one; then its preferences and the account's
 /// time zone and subscription policy, filled in with the current values.
-fn preferences(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+fn preferences(r: &mut Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
     let user = r.user;
     let kinds: Vec<TerminalKind> = settings::terminals(user).iter().map(|t| t.kind).collect();
     // With one terminal (or none) there is nothing to choose: the form is the only page.
@@ -793,7 +794,7 @@ fn preferences_form(
 // ---- state and status ----
 
 /// `state`: set one terminal's local state (what `/away`, `/back`, `/dnd` do from the phone).
-fn state(r: &Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
+fn state(r: &mut Context<'_>, stage: Stage<'_>, out: &mut Out) -> Result<Outcome, Failure> {
     let user = r.user;
     let Some(chosen) = default_kind(user) else {
         return Ok(done(Note::info(
@@ -854,7 +855,7 @@ fn state_form(user: &User, terminal: &str, state: &str) -> Element {
 }
 
 /// `status`: everything at once, in words.
-fn status(r: &Context<'_>, _stage: Stage<'_>, _out: &mut Out) -> Result<Outcome, Failure> {
+fn status(r: &mut Context<'_>, _stage: Stage<'_>, _out: &mut Out) -> Result<Outcome, Failure> {
     Ok(done(Note::info(settings::status_text(
         r.core, r.store, r.user,
     )?)))
@@ -862,11 +863,13 @@ fn status(r: &Context<'_>, _stage: Stage<'_>, _out: &mut Out) -> Result<Outcome,
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use minidom::Element;
     use xmpp_parsers::ns;
 
+    use crate::core::model::{Terminal, TerminalKind};
     use crate::core::testing::*;
-    use crate::store::{Terminal, TerminalKind};
     use crate::xmpp::adhoc::{Action, Command, NoteType, Status, COMMANDS};
     use crate::xmpp::stanza::STANZA_NS;
 
@@ -905,6 +908,7 @@ mod tests {
 
     fn code(t: &Harness) -> String {
         t.store
+            .tx()
             .verification(ALICE, TerminalKind::Email)
             .unwrap()
             .expect("a pending verification")
@@ -913,6 +917,7 @@ mod tests {
 
     fn verified(t: &Harness) -> bool {
         t.store
+            .tx()
             .user(ALICE)
             .unwrap()
             .unwrap()
@@ -1135,6 +1140,7 @@ mod tests {
         t.run(&register_form(ALICE, "alice", ALICE_MAIL, "+15551234567"));
         let phone_code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Phone)
             .unwrap()
             .expect("a pending phone verification")
@@ -1161,7 +1167,7 @@ mod tests {
         ));
         let (type_, text) = only_note(&c);
         assert_eq!(type_, NoteType::Info, "{text}");
-        let user = t.store.user(ALICE).unwrap().unwrap();
+        let user = t.store.tx().user(ALICE).unwrap().unwrap();
         assert!(user.phone.unwrap().verified);
         assert!(!user.email.unwrap().verified);
         // Only the email address waits now.
@@ -1215,12 +1221,12 @@ mod tests {
     fn an_already_verified_user_is_told_so() {
         let t = Harness::new();
         alice_with_email(&t);
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         user.email = Some(Terminal {
             verified: true,
             ..Terminal::unverified(user.email.unwrap().address)
         });
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
         let c = response(&command(&t, ALICE, "node='verify'", ""));
         assert_eq!(
             only_note(&c),

@@ -15,8 +15,9 @@
 use rand::Rng;
 
 use super::{Action, Core, Out};
-use crate::email::outbound::OutgoingEmail;
-use crate::store::{BuddyAlert, EmailJob, Store, StoreError, TerminalKind, User};
+use crate::core::model::{BuddyAlert, EmailJob, StoreError, TerminalKind, User};
+use crate::core::Transaction;
+use crate::email::message::OutgoingEmail;
 
 /// Least time between two alerts about the same buddy on the same terminal.
 pub(super) const ALERT_INTERVAL_SECS: u64 = 300;
@@ -35,7 +36,7 @@ fn listed(user: &User, kind: TerminalKind, buddy: &str) -> bool {
 /// A buddy of the user came online (`online`) or went offline.
 pub(super) fn buddy_changed(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     buddy: &str,
@@ -54,7 +55,7 @@ pub(super) fn buddy_changed(
 /// was last told.
 pub(super) fn on_tick(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
@@ -74,7 +75,7 @@ pub(super) fn on_tick(
 #[allow(clippy::too_many_arguments)]
 fn consider(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     kind: TerminalKind,
@@ -106,7 +107,7 @@ fn consider(
 #[allow(clippy::too_many_arguments)]
 fn tell(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     kind: TerminalKind,
@@ -187,6 +188,7 @@ pub(super) fn notice_mail(
         attempts: 0,
         next_attempt_at: now,
         queued_at: now,
+        claimed_by: None,
     })));
     true
 }
@@ -194,9 +196,11 @@ pub(super) fn notice_mail(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::model::{LocalState, Terminal};
     use crate::core::testing::*;
     use crate::core::Event;
-    use crate::store::{LocalState, Terminal};
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
 
     const ALICE: &str = "alice@example.org";
     const PHONE: &str = "+15551234567";
@@ -209,14 +213,14 @@ mod tests {
             "alice@mail.example.org",
             PHONE,
         ));
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         let mut phone = Terminal {
             verified: true,
             ..Terminal::unverified(user.phone.unwrap().address)
         };
         phone.prefs.alert_buddies = vec!["bob@example.net".into()];
         user.phone = Some(phone);
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
     }
 
     fn sms(actions: &[Action]) -> Vec<String> {
@@ -292,9 +296,9 @@ mod tests {
         let t = Harness::new();
         alice_alerted_about_bob(&t);
         let set = |change: &dyn Fn(&mut Terminal<crate::address::Phone>)| {
-            let mut user = t.store.user(ALICE).unwrap().unwrap();
+            let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
             change(user.phone.as_mut().unwrap());
-            t.store.put_user(&user).unwrap();
+            t.store.tx().put_user(&user).unwrap();
         };
         set(&|p| p.state = LocalState::Dnd);
         assert!(bob(&t, "pc", true).is_empty());
@@ -305,7 +309,7 @@ mod tests {
         assert!(bob(&t, "pc", false).is_empty());
         set(&|p| p.stopped = false);
         for _ in 0..5 {
-            t.store.count_sms(ALICE, t.now.get() / 86_400).unwrap();
+            t.store.tx().count_sms(ALICE, t.now.get() / 86_400).unwrap();
         }
         assert!(bob(&t, "pc", true).is_empty(), "over the daily cap");
         t.advance(86_400);
@@ -316,12 +320,12 @@ mod tests {
     fn an_email_terminal_gets_a_short_mail() {
         let t = Harness::new();
         alice_alerted_about_bob(&t);
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         let email = user.email.as_mut().unwrap();
         email.verified = true;
         email.prefs.alert_buddies = vec!["Bob@Example.net".into()];
         user.phone.as_mut().unwrap().prefs.alert_buddies.clear();
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
         let stanza = format!(
             "<presence xmlns='jabber:component:accept' from='bob@example.net/pc' to='alice@{D}'/>"
         );
@@ -337,7 +341,7 @@ mod tests {
         assert_eq!(mails[0].email.to, "alice@mail.example.org");
         assert_eq!(mails[0].email.subject, "bob@example.net is online");
         assert!(mails[0].peer.is_none() && mails[0].items.is_empty());
-        crate::email::outbound::render(&mails[0].email, std::time::SystemTime::UNIX_EPOCH)
+        crate::email::message::render(&mails[0].email, std::time::SystemTime::UNIX_EPOCH)
             .expect("a valid email");
     }
 }

@@ -7,8 +7,9 @@
 use super::limits::counter;
 use super::testing::*;
 use super::{Action, Event, Limits};
+use crate::core::model::{TerminalKind, UserState};
+use crate::core::Transaction;
 use crate::sms::IncomingSms;
-use crate::store::{TerminalKind, UserState};
 use crate::xmpp::stanza::STANZA_NS;
 
 const ALICE: &str = "alice@example.org";
@@ -80,20 +81,20 @@ fn state(t: &Harness, jid: &str) -> (UserState, Vec<u32>) {
         (counter::VERIFICATION_SMS, "", super::limits::HOUR),
     ]
     .iter()
-    .map(|(name, scope, period)| t.store.counter(name, scope, *period, now).unwrap())
+    .map(|(name, scope, period)| t.store.tx().counter(name, scope, *period, now).unwrap())
     .collect();
     (t.snapshot(jid), counters)
 }
 
 fn code(t: &Harness, jid: &str, kind: TerminalKind) -> String {
-    t.store.verification(jid, kind).unwrap().unwrap().code
+    t.store.tx().verification(jid, kind).unwrap().unwrap().code
 }
 
 /// A wrong code for this user: differs from every code waiting.
 fn wrong_code(t: &Harness, jid: &str) -> String {
     let waiting: Vec<String> = [TerminalKind::Email, TerminalKind::Phone]
         .iter()
-        .filter_map(|k| t.store.verification(jid, *k).unwrap().map(|v| v.code))
+        .filter_map(|k| t.store.tx().verification(jid, *k).unwrap().map(|v| v.code))
         .collect();
     (0..1_000_000u32)
         .map(|n| format!("{n:06}"))
@@ -137,7 +138,7 @@ fn adding_thirty_numbers_sends_codes_to_three_and_changes_nothing_after() {
     }
     assert_eq!(sent_to, ["+15550100000", "+15550100001", "+15550100002"]);
     // The last number that got a code is still the one waiting.
-    let user = t.store.user(ALICE).unwrap().unwrap();
+    let user = t.store.tx().user(ALICE).unwrap().unwrap();
     assert_eq!(user.phone.unwrap().address.as_str(), "+15550100002");
     // Numbers already tried today may get their codes again (within their own cap).
     let (_, actions) = say(&t, ALICE, "add phone +1 555 010 0000");
@@ -215,7 +216,7 @@ fn codes_per_user_per_day_hold_across_every_terminal_and_door() {
         })
         .unwrap();
     assert_eq!(note, refusal);
-    assert!(t.store.user(ALICE).unwrap().is_some());
+    assert!(t.store.tx().user(ALICE).unwrap().is_some());
     t.advance(86_400);
     let (_, actions) = say(&t, ALICE, "verify");
     assert_eq!(mails(&actions).len(), 1, "a new day");
@@ -350,6 +351,7 @@ fn a_wrong_guess_costs_every_waiting_code_a_try() {
     for kind in [TerminalKind::Email, TerminalKind::Phone] {
         assert_eq!(
             t.store
+                .tx()
                 .verification(ALICE, kind)
                 .unwrap()
                 .unwrap()
@@ -391,6 +393,7 @@ fn thirty_guesses_with_fresh_emails_never_reach_the_phone_code() {
     assert_eq!(answers[5], "That code is wrong (4 tries left).");
     assert!(t
         .store
+        .tx()
         .verification(ALICE, TerminalKind::Phone)
         .unwrap()
         .is_none());
@@ -411,7 +414,7 @@ fn thirty_guesses_with_fresh_emails_never_reach_the_phone_code() {
     let actions = text_in(&t, PHONE, &phone_code);
     assert!(texts(&actions).is_empty());
     assert_eq!(state(&t, ALICE), before);
-    let user = t.store.user(ALICE).unwrap().unwrap();
+    let user = t.store.tx().user(ALICE).unwrap().unwrap();
     assert!(!user.phone.unwrap().verified);
 }
 
@@ -430,6 +433,7 @@ fn past_the_wrong_codes_of_the_day_even_the_right_code_is_refused() {
     say(&t, ALICE, &format!("verify {wrong}"));
     assert!(t
         .store
+        .tx()
         .verification(ALICE, TerminalKind::Email)
         .unwrap()
         .is_none());
@@ -485,6 +489,7 @@ fn a_wrong_code_texted_back_is_a_wrong_guess_and_no_sms_answers_it() {
     assert_eq!(told, ["That code is wrong (4 tries left)."]);
     assert_eq!(
         t.store
+            .tx()
             .counter(counter::WRONG_CODES, ALICE, 86_400, t.now.get())
             .unwrap(),
         1
@@ -499,6 +504,7 @@ fn a_wrong_code_texted_back_is_a_wrong_guess_and_no_sms_answers_it() {
     assert_eq!(texts(&actions).len(), 1);
     assert!(
         t.store
+            .tx()
             .user(ALICE)
             .unwrap()
             .unwrap()
@@ -515,6 +521,7 @@ fn the_index_finds_every_user_waiting_on_a_number() {
     t.run(&register_form(MALLORY, "mallory", "", PHONE));
     let waiting = t
         .store
+        .tx()
         .verifications_for_address(TerminalKind::Phone, PHONE)
         .unwrap();
     let jids: Vec<&str> = waiting.iter().map(|(j, _)| j.as_str()).collect();
@@ -524,6 +531,7 @@ fn the_index_finds_every_user_waiting_on_a_number() {
     text_in(&t, PHONE, &right);
     assert!(
         t.store
+            .tx()
             .user(MALLORY)
             .unwrap()
             .unwrap()
@@ -533,6 +541,7 @@ fn the_index_finds_every_user_waiting_on_a_number() {
     );
     assert!(
         !t.store
+            .tx()
             .user(ALICE)
             .unwrap()
             .unwrap()
@@ -559,7 +568,16 @@ fn answers_to_texts_stop_at_the_daily_sms_cap() {
     // Keywords are still honoured past the cap, silently.
     let actions = text_in(&t, PHONE, "STOP");
     assert!(texts(&actions).is_empty());
-    assert!(t.store.user(ALICE).unwrap().unwrap().phone.unwrap().stopped);
+    assert!(
+        t.store
+            .tx()
+            .user(ALICE)
+            .unwrap()
+            .unwrap()
+            .phone
+            .unwrap()
+            .stopped
+    );
     t.advance(86_400);
     assert_eq!(texts(&text_in(&t, PHONE, "START")).len(), 1, "a new day");
 }
@@ -587,6 +605,7 @@ fn sms_verify_from_the_phone_counts_with_the_other_doors() {
     );
     assert_eq!(
         t.store
+            .tx()
             .counter(counter::WRONG_CODES, ALICE, 86_400, t.now.get())
             .unwrap(),
         2
@@ -615,18 +634,21 @@ fn an_expired_phone_code_texted_back_spends_no_try_of_the_email_code() {
     );
     let email = t
         .store
+        .tx()
         .verification(ALICE, TerminalKind::Email)
         .unwrap()
         .unwrap();
     assert_eq!(email.tries_left, 5);
     assert_eq!(
         t.store
+            .tx()
             .counter(counter::WRONG_CODES, ALICE, 86_400, t.now.get())
             .unwrap(),
         0
     );
     assert!(t
         .store
+        .tx()
         .verifications_for_address(TerminalKind::Phone, PHONE)
         .unwrap()
         .is_empty());

@@ -9,7 +9,8 @@ use minidom::Element;
 
 use super::settings::{self, Decision, Draft, Invalid};
 use super::{Addressing, Core, Out};
-use crate::store::{Store, StoreError, TerminalKind, User};
+use crate::core::model::{StoreError, TerminalKind, User};
+use crate::core::Transaction;
 use crate::xmpp::stanza::{attr, chat, child_text};
 
 const HELP: &str = "Reach commands:\n\
@@ -40,7 +41,7 @@ client (Service discovery → Register) to get a reach address.";
 
 fn verify(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     who: &Addressing,
     code: &str,
@@ -62,7 +63,7 @@ const NOTHING_TO_VERIFY: &str = "There is nothing to verify. Register an email a
 /// ad-hoc, SMS `/verify`. See [`check_guess`].
 pub(super) fn verify_any(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     code: &str,
@@ -81,7 +82,7 @@ pub(super) fn verify_any(
 /// asking for fresh codes elsewhere never buys more guesses at one code.
 pub(super) fn check_guess(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     code: &str,
@@ -143,7 +144,7 @@ pub(super) fn check_guess(
             tries_left = tries_left.max(u32::from(left));
             store.put_verification(
                 &user.jid,
-                &crate::store::Verification {
+                &crate::core::model::Verification {
                     tries_left: left,
                     ..v
                 },
@@ -182,7 +183,7 @@ fn same_code(stored: &str, guess: &str) -> bool {
 /// Sends new codes to every terminal not verified yet.
 pub(super) fn resend_codes(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     out: &mut Out,
@@ -205,7 +206,7 @@ pub(super) fn resend_codes(
 
 pub(super) fn on_chat(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     stanza: &Element,
     who: &Addressing,
@@ -286,7 +287,7 @@ fn refusal(refused: &[Invalid]) -> String {
 /// A line that reads or changes the registered user's settings.
 fn on_settings_line(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     command: &str,
@@ -475,6 +476,8 @@ fn set_draft(rest: &str) -> Result<Draft, String> {
 #[cfg(test)]
 mod tests {
     use crate::core::testing::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use crate::xmpp::stanza::child_text;
 
     #[test]

@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use super::email::{InboundMail, SmtpAnswer};
 use super::sms::WebhookAnswer;
 use super::Event;
+use crate::core::model::DeadLetter;
 use crate::sms::{DeliveryReport, IncomingSms};
-use crate::store::DeadLetter;
 use crate::xmpp::stanza::{error_reply, ErrorType, StanzaFault};
 
 /// What the SMTP client is told about a mail set aside.
@@ -130,6 +130,8 @@ fn fingerprint_of(kind: &str, payload: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use crate::email::extract::Reply;
 
     fn mail(text: &str) -> Event {

@@ -8,7 +8,7 @@ use xmpp_parsers::ns;
 
 use super::{adhoc, registration, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
-use crate::store::Store;
+use crate::core::Transaction;
 use crate::xmpp::stanza::{attr, iq_result, StanzaFault, COMMANDS};
 
 /// Features of the service `D`.
@@ -32,7 +32,7 @@ const ADDRESS_FEATURES: &[&str] = &[
 
 pub(super) fn on_iq(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     iq: &Element,
     who: &Addressing,
@@ -192,6 +192,8 @@ fn version() -> Element {
 #[cfg(test)]
 mod tests {
     use crate::core::testing::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use xmpp_parsers::ns;
 
     #[test]

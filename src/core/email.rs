@@ -10,11 +10,12 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use super::{presence, Core, Out};
-use crate::email::extract::{Automatic, Reply};
-use crate::email::outbound::OutgoingEmail;
-use crate::store::{
-    Alias, AliasPurpose, EmailJob, Pending, Store, StoreError, TerminalKind, User, Verification,
+use crate::core::model::{
+    Alias, AliasPurpose, EmailJob, Pending, StoreError, TerminalKind, User, Verification,
 };
+use crate::core::Transaction;
+use crate::email::extract::{Automatic, Reply};
+use crate::email::message::OutgoingEmail;
 use crate::xmpp::stanza::{chat, STANZA_NS};
 
 /// How long a verification code is valid.
@@ -109,7 +110,7 @@ pub(super) fn can_forward(core: &Core, user: &User) -> bool {
 /// The email carrying a conversation's pending messages, with a fresh reply alias.
 pub(super) fn forward_job(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     pending: Pending,
@@ -172,6 +173,7 @@ pub(super) fn forward_job(
         attempts: 0,
         next_attempt_at: now,
         queued_at: now,
+        claimed_by: None,
     }))
 }
 
@@ -192,7 +194,7 @@ pub(super) fn peer_name(nick: Option<&str>, peer: &str) -> String {
 
 fn new_alias(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     purpose: AliasPurpose,
 ) -> Result<String, StoreError> {
@@ -216,7 +218,7 @@ fn new_alias(
 /// user confirms with `verify CODE`, or by replying to that email. Returns what to tell the user.
 pub(super) fn start_verification(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     out: &mut Out,
@@ -290,6 +292,7 @@ pub(super) fn start_verification(
         attempts: 0,
         next_attempt_at: now,
         queued_at: now,
+        claimed_by: None,
     })));
     Ok(Some(format!(
         "A verification code is on its way to {address}. Reply to that email, or send \"verify CODE\" here."
@@ -299,7 +302,7 @@ pub(super) fn start_verification(
 /// The user proved they read `address`: it becomes their email terminal.
 pub(super) fn confirm_email(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     address: &str,
@@ -331,7 +334,7 @@ pub(super) fn confirm_email(
 /// RCPT TO: is this a live alias, and may this envelope sender write to it?
 pub fn check_recipient(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     envelope_from: &str,
     rcpt: &str,
@@ -364,7 +367,7 @@ pub fn check_recipient(
 
 fn live_alias(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     token: &str,
 ) -> Result<Option<(Alias, User)>, StoreError> {
@@ -457,7 +460,7 @@ pub fn answer_for_recipients(answers: &[(String, SmtpAnswer)]) -> SmtpAnswer {
 /// guarantees by committing before it answers.
 pub(super) fn on_reply(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     mail: &InboundMail,
     out: &mut Out,
@@ -583,7 +586,7 @@ pub(super) fn on_reply(
 /// email, and those messages wait for the user's XMPP client instead.
 pub(super) fn on_failed(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     job: &EmailJob,
     reason: &str,
@@ -608,10 +611,12 @@ pub(super) fn on_failed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
 
+    use crate::core::model::Terminal;
     use crate::core::testing::*;
     use crate::core::{Action, Event};
-    use crate::store::Terminal;
     use crate::xmpp::stanza::child_text;
 
     const BOB: &str = "bob@example.net";
@@ -621,12 +626,12 @@ mod tests {
     /// Alice registered with a verified email address.
     fn alice_with_email(t: &Harness) {
         t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         user.email = Some(Terminal {
             verified: true,
             ..Terminal::unverified(user.email.unwrap().address)
         });
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
     }
 
     fn from_bob(t: &Harness, id: &str, body: &str) -> Vec<Element> {
@@ -705,7 +710,7 @@ mod tests {
         );
         assert_eq!(job.envelope_from, "reach@reply.example.org");
         assert!(tick(&t).is_empty(), "nothing is forwarded twice");
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 0);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 0);
         // The next email continues the thread.
         from_bob(&t, "m3", "third");
         t.advance(31);
@@ -780,6 +785,7 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         let code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Email)
             .unwrap()
             .unwrap()
@@ -794,7 +800,7 @@ mod tests {
         from_bob(&t, "m1", "held");
         t.advance(60);
         assert!(tick(&t).is_empty());
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 1);
 
         let say = |text: &str| {
             let reply = t.one(&format!(
@@ -806,6 +812,7 @@ mod tests {
         assert!(say(&format!("verify {code}")).contains("is verified"));
         assert!(
             t.store
+                .tx()
                 .user(ALICE)
                 .unwrap()
                 .unwrap()
@@ -814,7 +821,7 @@ mod tests {
                 .verified
         );
         // What was held goes out by email now.
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 0);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 0);
         t.advance(31);
         assert_eq!(tick(&t)[0].email.paragraphs, vec!["held"]);
     }
@@ -838,6 +845,7 @@ mod tests {
         t.advance(CODE_VALIDITY_SECS + 1);
         let code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Email)
             .unwrap()
             .unwrap()
@@ -845,6 +853,7 @@ mod tests {
         assert!(say(&format!("verify {code}")).contains("expired"));
         assert!(
             !t.store
+                .tx()
                 .user(ALICE)
                 .unwrap()
                 .unwrap()
@@ -881,6 +890,7 @@ mod tests {
         assert_eq!(a.code, 250, "{a:?}");
         assert!(
             t.store
+                .tx()
                 .user(ALICE)
                 .unwrap()
                 .unwrap()
@@ -926,7 +936,7 @@ mod tests {
         let alias = forwarded_alias(&t);
         assert_eq!(
             t.core
-                .check_mail_recipient(&t.store, t.now.get(), ALICE_MAIL, &alias)
+                .check_mail_recipient(&mut *t.store.tx(), t.now.get(), ALICE_MAIL, &alias)
                 .unwrap()
                 .code,
             250
@@ -958,13 +968,13 @@ mod tests {
         t.advance(31);
         assert_eq!(tick(&t)[0].email.in_reply_to.as_deref(), Some("r1@mail"));
         // The Message-ID is remembered for 30 days, then forgotten by the clock tick.
-        assert_eq!(t.store.seen_ids(), 1);
+        assert_eq!(t.store.tx().seen_ids(), 1);
         t.advance(crate::core::SEEN_IDS_KEPT_SECS - 100);
         tick(&t);
-        assert_eq!(t.store.seen_ids(), 1);
+        assert_eq!(t.store.tx().seen_ids(), 1);
         t.advance(200);
         tick(&t);
-        assert_eq!(t.store.seen_ids(), 0);
+        assert_eq!(t.store.tx().seen_ids(), 0);
     }
 
     #[test]
@@ -995,7 +1005,7 @@ mod tests {
             assert_eq!(a.code, 250);
             assert!(stanzas.is_empty(), "{stanzas:?}");
         }
-        assert_eq!(t.store.seen_ids(), 2);
+        assert_eq!(t.store.tx().seen_ids(), 2);
     }
 
     #[test]
@@ -1077,7 +1087,7 @@ mod tests {
         let alias = forwarded_alias(&t);
         let check = |from: &str, rcpt: &str| {
             t.core
-                .check_mail_recipient(&t.store, t.now.get(), from, rcpt)
+                .check_mail_recipient(&mut *t.store.tx(), t.now.get(), from, rcpt)
                 .unwrap()
         };
         assert_eq!(check("mallory@evil.example", &alias).enhanced, "5.7.1");
@@ -1106,7 +1116,16 @@ mod tests {
         dsn.automatic = Some(Automatic::Bounce);
         let (a, s) = answer(&t, "", &alias, dsn);
         assert_eq!((a.code, s.len()), (250, 0));
-        assert!(t.store.user(ALICE).unwrap().unwrap().email.unwrap().failing);
+        assert!(
+            t.store
+                .tx()
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .email
+                .unwrap()
+                .failing
+        );
         let mut vacation = reply(ALICE_MAIL, "I am away", "a1@x");
         vacation.automatic = Some(Automatic::AutoSubmitted("auto-replied".into()));
         let (a, s) = answer(&t, ALICE_MAIL, &alias, vacation);
@@ -1128,7 +1147,7 @@ mod tests {
         from_bob(&t, "m1", "hello");
         t.advance(31);
         let job = tick(&t).remove(0);
-        let seq = t.store.enqueue_email(&job).unwrap();
+        let seq = t.store.tx().enqueue_email(&job).unwrap();
         let out = t.event(Event::EmailFailed {
             seq,
             job: Box::new(job),
@@ -1138,7 +1157,7 @@ mod tests {
         assert_eq!(out[0].attr("type"), Some("error"));
         assert_eq!(out[0].attr("to"), Some(BOB));
         assert_eq!(out[0].attr("id"), Some("m1"));
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 1);
         assert_eq!(t.store.stats().unwrap().email_queue, 0);
         let back = t.run(&format!("<presence from='{ALICE}/laptop' to='{D}'/>"));
         assert!(back.iter().any(|s| s.attr("id") == Some("m1")));
@@ -1151,7 +1170,7 @@ mod tests {
         t.run(&format!("<iq type='set' id='r' from='{ALICE}/x' to='{D}'><query xmlns='jabber:iq:register'><remove/></query></iq>"));
         assert_eq!(
             t.core
-                .check_mail_recipient(&t.store, t.now.get(), ALICE_MAIL, &alias)
+                .check_mail_recipient(&mut *t.store.tx(), t.now.get(), ALICE_MAIL, &alias)
                 .unwrap()
                 .enhanced,
             "5.1.1"

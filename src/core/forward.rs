@@ -14,7 +14,8 @@ use minidom::Element;
 
 use super::rules::{self, Decision, ItemKind, Situation, TerminalView, XmppState};
 use super::{email, sms, Core, Out};
-use crate::store::{Pending, PendingItem, Store, StoreError, TerminalKind, User};
+use crate::core::model::{Pending, PendingItem, StoreError, TerminalKind, User};
+use crate::core::Transaction;
 
 /// The UTC day counters are kept by.
 fn day(now: u64) -> u64 {
@@ -22,7 +23,10 @@ fn day(now: u64) -> u64 {
 }
 
 /// The user's XMPP state: the best of their own resources (terminals play no part in it).
-pub(super) fn xmpp_state(store: &Store, user: &User) -> Result<XmppState, StoreError> {
+pub(super) fn xmpp_state(
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<XmppState, StoreError> {
     let best = super::best_presence(&store.resources(&user.jid)?);
     Ok(if best.is_attentive() {
         XmppState::Attentive
@@ -36,7 +40,7 @@ pub(super) fn xmpp_state(store: &Store, user: &User) -> Result<XmppState, StoreE
 /// The user's terminals as the decision sees them, with today's counters.
 pub(super) fn terminal_views<'u>(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &'u User,
 ) -> Result<Vec<TerminalView<'u>>, StoreError> {
@@ -70,7 +74,11 @@ pub(super) fn terminal_views<'u>(
 }
 
 /// Whether the sender receives the reach address's presence (a buddy in its roster).
-pub(super) fn is_buddy(store: &Store, user: &User, sender: &str) -> Result<bool, StoreError> {
+pub(super) fn is_buddy(
+    store: &mut dyn Transaction,
+    user: &User,
+    sender: &str,
+) -> Result<bool, StoreError> {
     Ok(store
         .buddy(&user.handle, sender)?
         .is_some_and(|b| b.receives_presence))
@@ -79,7 +87,7 @@ pub(super) fn is_buddy(store: &Store, user: &User, sender: &str) -> Result<bool,
 /// Where an item from `sender` goes now, given the user's XMPP state.
 pub(super) fn decide(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     item: ItemKind,
@@ -110,7 +118,7 @@ pub(super) fn decide(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn queue(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     peer: &str,
@@ -141,7 +149,7 @@ pub(super) fn queue(
 /// joins the batch of its terminal, which goes at the earliest of their times. Costs the same
 /// however many items already wait (the store keeps one key per item).
 fn requeue(
-    store: &Store,
+    store: &mut dyn Transaction,
     jid: &str,
     peer: &str,
     items: Vec<PendingItem>,
@@ -161,7 +169,11 @@ fn normalised(mut pending: Pending) -> Pending {
 }
 
 /// Stores the pending forward, or removes it when nothing is left in it.
-fn put_or_remove(store: &Store, jid: &str, mut pending: Pending) -> Result<(), StoreError> {
+fn put_or_remove(
+    store: &mut dyn Transaction,
+    jid: &str,
+    mut pending: Pending,
+) -> Result<(), StoreError> {
     if pending.items.is_empty() {
         return store.remove_pending(jid, &pending.peer);
     }
@@ -176,7 +188,11 @@ fn put_or_remove(store: &Store, jid: &str, mut pending: Pending) -> Result<(), S
 
 /// The user read or answered the conversation in XMPP: what waited out the grace delay needs no
 /// forward any more (forwards to `Always` terminals stay).
-pub(super) fn cancel_pending(store: &Store, user: &User, peer: &str) -> Result<(), StoreError> {
+pub(super) fn cancel_pending(
+    store: &mut dyn Transaction,
+    user: &User,
+    peer: &str,
+) -> Result<(), StoreError> {
     if let Some(mut pending) = store.pending_of(&user.jid, peer)? {
         let before = pending.items.len();
         pending.items.retain(|i| !i.on_xmpp || i.unconditional);
@@ -191,7 +207,7 @@ pub(super) fn cancel_pending(store: &Store, user: &User, peer: &str) -> Result<(
 /// delivered there now; if the user is attentive (not away), only forwards to `Always`
 /// terminals remain.
 pub(super) fn on_user_back(
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
     attentive: bool,
     out: &mut Out,
@@ -216,7 +232,7 @@ pub(super) fn on_user_back(
 /// Forwards every pending item whose time has come, to the terminal that may take it now.
 pub(super) fn on_tick(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
@@ -229,7 +245,7 @@ pub(super) fn on_tick(
 /// Sends what is due of one conversation's pending forward; the rest stays pending.
 fn deliver_due(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     jid: &str,
     pending: Pending,
@@ -275,7 +291,7 @@ fn deliver_due(
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     peer: &str,
@@ -353,7 +369,7 @@ fn deliver(
 /// email limit; what that limit stops waits for the next hour. Nothing is dropped.
 fn email_digests(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     peer: &str,
@@ -411,7 +427,7 @@ fn digest_len(limits: &super::Limits, items: &[PendingItem]) -> usize {
 /// Whether the user got `emails_per_user_per_hour` forwarding emails this hour already.
 fn email_limit_reached(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
 ) -> Result<bool, StoreError> {
@@ -426,7 +442,7 @@ fn email_limit_reached(
 
 /// Keeps for the user's XMPP client what never reached it.
 pub(super) fn hold_for_xmpp(
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     jid: &str,
     peer: &str,
@@ -443,7 +459,7 @@ pub(super) fn hold_for_xmpp(
 /// (messages with a text; receipts and markers stay held for XMPP).
 pub(super) fn forward_held(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     out: &mut Out,
@@ -468,11 +484,11 @@ pub(super) fn forward_held(
 /// One message taken from what is held: to a terminal if one may take it now, else held again.
 fn decide_held(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     xmpp: XmppState,
-    held: crate::store::HeldMessage,
+    held: crate::core::model::HeldMessage,
     out: &mut Out,
 ) -> Result<(), StoreError> {
     let parsed = held.stanza.parse::<Element>().ok();
@@ -513,7 +529,7 @@ fn decide_held(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn undelivered(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     peer: &str,
@@ -541,10 +557,12 @@ pub(super) fn undelivered(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::model::{EmailJob, LocalState, SmsJob};
     use crate::core::rules::{ForwardWhen, Preferences, QuietAction, QuietHours, SenderFilter};
     use crate::core::testing::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use crate::core::{Action, Event};
-    use crate::store::{EmailJob, LocalState, SmsJob};
 
     const ALICE: &str = "alice@example.org";
     const BOB: &str = "bob@example.net";
@@ -558,7 +576,7 @@ mod tests {
             "alice@mail.example.org",
             "+15551234567",
         ));
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         let e = user.email.as_mut().unwrap();
         e.verified = true;
         e.prefs = email;
@@ -566,13 +584,13 @@ mod tests {
         p.verified = true;
         p.prefs = phone;
         user.primary = primary;
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
     }
 
     fn change(t: &Harness, f: impl FnOnce(&mut User)) {
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         f(&mut user);
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
     }
 
     fn from(t: &Harness, who: &str, id: &str) -> Vec<Element> {
@@ -697,7 +715,7 @@ mod tests {
         let (_, texts) = tick(&t);
         assert_eq!(texts.len(), 1);
         assert_eq!(texts[0].peer.as_deref(), Some(BOB));
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 1);
         let back = t.run(&format!("<presence from='{ALICE}/laptop' to='{D}'/>"));
         assert!(back.iter().any(|s| s.attr("id") == Some("c1")));
     }
@@ -736,7 +754,7 @@ mod tests {
         let (_, texts) = tick(&t);
         assert_eq!(texts.len(), 1);
         assert!(texts[0].text.contains("text m1"));
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 0);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 0);
     }
 
     #[test]
@@ -782,8 +800,8 @@ mod tests {
         from(&t, BOB, "m2");
         change(&t, |u| u.phone.as_mut().unwrap().stopped = true);
         assert_eq!(tick(&t), (vec![], vec![]));
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
-        assert!(t.store.pending_for(ALICE).unwrap().is_empty());
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 1);
+        assert!(t.store.tx().pending_for(ALICE).unwrap().is_empty());
     }
 
     #[test]
@@ -801,7 +819,13 @@ mod tests {
         let (emails, texts) = tick(&t);
         assert!(emails.is_empty());
         assert_eq!(texts[0].peer.as_deref(), Some(CAROL));
-        assert_eq!(t.store.email_count(ALICE, t.now.get() / 86_400).unwrap(), 1);
+        assert_eq!(
+            t.store
+                .tx()
+                .email_count(ALICE, t.now.get() / 86_400)
+                .unwrap(),
+            1
+        );
     }
 
     #[test]
@@ -816,7 +840,7 @@ mod tests {
                        "stanza": "<message xmlns='jabber:client'/>", "on_xmpp": false}]
         });
         let pending: Pending = serde_json::from_value(legacy).unwrap();
-        t.store.put_pending(ALICE, &pending).unwrap();
+        t.store.tx().put_pending(ALICE, &pending).unwrap();
         let (emails, _) = tick(&t);
         assert_eq!(emails[0].email.paragraphs, vec!["from before"]);
     }
@@ -849,7 +873,7 @@ mod tests {
             "one thread"
         );
         // The hourly limit stopped the third email: it goes at the start of the next hour.
-        assert_eq!(t.store.pending_count(ALICE, BOB).unwrap(), 1);
+        assert_eq!(t.store.tx().pending_count(ALICE, BOB).unwrap(), 1);
         t.advance(3_600);
         let (emails, _) = tick(&t);
         assert_eq!(emails.len(), 1);
@@ -886,9 +910,10 @@ mod tests {
         for i in 0..150 {
             from(&t, BOB, &format!("h{i:03}"));
         }
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 150);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 150);
         let code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Email)
             .unwrap()
             .unwrap()
@@ -896,8 +921,8 @@ mod tests {
         t.run(&format!(
             "<message type='chat' from='{ALICE}/laptop' to='{D}'><body>verify {code}</body></message>"
         ));
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 0);
-        assert_eq!(t.store.pending_count(ALICE, BOB).unwrap(), 150);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 0);
+        assert_eq!(t.store.tx().pending_count(ALICE, BOB).unwrap(), 150);
         t.advance(30);
         let (emails, _) = tick(&t);
         let texts: Vec<String> = emails

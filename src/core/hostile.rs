@@ -2,12 +2,13 @@
 //! that the store holds the same about the user before and after (`Harness::snapshot`).
 //! Abuse limits (`[limits]`) are tested here too. See `docs/limits.md`.
 
+use crate::core::Transaction;
 use minidom::Element;
 use xmpp_parsers::ns;
 
 use super::testing::*;
 use super::{Action, Event, Limits};
-use crate::store::{EmailJob, SmsJob, Terminal};
+use crate::core::model::{EmailJob, SmsJob, Terminal};
 use crate::xmpp::stanza::STANZA_NS;
 
 const ALICE: &str = "alice@example.org";
@@ -17,22 +18,22 @@ const PHONE: &str = "+15551234567";
 
 fn verified_email(t: &Harness) {
     t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
-    let mut user = t.store.user(ALICE).unwrap().unwrap();
+    let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
     user.email = Some(Terminal {
         verified: true,
         ..Terminal::unverified(user.email.unwrap().address)
     });
-    t.store.put_user(&user).unwrap();
+    t.store.tx().put_user(&user).unwrap();
 }
 
 fn verified_phone(t: &Harness) {
     t.run(&register_form(ALICE, "alice", "", PHONE));
-    let mut user = t.store.user(ALICE).unwrap().unwrap();
+    let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
     user.phone = Some(Terminal {
         verified: true,
         ..Terminal::unverified(user.phone.unwrap().address)
     });
-    t.store.put_user(&user).unwrap();
+    t.store.tx().put_user(&user).unwrap();
 }
 
 fn online(t: &Harness) {
@@ -191,8 +192,8 @@ fn empty_bodies_are_relayed_but_never_forwarded() {
     t.advance(3_600);
     let actions = t.actions(Event::Tick);
     assert!(emails(&actions).is_empty());
-    assert!(t.store.pending_for(ALICE).unwrap().is_empty());
-    assert_eq!(t.store.held_count(ALICE).unwrap(), 2);
+    assert!(t.store.tx().pending_for(ALICE).unwrap().is_empty());
+    assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 2);
     // Online: relayed as it is.
     let out = t.run(&format!("<presence from='{ALICE}/laptop' to='{D}'/>"));
     let ids: Vec<_> = out
@@ -252,7 +253,7 @@ fn strangers_cannot_register_or_use_per_session_jids() {
         "users of evil.example may not register with this service"
     );
     assert_eq!(t.snapshot(mallory), before);
-    assert!(t.store.users().unwrap().is_empty());
+    assert!(t.store.tx().users().unwrap().is_empty());
     // A message to a per-session JID claims to come from a user; only registered ones are.
     t.register(ALICE, "alice");
     for from in [mallory, "carol@example.org"] {
@@ -261,7 +262,7 @@ fn strangers_cannot_register_or_use_per_session_jids() {
         ));
         assert_error(&reply, "registration-required");
     }
-    assert!(t.store.sessions(ALICE).unwrap().is_empty());
+    assert!(t.store.tx().sessions(ALICE).unwrap().is_empty());
     // Malformed addresses.
     let reply = t.one(&format!(
         "<message type='chat' id='j' from='a@b@c' to='alice@{D}'><body>x</body></message>"
@@ -283,7 +284,7 @@ fn a_nick_with_line_breaks_creates_no_header_in_the_forwarded_mail() {
     let jobs = emails(&t.actions(Event::Tick));
     assert_eq!(jobs.len(), 1);
     let raw =
-        crate::email::outbound::render(&jobs[0].email, std::time::SystemTime::UNIX_EPOCH).unwrap();
+        crate::email::message::render(&jobs[0].email, std::time::SystemTime::UNIX_EPOCH).unwrap();
     let raw = String::from_utf8(raw).unwrap();
     let headers = raw.split("\r\n\r\n").next().unwrap();
     assert!(
@@ -308,13 +309,18 @@ fn a_reply_alias_is_dead_once_the_user_removed_the_registration() {
     let alias = jobs[0].email.from_address.clone();
     let live = t
         .core
-        .check_mail_recipient(&t.store, t.now.get(), ALICE_MAIL, &alias)
+        .check_mail_recipient(&mut *t.store.tx(), t.now.get(), ALICE_MAIL, &alias)
         .unwrap();
     assert_eq!(live.code, 250, "{live:?}");
     // A forged envelope sender with a valid token is refused at RCPT.
     let forged = t
         .core
-        .check_mail_recipient(&t.store, t.now.get(), "mallory@evil.example", &alias)
+        .check_mail_recipient(
+            &mut *t.store.tx(),
+            t.now.get(),
+            "mallory@evil.example",
+            &alias,
+        )
         .unwrap();
     assert_eq!((forged.code, forged.enhanced), (550, "5.7.1"));
     let reply = t.run(&format!(
@@ -325,7 +331,7 @@ fn a_reply_alias_is_dead_once_the_user_removed_the_registration() {
     assert_eq!(reply.attr("type"), Some("result"));
     let replay = t
         .core
-        .check_mail_recipient(&t.store, t.now.get(), ALICE_MAIL, &alias)
+        .check_mail_recipient(&mut *t.store.tx(), t.now.get(), ALICE_MAIL, &alias)
         .unwrap();
     assert_eq!((replay.code, replay.enhanced), (550, "5.1.1"));
 }
@@ -352,7 +358,7 @@ fn stop_variants_stop_and_stop_please_is_a_message() {
             text: text.into(),
             provider_id: None,
         }));
-        let user = t.store.user(ALICE).unwrap().unwrap();
+        let user = t.store.tx().user(ALICE).unwrap().unwrap();
         assert_eq!(user.phone.unwrap().stopped, stops, "{text:?}");
         let to_bob: Vec<&Element> = actions
             .iter()
@@ -467,6 +473,7 @@ fn new_registrations_are_limited_per_domain_per_hour() {
     assert_eq!(t.snapshot("u3@example.org"), before);
     assert!(t
         .store
+        .tx()
         .user_by_handle(&crate::address::Handle::parse("u3").unwrap())
         .unwrap()
         .is_none());
@@ -499,7 +506,8 @@ fn verification_codes_are_limited_per_terminal_per_day() {
     assert_eq!(texts(&verify(&t)).len(), 1, "the second code");
     let code = t
         .store
-        .verification(ALICE, crate::store::TerminalKind::Phone)
+        .tx()
+        .verification(ALICE, crate::core::model::TerminalKind::Phone)
         .unwrap()
         .unwrap();
     let actions = verify(&t);
@@ -520,7 +528,8 @@ fn verification_codes_are_limited_per_terminal_per_day() {
     // The code sent last still works.
     assert_eq!(
         t.store
-            .verification(ALICE, crate::store::TerminalKind::Phone)
+            .tx()
+            .verification(ALICE, crate::core::model::TerminalKind::Phone)
             .unwrap(),
         Some(code)
     );
@@ -556,7 +565,7 @@ fn forwarding_emails_are_limited_per_user_per_hour_and_nothing_is_lost() {
     from_bob("m2");
     t.advance(60);
     assert!(emails(&t.actions(Event::Tick)).is_empty(), "over the limit");
-    let pending = t.store.pending_for(ALICE).unwrap();
+    let pending = t.store.tx().pending_for(ALICE).unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].items[0].id.as_deref(), Some("m2"));
     assert_eq!(pending[0].due_at % 3_600, 0, "waits for the next hour");
@@ -572,7 +581,7 @@ fn forwarding_emails_are_limited_per_user_per_hour_and_nothing_is_lost() {
             .collect::<Vec<_>>(),
         ["m2", "m3"]
     );
-    assert!(t.store.pending_for(ALICE).unwrap().is_empty());
+    assert!(t.store.tx().pending_for(ALICE).unwrap().is_empty());
 }
 
 #[test]
@@ -603,10 +612,10 @@ fn messages_waiting_for_the_email_limit_reach_xmpp_when_the_user_comes_back() {
 fn counters_are_pruned_when_their_window_is_over() {
     let t = Harness::new();
     t.register(ALICE, "alice");
-    assert_eq!(t.store.counter_records(), 2);
+    assert_eq!(t.store.tx().counter_records(), 2);
     t.actions(Event::Tick);
-    assert_eq!(t.store.counter_records(), 2);
+    assert_eq!(t.store.tx().counter_records(), 2);
     t.advance(3_600);
     t.actions(Event::Tick);
-    assert_eq!(t.store.counter_records(), 0);
+    assert_eq!(t.store.tx().counter_records(), 0);
 }

@@ -5,14 +5,15 @@
 //! the forbidden characters gone. Without [`super::clean_event`] these stanzas could not be
 //! written, which once stopped Reach for everyone.
 
+use crate::core::Transaction;
 use minidom::Element;
 
 use super::email::InboundMail;
 use super::testing::*;
 use super::{Action, Event};
+use crate::core::model::Terminal;
 use crate::email::extract::Reply;
 use crate::sms::IncomingSms;
-use crate::store::Terminal;
 use crate::xmpp::stanza::STANZA_NS;
 use crate::xmpp::xml_text::to_xml;
 
@@ -35,7 +36,7 @@ const CASES: &[(&str, &str)] = &[
 
 fn alice_with(t: &Harness, email: &str, phone: &str) {
     t.run(&register_form(ALICE, "alice", email, phone));
-    let mut user = t.store.user(ALICE).unwrap().unwrap();
+    let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
     user.email = user.email.map(|e| Terminal {
         verified: true,
         ..Terminal::unverified(e.address)
@@ -44,7 +45,7 @@ fn alice_with(t: &Harness, email: &str, phone: &str) {
         verified: true,
         ..Terminal::unverified(p.address)
     });
-    t.store.put_user(&user).unwrap();
+    t.store.tx().put_user(&user).unwrap();
 }
 
 fn bob_writes(t: &Harness) {
@@ -156,7 +157,7 @@ fn without_cleaning_the_same_sms_would_make_an_unwritable_stanza() {
     t.actions(Event::Tick);
     let actions = t
         .core
-        .handle_cleaned(&t.store, t.now.get(), &sms("yes\u{1} I am"))
+        .handle_cleaned(&mut *t.store.tx(), t.now.get(), &sms("yes\u{1} I am"))
         .unwrap();
     let unwritable = actions
         .iter()

@@ -10,14 +10,15 @@
 //! too deep by a marker so that the check here sees it one level too deep. These checks
 //! run where stanzas enter the core, before anything is read from or written to the store; a
 //! stanza over a limit gets `policy-violation` with a text saying which limit, and changes
-//! nothing. Rate limits count in the store ([`crate::store::Store::bump_counter`]), in fixed
+//! nothing. Rate limits count in the store ([`crate::core::Transaction::bump_counter`]), in fixed
 //! hour or day windows (UTC), so they hold across restarts.
 //!
 //! Every limit is documented in `docs/limits.md` and configurable in `[limits]`.
 
 use minidom::{Element, Node};
 
-use crate::store::{Store, StoreError, TerminalKind};
+use crate::core::model::{StoreError, TerminalKind};
+use crate::core::Transaction;
 use crate::xmpp::stanza::{ErrorType, StanzaFault};
 
 /// The limits, as configured in `[limits]` (see [`crate::config::LimitsConfig`]).
@@ -193,7 +194,7 @@ fn tried_scope(jid: &str, terminal: &str) -> String {
 /// (through [`take_code`]), so the caps hold whichever door is used.
 pub(crate) fn code_refusal(
     limits: &Limits,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     jid: &str,
     kind: TerminalKind,
@@ -250,7 +251,7 @@ pub(crate) fn code_refusal(
 /// nothing may be sent). See [`code_refusal`].
 pub(crate) fn take_code(
     limits: &Limits,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     jid: &str,
     kind: TerminalKind,
@@ -277,7 +278,7 @@ pub(crate) fn take_code(
 /// UTC day, not even the right one.
 pub(crate) fn guesses_refusal(
     limits: &Limits,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     jid: &str,
 ) -> Result<Option<String>, StoreError> {
@@ -299,7 +300,7 @@ pub(crate) fn wrong_codes_used_up(limits: &Limits) -> String {
 /// Counts one wrong code for user `jid`; returns how many more they may enter today.
 pub(crate) fn count_wrong_code(
     limits: &Limits,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     jid: &str,
 ) -> Result<u32, StoreError> {
@@ -315,6 +316,8 @@ pub(crate) fn next_window(now: u64, period: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
 
     fn el(xml: &str) -> Element {
         xml.parse().unwrap()
@@ -388,7 +391,7 @@ mod tests {
 
     #[test]
     fn terminals_are_counted_by_mailbox_and_digits() {
-        use crate::store::TerminalKind::{Email, Phone};
+        use crate::core::model::TerminalKind::{Email, Phone};
         assert_eq!(
             terminal_scope(Email, "Victim+x@Example.net"),
             "victim@example.net"
@@ -404,31 +407,44 @@ mod tests {
 
     #[test]
     fn a_refused_code_counts_nothing() {
-        let store = Store::temporary().unwrap();
+        let store = crate::store::Store::temporary().unwrap();
         let limits = Limits {
             codes_per_user_per_day: 1,
             ..Limits::default()
         };
         let now = 1_795_000_000;
         let take = |address: &str| {
-            take_code(&limits, &store, now, "a@b", TerminalKind::Phone, address).unwrap()
+            take_code(
+                &limits,
+                &mut *store.tx(),
+                now,
+                "a@b",
+                TerminalKind::Phone,
+                address,
+            )
+            .unwrap()
         };
         assert_eq!(take("+15550100000"), None);
-        let records = store.counter_records();
+        let records = store.tx().counter_records();
         assert!(take("+15550100001").is_some());
-        assert_eq!(store.counter_records(), records);
+        assert_eq!(store.tx().counter_records(), records);
         assert_eq!(
             store
+                .tx()
                 .counter(counter::VERIFICATION_SMS, "", HOUR, now)
                 .unwrap(),
             1
         );
         assert_eq!(
-            store.counter(counter::USER_CODES, "a@b", DAY, now).unwrap(),
+            store
+                .tx()
+                .counter(counter::USER_CODES, "a@b", DAY, now)
+                .unwrap(),
             1
         );
         assert_eq!(
             store
+                .tx()
                 .counter(counter::CODES, "+15550100001", DAY, now)
                 .unwrap(),
             0

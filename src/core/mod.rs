@@ -16,12 +16,14 @@ mod disco;
 pub mod email;
 mod forward;
 pub mod limits;
+pub mod model;
 mod presence;
 mod registration;
 mod relay;
 pub mod rules;
 mod settings;
 pub mod sms;
+pub mod transaction;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -30,8 +32,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::address::{classify_local, LocalTarget};
-use crate::store::{Store, StoreError};
 use crate::xmpp::stanza::{attr, error_reply, StanzaFault};
+use model::StoreError;
+pub use transaction::Transaction;
 
 pub use limits::Limits;
 pub use presence::{best_presence, GlobalPresence};
@@ -54,13 +57,13 @@ pub enum Event {
     /// The SMS provider refused the queued SMS `seq` for good.
     SmsFailed {
         seq: u64,
-        job: Box<crate::store::SmsJob>,
+        job: Box<crate::core::model::SmsJob>,
         reason: String,
     },
     /// The relay refused the queued email `seq` for good.
     EmailFailed {
         seq: u64,
-        job: Box<crate::store::EmailJob>,
+        job: Box<crate::core::model::EmailJob>,
         reason: String,
     },
 }
@@ -71,11 +74,11 @@ pub enum Action {
     /// Send this stanza over the component link (through the durable outbox).
     SendStanza(Element),
     /// Send this email through the relay (through the durable email queue).
-    SendEmail(Box<crate::store::EmailJob>),
+    SendEmail(Box<crate::core::model::EmailJob>),
     /// Answer the SMTP client that submitted an [`Event::EmailReply`].
     AnswerMail(email::SmtpAnswer),
     /// Send this SMS through the provider (through the durable SMS queue).
-    SendSms(Box<crate::store::SmsJob>),
+    SendSms(Box<crate::core::model::SmsJob>),
     /// Answer the provider's webhook call that brought an SMS event.
     AnswerWebhook(sms::WebhookAnswer),
     /// A forward fell due at once: feed [`Event::Tick`] at the end of this batch (committed with
@@ -173,7 +176,7 @@ impl Core {
     /// RCPT TO at the SMTP listener: is the recipient a live reply alias this sender may use?
     pub fn check_mail_recipient(
         &self,
-        store: &Store,
+        store: &mut dyn Transaction,
         now: u64,
         envelope_from: &str,
         rcpt: &str,
@@ -185,11 +188,12 @@ impl Core {
         &self.settings
     }
 
-    /// Handles one event. `now` is seconds since the Unix epoch. On a store error nothing should
-    /// be acknowledged; the caller logs it and carries on with the next event.
+    /// Handles one event in the caller's transaction. `now` is seconds since the Unix epoch. On
+    /// a store error nothing should be acknowledged and the transaction (or the event's part of
+    /// it) is rolled back; the caller logs it and carries on with the next event.
     pub fn handle(
         &self,
-        store: &Store,
+        store: &mut dyn Transaction,
         now: u64,
         mut event: Event,
     ) -> Result<Vec<Action>, StoreError> {
@@ -201,7 +205,7 @@ impl Core {
     /// the event (to set it aside if handling it fails for good).
     pub fn handle_cleaned(
         &self,
-        store: &Store,
+        store: &mut dyn Transaction,
         now: u64,
         event: &Event,
     ) -> Result<Vec<Action>, StoreError> {
@@ -243,7 +247,7 @@ impl Core {
 
     fn on_stanza(
         &self,
-        store: &Store,
+        store: &mut dyn Transaction,
         now: u64,
         stanza: &Element,
         out: &mut Out,

@@ -29,10 +29,11 @@ use serde::{Deserialize, Serialize};
 use super::rules::{ForwardWhen, SubscriptionPolicy};
 use super::{relay, Addressing, Core, Handled, Out};
 use crate::address::LocalTarget;
-use crate::store::{
-    Buddy, LocalState, ResourcePresence, Store, StoreError, SubscriptionRequest, Terminal,
-    TerminalKind, User,
+use crate::core::model::{
+    Buddy, LocalState, ResourcePresence, StoreError, SubscriptionRequest, Terminal, TerminalKind,
+    User,
 };
+use crate::core::Transaction;
 use crate::xmpp::stanza::{attr, chat, child_text, presence, StanzaFault, STANZA_NS};
 
 /// A presence of a reach address: what the user's XMPP resources amount to, or what buddies see.
@@ -215,14 +216,17 @@ impl GlobalPresence {
 }
 
 /// The user's XMPP presence: the best of their resources. Routing decides with this one.
-pub(crate) fn xmpp_presence(store: &Store, user: &User) -> Result<GlobalPresence, StoreError> {
+pub(crate) fn xmpp_presence(
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<GlobalPresence, StoreError> {
     Ok(best_presence(&store.resources(&user.jid)?))
 }
 
 /// What the reach address shows buddies now (see the module documentation).
 pub(crate) fn published_presence(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
 ) -> Result<GlobalPresence, StoreError> {
     let email = user
@@ -247,7 +251,7 @@ pub(crate) fn published_presence(
 /// nothing was published yet.
 pub(crate) fn last_published(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
 ) -> Result<GlobalPresence, StoreError> {
     match store.published_presence(&user.jid)? {
@@ -260,7 +264,7 @@ pub(crate) fn last_published(
 /// `/back` `/dnd` and `status`).
 pub(crate) fn seen_by_buddies(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
 ) -> Result<String, StoreError> {
     Ok(last_published(core, store, user)?.describe())
@@ -272,7 +276,7 @@ pub(crate) fn seen_by_buddies(
 /// record from before their change.
 pub(crate) fn refresh_global(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     _now: u64,
     user: &User,
     out: &mut Out,
@@ -302,7 +306,7 @@ pub(super) const USERS_PER_WALK_STEP: usize = 5000;
 /// the answer says otherwise, so no false alert goes out).
 pub(super) fn on_link_up(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
@@ -314,7 +318,7 @@ pub(super) fn on_link_up(
 /// The next step of the walk started by [`on_link_up`], if one is under way.
 pub(super) fn continue_walk(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
@@ -352,7 +356,7 @@ pub(super) fn continue_walk(
 
 pub(super) fn on_presence(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     stanza: &Element,
     who: &Addressing,
@@ -418,7 +422,7 @@ pub(super) fn on_presence(
 /// Presence addressed to the service itself: the user's resources, and subscriptions to `D`.
 fn on_service_presence(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     stanza: &Element,
     type_: &str,
@@ -479,7 +483,7 @@ fn on_service_presence(
 /// Presence addressed to a reach address, from a buddy.
 fn on_address_presence(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     type_: &str,
@@ -590,7 +594,7 @@ fn on_address_presence(
 /// presence, and subscribes back (so Reach sees the buddy's presence). The caller stores `buddy`.
 fn accept(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
     buddy_jid: &str,
     buddy: &mut Buddy,
@@ -612,7 +616,7 @@ fn accept(
 /// request, however often the buddy repeats it.
 fn ask_user(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     buddy_jid: &str,
@@ -687,7 +691,7 @@ fn ask_user(
 /// user.
 pub(super) fn answer_request(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
     buddy_jid: &str,
     approve: bool,
@@ -731,7 +735,7 @@ pub(super) fn answer_request(
 /// A chat line `approve JID` / `deny JID` to `D`, from whoever sent it; `args` is the JID.
 fn chat_answer(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     who: &Addressing,
     args: &str,
     approve: bool,
@@ -746,7 +750,7 @@ fn chat_answer(
 /// The chat command `approve JID`; `args` is the text after the command.
 pub(super) fn approve(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     who: &Addressing,
     args: &str,
     out: &mut Out,
@@ -757,7 +761,7 @@ pub(super) fn approve(
 /// The chat command `deny JID`; `args` is the text after the command.
 pub(super) fn deny(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     who: &Addressing,
     args: &str,
     out: &mut Out,
@@ -768,7 +772,7 @@ pub(super) fn deny(
 /// Marks the terminal as prompted for its local state today; true if it had not been yet (the
 /// caller then prompts). At most one prompt per terminal per (UTC) day.
 pub(super) fn take_prompt(
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     kind: TerminalKind,
@@ -800,7 +804,7 @@ const EMAIL_STATE_AVAILABLE: &str = "state email available";
 /// goes to it on a day (else empty). Marks the terminal prompted.
 pub(super) fn email_prompt(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
 ) -> Result<String, StoreError> {
@@ -820,7 +824,7 @@ pub(super) fn email_prompt(
 /// Sends the reach address's presence to every buddy who receives it.
 fn broadcast(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
     global: &GlobalPresence,
     out: &mut Out,
@@ -838,6 +842,8 @@ fn broadcast(
 mod tests {
     use super::*;
     use crate::core::testing::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
 
     fn res(name: &str, show: Option<&str>, priority: i8) -> (String, ResourcePresence) {
         (
@@ -995,7 +1001,7 @@ mod tests {
         let t = Harness::new();
         let users = USERS_PER_WALK_STEP + 3;
         for i in 0..users {
-            let user = crate::store::User {
+            let user = crate::core::model::User {
                 jid: format!("u{i:05}@example.org"),
                 handle: crate::address::Handle::parse(&format!("u{i:05}")).unwrap(),
                 email: None,
@@ -1005,7 +1011,7 @@ mod tests {
                 subscription_policy: Default::default(),
                 time_zone: None,
             };
-            t.store.put_user(&user).unwrap();
+            t.store.tx().put_user(&user).unwrap();
         }
         let probed = |out: &[Element]| -> Vec<String> {
             out.iter()
@@ -1042,7 +1048,12 @@ mod tests {
         assert_eq!(out[0].attr("type"), Some("unavailable"));
         assert_eq!(out[1].attr("type"), Some("probe"));
         assert_eq!(out[1].attr("to"), Some("alice@example.org"));
-        assert!(t.store.resources("alice@example.org").unwrap().is_empty());
+        assert!(t
+            .store
+            .tx()
+            .resources("alice@example.org")
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -1063,7 +1074,7 @@ mod tests {
 
     #[test]
     fn a_terminal_reaches_the_user_when_verified_not_stopped_not_failing_and_forwarding() {
-        use crate::store::LocalState::*;
+        use crate::core::model::LocalState::*;
         // (verified, stopped, failing, never forwards, local state) → what it contributes
         let cases = [
             (true, false, false, false, Available, Some(Available)),
@@ -1098,7 +1109,7 @@ mod tests {
     /// status names the terminals in that state.
     #[test]
     fn the_global_presence_is_the_best_local_state_of_the_terminals() {
-        use crate::store::LocalState::*;
+        use crate::core::model::LocalState::*;
         let on = |status: &str| available(None, Some(status));
         let away = |status: &str| available(Some("away"), Some(status));
         let dnd = available(Some("dnd"), Some(DND_STATUS));
@@ -1207,6 +1218,7 @@ mod tests {
         t.run(&register_form(ALICE, "alice", "", PHONE));
         let code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Phone)
             .unwrap()
             .unwrap()
@@ -1214,6 +1226,7 @@ mod tests {
         sms_in(t, &code);
         assert!(
             t.store
+                .tx()
                 .user(ALICE)
                 .unwrap()
                 .unwrap()
@@ -1322,7 +1335,7 @@ mod tests {
     /// local states, and buddies see each at once.
     #[test]
     fn the_prompts_commands_set_the_local_states_buddies_see() {
-        use crate::store::LocalState::*;
+        use crate::core::model::LocalState::*;
         let t = Harness::new();
         alice_with_verified_phone(&t);
         t.run(&format!(
@@ -1336,19 +1349,19 @@ mod tests {
             assert!(super::super::sms::PROMPT.contains(text), "{text}");
             let out = stanzas(&sms_in(&t, text));
             assert_eq!(seen_by_bob(&out), vec![expected], "{text}");
-            let phone = t.store.user(ALICE).unwrap().unwrap().phone.unwrap();
+            let phone = t.store.tx().user(ALICE).unwrap().unwrap().phone.unwrap();
             assert_eq!(phone.state, state, "{text}");
         }
         // The email prompt's lines, sent as chat.
-        let mut u = t.store.user(ALICE).unwrap().unwrap();
+        let mut u = t.store.tx().user(ALICE).unwrap().unwrap();
         let mut mail =
             Terminal::unverified(crate::address::Email::parse("alice@mail.example.org").unwrap());
         mail.verified = true;
         mail.state = Away;
         u.email = Some(mail);
         u.phone.as_mut().unwrap().state = Dnd;
-        t.store.put_user(&u).unwrap();
-        let footer = email_prompt(&t.core, &t.store, 0, &u).unwrap();
+        t.store.tx().put_user(&u).unwrap();
+        let footer = email_prompt(&t.core, &mut *t.store.tx(), 0, &u).unwrap();
         for (line, state, expected) in [
             (EMAIL_STATE_DND, Dnd, dnd()),
             (EMAIL_STATE_AVAILABLE, Available, on("by email")),
@@ -1357,7 +1370,7 @@ mod tests {
             assert!(footer.contains(&format!("'{line}'")), "{footer}");
             let (out, _) = chat_command(&t, line);
             assert_eq!(seen_by_bob(&out), vec![expected], "{line}");
-            let email = t.store.user(ALICE).unwrap().unwrap().email.unwrap();
+            let email = t.store.tx().user(ALICE).unwrap().unwrap().email.unwrap();
             assert_eq!(email.state, state, "{line}");
         }
     }
@@ -1376,6 +1389,7 @@ mod tests {
         ));
         let code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Email)
             .unwrap()
             .unwrap()
@@ -1384,6 +1398,7 @@ mod tests {
         assert_eq!(seen_by_bob(&out), vec![on("by email")]);
         let code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Phone)
             .unwrap()
             .unwrap()
@@ -1427,11 +1442,11 @@ mod tests {
             "{texts:?}"
         );
         // A bounce marks the email failing: it cannot reach her, the phone's dnd is all that is left.
-        let mut u = t.store.user(ALICE).unwrap().unwrap();
+        let mut u = t.store.tx().user(ALICE).unwrap().unwrap();
         u.email.as_mut().unwrap().failing = true;
-        t.store.put_user(&u).unwrap();
+        t.store.tx().put_user(&u).unwrap();
         let mut out = Out::default();
-        refresh_global(&t.core, &t.store, 0, &u, &mut out).unwrap();
+        refresh_global(&t.core, &mut *t.store.tx(), 0, &u, &mut out).unwrap();
         assert_eq!(seen_by_bob(&stanzas(&out.actions)), vec![dnd()]);
     }
 
@@ -1467,13 +1482,13 @@ mod tests {
             ]
         );
         let handle = crate::address::Handle::parse("alice").unwrap();
-        let bob = t.store.buddy(&handle, BOB).unwrap().unwrap();
+        let bob = t.store.tx().buddy(&handle, BOB).unwrap().unwrap();
         assert!(bob.online && bob.resources.is_empty());
         // The probe's answer: Bob went offline meanwhile.
         t.run(&format!(
             "<presence type='unavailable' from='{BOB}' to='alice@{D}'/>"
         ));
-        assert!(!t.store.buddy(&handle, BOB).unwrap().unwrap().online);
+        assert!(!t.store.tx().buddy(&handle, BOB).unwrap().unwrap().online);
     }
 
     #[test]
@@ -1483,6 +1498,7 @@ mod tests {
         let handle = crate::address::Handle::parse("alice").unwrap();
         let online = || {
             t.store
+                .tx()
                 .buddy(&handle, BOB)
                 .unwrap()
                 .is_some_and(|b| b.online)
@@ -1502,9 +1518,9 @@ mod tests {
     }
 
     fn policy(t: &Harness, policy: SubscriptionPolicy) {
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         user.subscription_policy = policy;
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
     }
 
     fn types_to(out: &[Element], to: &str) -> Vec<String> {
@@ -1539,7 +1555,10 @@ mod tests {
         );
         assert_eq!(t.snapshot(ALICE), before);
         let handle = crate::address::Handle::parse("alice").unwrap();
-        assert_eq!(t.store.subscription_requests(&handle).unwrap().len(), 2);
+        assert_eq!(
+            t.store.tx().subscription_requests(&handle).unwrap().len(),
+            2
+        );
     }
 
     #[test]
@@ -1604,9 +1623,9 @@ mod tests {
         assert!(subscribe(BOB).is_empty(), "asked once per request");
 
         // A phone that asks for requests gets them, and answers them.
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         user.phone.as_mut().unwrap().prefs.forward_subscriptions = true;
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
         let actions = subscribe("carol@example.net");
         assert_eq!(
             sms_texts(&actions),
@@ -1620,6 +1639,7 @@ mod tests {
         let handle = crate::address::Handle::parse("alice").unwrap();
         assert!(
             t.store
+                .tx()
                 .buddy(&handle, BOB)
                 .unwrap()
                 .unwrap()
@@ -1679,9 +1699,9 @@ mod tests {
     fn the_first_forwarded_email_of_the_day_prompts_for_a_state_in_its_footer() {
         let t = Harness::new();
         t.run(&register_form(ALICE, "alice", "alice@mail.example.org", ""));
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         user.email.as_mut().unwrap().verified = true;
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
         let footers = |t: &Harness| -> Vec<String> {
             t.run(&format!(
                 "<message type='chat' from='{BOB}/pc' to='alice@{D}'><body>hi</body></message>"

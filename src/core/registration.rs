@@ -10,7 +10,8 @@ use xmpp_parsers::ns;
 
 use super::{Addressing, Core, Handled, Out};
 use crate::address::{Email, Handle, Phone};
-use crate::store::{Store, StoreError, Terminal, User};
+use crate::core::model::{StoreError, Terminal, User};
+use crate::core::Transaction;
 use crate::xmpp::stanza::{iq_result, presence, ErrorType, StanzaFault};
 
 const INSTRUCTIONS: &str =
@@ -25,7 +26,7 @@ pub(super) fn registration_required() -> StanzaFault {
 
 pub(super) fn on_register(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     iq: &Element,
     query: &Element,
@@ -89,13 +90,13 @@ pub(super) fn on_register(
             .map(|t| &t.address);
     let mut notes = Vec::new();
     if email_changed {
-        store.remove_verification(&user.jid, crate::store::TerminalKind::Email)?;
+        store.remove_verification(&user.jid, crate::core::model::TerminalKind::Email)?;
         notes.extend(super::email::start_verification(
             core, store, now, &user, out,
         )?);
     }
     if phone_changed {
-        store.remove_verification(&user.jid, crate::store::TerminalKind::Phone)?;
+        store.remove_verification(&user.jid, crate::core::model::TerminalKind::Phone)?;
         notes.extend(super::sms::start_verification(
             core, store, now, &user, out,
         )?);
@@ -126,7 +127,7 @@ pub(super) fn on_register(
 /// new users per domain per hour. Removing a registration is never limited.
 fn check_rates(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     who: &Addressing,
     new: bool,
@@ -162,7 +163,7 @@ fn check_rates(
 }
 
 fn count_registration(
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     who: &Addressing,
     new: bool,
@@ -180,7 +181,13 @@ fn count_registration(
     Ok(())
 }
 
-fn remove(core: &Core, store: &Store, iq: &Element, who: &Addressing, out: &mut Out) -> Handled {
+fn remove(
+    core: &Core,
+    store: &mut dyn Transaction,
+    iq: &Element,
+    who: &Addressing,
+    out: &mut Out,
+) -> Handled {
     let Some(goodbyes) = core.purge_user(store, &who.from_bare)? else {
         return Err(registration_required().into());
     };
@@ -197,7 +204,11 @@ impl Core {
     /// that tell their buddies and them (unavailable, unsubscribed, unsubscribe). `None` if no
     /// such user is registered. The caller queues the stanzas and flushes; `reach purge` uses
     /// this with the store of a stopped Reach.
-    pub fn purge_user(&self, store: &Store, jid: &str) -> Result<Option<Vec<Element>>, StoreError> {
+    pub fn purge_user(
+        &self,
+        store: &mut dyn Transaction,
+        jid: &str,
+    ) -> Result<Option<Vec<Element>>, StoreError> {
         let Some((user, buddies)) = store.remove_user(jid)? else {
             return Ok(None);
         };
@@ -432,6 +443,8 @@ fn field(
 #[cfg(test)]
 mod tests {
     use crate::core::testing::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use xmpp_parsers::ns;
 
     fn get(t: &Harness, from: &str) -> minidom::Element {
@@ -471,7 +484,7 @@ mod tests {
             && s.attr("type") == Some("subscribe")
             && s.attr("to") == Some("alice@example.org")
             && s.attr("from") == Some(D)));
-        let user = t.store.user("alice@example.org").unwrap().unwrap();
+        let user = t.store.tx().user("alice@example.org").unwrap().unwrap();
         assert_eq!(user.handle.as_str(), "alice");
         assert_eq!(
             user.phone.as_ref().unwrap().address.as_str(),
@@ -507,7 +520,7 @@ mod tests {
                 error_text(&reply)
             );
         }
-        assert!(t.store.user("alice@example.org").unwrap().is_none());
+        assert!(t.store.tx().user("alice@example.org").unwrap().is_none());
     }
 
     #[test]
@@ -518,7 +531,12 @@ mod tests {
         assert_error(&reply, "conflict");
         let reply = t.one(&register_form("eve@elsewhere.example", "eve", "", ""));
         assert_error(&reply, "not-allowed");
-        assert!(t.store.user("eve@elsewhere.example").unwrap().is_none());
+        assert!(t
+            .store
+            .tx()
+            .user("eve@elsewhere.example")
+            .unwrap()
+            .is_none());
         let reply = get(&t, "eve@elsewhere.example");
         assert_error(&reply, "not-allowed");
     }
@@ -537,7 +555,7 @@ mod tests {
             !out.iter().any(|s| s.attr("type") == Some("subscribe")),
             "an update does not subscribe again"
         );
-        let user = t.store.user("alice@example.org").unwrap().unwrap();
+        let user = t.store.tx().user("alice@example.org").unwrap().unwrap();
         assert_eq!(user.handle.as_str(), "alice");
         assert!(user.email.is_none());
         assert_eq!(user.phone.unwrap().address.as_str(), "+15557654321");
@@ -555,6 +573,7 @@ mod tests {
         assert_eq!(out[0].attr("type"), Some("result"));
         assert_eq!(
             t.store
+                .tx()
                 .user("carol@example.org")
                 .unwrap()
                 .unwrap()
@@ -584,7 +603,7 @@ mod tests {
             .iter()
             .any(|s| s.attr("to") == Some("alice@example.org")
                 && s.attr("type") == Some("unsubscribe")));
-        assert!(t.store.user("alice@example.org").unwrap().is_none());
+        assert!(t.store.tx().user("alice@example.org").unwrap().is_none());
         let again = t.one(&format!(
             "<iq type='set' id='r2' from='alice@example.org/x' to='{D}'><query xmlns='{}'><remove/></query></iq>",
             ns::REGISTER

@@ -18,7 +18,8 @@ use xmpp_parsers::ns;
 use super::rules::{Decision, ItemKind};
 use super::{commands, forward, Action, Addressing, Core, Failure, Handled, Out};
 use crate::address::LocalTarget;
-use crate::store::{HeldMessage, PendingItem, Store, StoreError, User};
+use crate::core::model::{HeldMessage, PendingItem, StoreError, User};
+use crate::core::Transaction;
 use crate::xmpp::stanza::{
     attr, child_text, readdress, ErrorType, StanzaFault, CHAT_MARKERS, STANZA_NS,
 };
@@ -28,7 +29,7 @@ const NICK: &str = "http://jabber.org/protocol/nick";
 
 pub(super) fn on_message(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     stanza: &Element,
     who: &Addressing,
@@ -80,7 +81,7 @@ pub(super) fn on_message(
 
 fn relay_to_user(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     who: &Addressing,
@@ -130,7 +131,7 @@ fn relay_to_user(
             unconditional: false,
         })
     };
-    let pending_full = |store: &Store| -> Result<bool, StoreError> {
+    let pending_full = |store: &mut dyn Transaction| -> Result<bool, StoreError> {
         Ok(store.pending_count(&user.jid, peer)?
             >= core.settings.limits.pending_per_conversation as usize)
     };
@@ -225,7 +226,7 @@ enum Wait {
 /// reach address) and those of servers and services (JIDs without a localpart) always fit.
 fn check_room(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
     who: &Addressing,
     wait: Wait,
@@ -275,7 +276,7 @@ fn storage_full(text: String) -> Failure {
 /// Records what other terminals need to join the conversation: its activity, XMPP thread and the
 /// buddy's nick (XEP-0172).
 fn remember_conversation(
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     peer: &str,
@@ -302,7 +303,7 @@ pub(crate) const HELD_PAGE: usize = 100;
 /// Delivers the oldest page of what is held for the user, oldest first; if more is held, the
 /// next pages follow on the next ticks ([`continue_releases`]).
 pub(super) fn release_held(
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
     _now: u64,
     out: &mut Out,
@@ -335,7 +336,11 @@ pub(super) fn release_held(
 
 /// On a clock tick: the next page for every user whose held messages are being delivered, while
 /// one of their XMPP clients is still available (else the rest stays held for the next time).
-pub(super) fn continue_releases(store: &Store, now: u64, out: &mut Out) -> Result<(), StoreError> {
+pub(super) fn continue_releases(
+    store: &mut dyn Transaction,
+    now: u64,
+    out: &mut Out,
+) -> Result<(), StoreError> {
     for jid in store.held_releases()? {
         match store.user(&jid)? {
             Some(user) if forward::xmpp_state(store, &user)?.is_available() => {
@@ -385,6 +390,8 @@ pub(crate) fn iso8601(secs: u64) -> String {
 mod tests {
     use super::*;
     use crate::core::testing::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
 
     const BOB: &str = "bob@example.net";
 
@@ -419,7 +426,12 @@ mod tests {
         assert_eq!(m.get_child("thread", STANZA_NS).unwrap().text(), "t1");
         assert!(m.has_child("request", ns::RECEIPTS));
         assert!(m.has_child("active", ns::CHATSTATES));
-        assert!(t.store.session("alice@example.org", BOB).unwrap().is_some());
+        assert!(t
+            .store
+            .tx()
+            .session("alice@example.org", BOB)
+            .unwrap()
+            .is_some());
     }
 
     #[test]
@@ -467,7 +479,7 @@ mod tests {
             "<message type='chat' from='{BOB}/x' to='alice@{D}'><composing xmlns='{}'/></message>",
             ns::CHATSTATES
         ));
-        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 3);
+        assert_eq!(t.store.tx().held_count("alice@example.org").unwrap(), 3);
         let out = t.run(&format!(
             "<presence from='alice@example.org/laptop' to='{D}'/>"
         ));
@@ -481,7 +493,7 @@ mod tests {
             .iter()
             .filter(|s| s.name() == "message")
             .all(|m| m.has_child("delay", ns::DELAY)));
-        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 0);
+        assert_eq!(t.store.tx().held_count("alice@example.org").unwrap(), 0);
     }
 
     #[test]
@@ -551,7 +563,13 @@ mod tests {
             "alice cannot take more messages from you until the ones waiting are read; try again later";
         refused_for_room(&t, MALLORY, "s3", per_sender);
         refused_for_room(&t, MALLORY, "s4", per_sender);
-        assert_eq!(t.store.held_from("alice@example.org", MALLORY).unwrap(), 3);
+        assert_eq!(
+            t.store
+                .tx()
+                .held_from("alice@example.org", MALLORY)
+                .unwrap(),
+            3
+        );
         // Another buddy still reaches Alice during the flood, up to the cap for all senders.
         assert!(chat_from(&t, BOB, "b0").is_empty());
         assert!(chat_from(&t, BOB, "b1").is_empty());
@@ -561,7 +579,7 @@ mod tests {
         // Alice's own messages and those of services are never refused.
         assert!(chat_from(&t, "alice@example.org", "self").is_empty());
         assert!(chat_from(&t, "example.net", "motd").is_empty());
-        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 7);
+        assert_eq!(t.store.tx().held_count("alice@example.org").unwrap(), 7);
         // She gets exactly what was held, in order; then the stranger may write again.
         let out = t.run("<presence from='alice@example.org/laptop' to='reach.example.org'/>");
         let ids: Vec<_> = out
@@ -582,13 +600,16 @@ mod tests {
             "alice@mail.example.org",
             "",
         ));
-        let mut user = t.store.user("alice@example.org").unwrap().unwrap();
+        let mut user = t.store.tx().user("alice@example.org").unwrap().unwrap();
         user.email.as_mut().unwrap().verified = true;
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
         assert!(chat_from(&t, MALLORY, "p0").is_empty());
         assert!(chat_from(&t, MALLORY, "p1").is_empty());
         assert_eq!(
-            t.store.pending_count("alice@example.org", MALLORY).unwrap(),
+            t.store
+                .tx()
+                .pending_count("alice@example.org", MALLORY)
+                .unwrap(),
             2
         );
         refused_for_room(
@@ -599,12 +620,21 @@ mod tests {
         );
         // Another conversation has its own room.
         assert!(chat_from(&t, BOB, "b0").is_empty());
-        assert_eq!(t.store.pending_count("alice@example.org", BOB).unwrap(), 1);
+        assert_eq!(
+            t.store
+                .tx()
+                .pending_count("alice@example.org", BOB)
+                .unwrap(),
+            1
+        );
         // Once the digest goes out, the stranger's conversation has room again.
         t.advance(30);
         t.event(crate::core::Event::Tick);
         assert_eq!(
-            t.store.pending_count("alice@example.org", MALLORY).unwrap(),
+            t.store
+                .tx()
+                .pending_count("alice@example.org", MALLORY)
+                .unwrap(),
             0
         );
         assert!(chat_from(&t, MALLORY, "p3").is_empty());
@@ -629,7 +659,7 @@ mod tests {
         let mut got =
             ids(t.run("<presence from='alice@example.org/laptop' to='reach.example.org'/>"));
         assert_eq!(got.len(), HELD_PAGE);
-        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 150);
+        assert_eq!(t.store.tx().held_count("alice@example.org").unwrap(), 150);
         // A new message while pages wait goes after them, not ahead.
         assert!(chat_from(&t, BOB, "new").is_empty());
         let next = ids(t.event(crate::core::Event::Tick));
@@ -640,7 +670,7 @@ mod tests {
             "<presence type='unavailable' from='alice@example.org/laptop' to='reach.example.org'/>",
         );
         assert!(ids(t.event(crate::core::Event::Tick)).is_empty());
-        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 51);
+        assert_eq!(t.store.tx().held_count("alice@example.org").unwrap(), 51);
         got.extend(ids(t.run(
             "<presence from='alice@example.org/phone' to='reach.example.org'/>",
         )));
@@ -650,7 +680,7 @@ mod tests {
         assert_eq!(got, expected);
         // Once all are delivered, messages go straight to the client again.
         assert_eq!(chat_from(&t, BOB, "direct").len(), 1);
-        assert_eq!(t.store.held_count("alice@example.org").unwrap(), 0);
-        assert!(t.store.held_releases().unwrap().is_empty());
+        assert_eq!(t.store.tx().held_count("alice@example.org").unwrap(), 0);
+        assert!(t.store.tx().held_releases().unwrap().is_empty());
     }
 }

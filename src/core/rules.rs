@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{LocalState, TerminalKind};
+use crate::core::model::{LocalState, TerminalKind};
 
 /// When a terminal gets the user's messages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -392,6 +392,8 @@ fn quiet_end(q: &QuietHours, zone: &str, now: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use chrono::TimeZone;
 
     const BOB: &str = "bob@example.net";

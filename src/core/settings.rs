@@ -17,7 +17,8 @@ use super::rules::{
 };
 use super::{Core, Out};
 use crate::address::{Email, Phone};
-use crate::store::{LocalState, Store, StoreError, Terminal, TerminalKind, User};
+use crate::core::model::{LocalState, StoreError, Terminal, TerminalKind, User};
+use crate::core::Transaction;
 
 /// A value the user gave was refused: the field as the user knows it, and why. Nothing was
 /// changed.
@@ -344,7 +345,7 @@ fn store_address<A: PartialEq + std::fmt::Display>(
 /// as registration does. A terminal of the same kind is replaced.
 pub(super) fn add_terminal(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     kind: TerminalKind,
@@ -443,7 +444,7 @@ pub(super) fn add_terminal(
 /// `remove email|phone`: Reach forwards nothing there any more.
 pub(super) fn remove_terminal(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     kind: TerminalKind,
@@ -476,7 +477,7 @@ pub(super) fn remove_terminal(
 
 /// `primary email|phone`: the terminal that takes forwards first when several may.
 pub(super) fn set_primary(
-    store: &Store,
+    store: &mut dyn Transaction,
     user: &User,
     kind: TerminalKind,
 ) -> Result<Decision, StoreError> {
@@ -507,7 +508,7 @@ pub(super) fn set_primary(
 /// `state email|phone available|away|dnd`, the ad-hoc `state`: a terminal's local state.
 pub(super) fn set_state(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     kind: TerminalKind,
@@ -676,7 +677,7 @@ fn keep<T>(errors: &mut Vec<Invalid>, checked: Result<T, Invalid>) -> Option<T> 
 /// Every field is checked; if one is wrong, nothing at all is saved.
 pub(super) fn save_preferences(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     kind: Option<TerminalKind>,
@@ -1232,7 +1233,11 @@ pub(super) fn preferences_text(core: &Core, user: &User, kind: Option<TerminalKi
 
 /// `status`: the reach address, every terminal with its state and preferences, the account's
 /// settings, and what waits.
-pub(super) fn status_text(core: &Core, store: &Store, user: &User) -> Result<String, StoreError> {
+pub(super) fn status_text(
+    core: &Core,
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<String, StoreError> {
     let terminals: Vec<String> = [TerminalKind::Email, TerminalKind::Phone]
         .into_iter()
         .map(|kind| describe_terminal(core, user, kind))
@@ -1255,6 +1260,8 @@ pub(super) fn status_text(core: &Core, store: &Store, user: &User) -> Result<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
 
     fn err<T: std::fmt::Debug>(r: Result<T, Invalid>) -> String {
         r.unwrap_err().to_string()
@@ -1387,15 +1394,16 @@ mod tests {
 
     /// Each operation through both doors: chat lines to `D` and ad-hoc commands at `D`.
     mod doors {
+        use crate::core::Transaction;
         use minidom::Element;
         use xmpp_parsers::ns;
 
+        use crate::core::model::{LocalState, TerminalKind, User};
         use crate::core::rules::{
             ForwardWhen, QuietAction, QuietHours, SenderFilter, SubscriptionPolicy,
         };
         use crate::core::testing::*;
         use crate::core::{Action, Event};
-        use crate::store::{LocalState, TerminalKind, User};
         use crate::xmpp::adhoc::{Action as Step, Command, NoteType, Status, COMMANDS};
         use crate::xmpp::stanza::{child_text, STANZA_NS};
 
@@ -1404,7 +1412,7 @@ mod tests {
         const PHONE: &str = "+15551234567";
 
         fn user(t: &Harness) -> User {
-            t.store.user(ALICE).unwrap().unwrap()
+            t.store.tx().user(ALICE).unwrap().unwrap()
         }
 
         /// Alice registered with both terminals, both verified.
@@ -1413,11 +1421,13 @@ mod tests {
             let mut u = user(t);
             u.email.as_mut().unwrap().verified = true;
             u.phone.as_mut().unwrap().verified = true;
-            t.store.put_user(&u).unwrap();
+            t.store.tx().put_user(&u).unwrap();
             t.store
+                .tx()
                 .remove_verification(ALICE, TerminalKind::Email)
                 .unwrap();
             t.store
+                .tx()
                 .remove_verification(ALICE, TerminalKind::Phone)
                 .unwrap();
         }
@@ -1427,7 +1437,7 @@ mod tests {
             alice(t);
             let mut u = user(t);
             u.phone = None;
-            t.store.put_user(&u).unwrap();
+            t.store.tx().put_user(&u).unwrap();
         }
 
         fn stanza(xml: &str) -> Event {
@@ -1648,6 +1658,7 @@ mod tests {
             assert!(!phone.verified);
             assert!(t
                 .store
+                .tx()
                 .verification(ALICE, TerminalKind::Phone)
                 .unwrap()
                 .is_some());
@@ -1670,6 +1681,7 @@ mod tests {
             assert!(u.phone.is_none() && u.primary.is_none());
             assert!(t
                 .store
+                .tx()
                 .verification(ALICE, TerminalKind::Phone)
                 .unwrap()
                 .is_none());
@@ -2059,7 +2071,7 @@ mod tests {
             // A terminal she does not have, on the first page.
             let mut u = user(&t);
             u.email = None;
-            t.store.put_user(&u).unwrap();
+            t.store.tx().put_user(&u).unwrap();
             let c = adhoc(
                 &t,
                 "node='preferences' sessionid='s' action='next'",
@@ -2308,7 +2320,7 @@ mod tests {
             let mut u = user(&t);
             u.email = None;
             u.phone = None;
-            t.store.put_user(&u).unwrap();
+            t.store.tx().put_user(&u).unwrap();
             let c = adhoc(&t, "node='state'", "");
             assert_eq!(c.status, Some(Status::Completed));
             assert!(say(&t, "state email away").starts_with("terminal: you have no email terminal"));

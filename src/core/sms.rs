@@ -8,12 +8,12 @@ use minidom::Element;
 use rand::Rng;
 
 use super::{forward, Action, Core, Out};
+use crate::core::model::{
+    LocalState, Pending, PendingItem, SentSms, SmsJob, StoreError, TerminalKind, User, Verification,
+};
+use crate::core::Transaction;
 use crate::sms::text::{self, Command, Conversation, Keyword, SmsInput, Target};
 use crate::sms::{format, DeliveryReport, DeliveryStatus, IncomingSms};
-use crate::store::{
-    LocalState, Pending, PendingItem, SentSms, SmsJob, Store, StoreError, TerminalKind, User,
-    Verification,
-};
 use crate::xmpp::stanza::{an, chat, NONE, STANZA_NS};
 
 /// The SMS terminal's settings (from `[sms]`).
@@ -81,7 +81,7 @@ fn reference(core: &Core) -> String {
 /// An SMS to the user that carries no buddy message (answers, confirmations, codes).
 fn notice(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     to: &str,
@@ -105,6 +105,7 @@ fn notice(
         attempts: 0,
         next_attempt_at: now,
         queued_at: now,
+        claimed_by: None,
     })));
     Ok(())
 }
@@ -114,7 +115,7 @@ fn notice(
 /// whether it was sent.
 pub(super) fn unsolicited(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     text: &str,
@@ -136,7 +137,7 @@ pub(super) fn unsolicited(
 /// is told nothing that would not be true).
 pub(super) fn forward(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     pending: Pending,
@@ -195,6 +196,7 @@ pub(super) fn forward(
             attempts: 0,
             next_attempt_at: now,
             queued_at: now,
+            claimed_by: None,
         })));
     }
     store.put_session(&user.jid, &session)
@@ -204,7 +206,7 @@ pub(super) fn forward(
 /// it back, `verify CODE` to the service, or the ad-hoc command. Returns what to tell the user.
 pub(super) fn start_verification(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     out: &mut Out,
@@ -253,7 +255,7 @@ pub(super) fn start_verification(
 /// verified it first).
 pub(super) fn confirm_phone(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     number: &str,
@@ -285,7 +287,7 @@ pub(super) fn confirm_phone(
 /// stored; texts from numbers no user has verified are ignored.
 pub(super) fn on_incoming(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     sms: &IncomingSms,
     out: &mut Out,
@@ -309,7 +311,7 @@ pub(super) fn on_incoming(
         }
         return Ok(WebhookAnswer::Accepted);
     };
-    let answer = |store: &Store, out: &mut Out, text: &str| {
+    let answer = |store: &mut dyn Transaction, out: &mut Out, text: &str| {
         answer_text(core, store, now, &user, &number, text, out).map(|_| ())
     };
     let stopped = user.phone.as_ref().is_some_and(|t| t.stopped);
@@ -381,7 +383,7 @@ pub(super) fn on_incoming(
 /// know never makes Reach send an SMS.
 fn texted_code(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     number: &str,
     code: &str,
@@ -439,7 +441,7 @@ fn daily_cap(core: &Core, user: &User) -> u32 {
 /// ping-pong with Reach forever. Returns whether it was sent.
 fn answer_text(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     to: &str,
@@ -461,11 +463,11 @@ fn answer_text(
 /// publishes what that does to the global presence.
 fn set_phone(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     out: &mut Out,
-    change: impl FnOnce(&mut crate::store::Terminal<crate::address::Phone>),
+    change: impl FnOnce(&mut crate::core::model::Terminal<crate::address::Phone>),
 ) -> Result<(), StoreError> {
     let mut user = store.user(&user.jid)?.unwrap_or_else(|| user.clone());
     if let Some(phone) = user.phone.as_mut() {
@@ -477,7 +479,11 @@ fn set_phone(
 
 /// What buddies see now, in words short enough for an SMS (an XMPP client's status text may be
 /// long: it is cut at [`SEEN_CHARS`] characters).
-fn seen_by_buddies(core: &Core, store: &Store, user: &User) -> Result<String, StoreError> {
+fn seen_by_buddies(
+    core: &Core,
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<String, StoreError> {
     let seen = super::presence::seen_by_buddies(core, store, user)?;
     Ok(if seen.chars().count() > SEEN_CHARS {
         let cut: String = seen.chars().take(SEEN_CHARS - 3).collect();
@@ -493,7 +499,7 @@ const SEEN_CHARS: usize = 60;
 /// Sets the phone's local state. The user chose it today, so no prompt for one is needed.
 fn set_state(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     state: LocalState,
@@ -510,7 +516,7 @@ fn set_state(
 /// them. Read here rather than in `crate::sms::text` because they answer with the user's data.
 fn on_presence_command(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     text: &str,
@@ -569,7 +575,7 @@ fn on_presence_command(
 
 fn on_command(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     command: Command,
@@ -638,7 +644,10 @@ fn on_command(
 }
 
 /// The user's conversations and buddies, as candidates for `@name` and `/msg`.
-fn conversations(store: &Store, user: &User) -> Result<Vec<Conversation>, StoreError> {
+fn conversations(
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<Vec<Conversation>, StoreError> {
     let mut list: Vec<Conversation> = store
         .sessions(&user.jid)?
         .into_iter()
@@ -662,7 +671,7 @@ fn conversations(store: &Store, user: &User) -> Result<Vec<Conversation>, StoreE
 
 fn send_to_named(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     target: &str,
@@ -689,7 +698,7 @@ fn send_to_named(
 /// The user's text from the phone, to the peer from the reach address, in the conversation.
 fn send_im(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     user: &User,
     peer: &str,
@@ -716,7 +725,7 @@ fn send_im(
 /// and keeps the message for the user's XMPP client.
 pub(super) fn on_delivery(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     report: &DeliveryReport,
     out: &mut Out,
@@ -766,7 +775,7 @@ pub(super) fn on_delivery(
 /// The provider refused an SMS for good.
 pub(super) fn on_failed(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     job: &SmsJob,
     reason: &str,
@@ -782,7 +791,7 @@ pub(super) fn on_failed(
 #[allow(clippy::too_many_arguments)]
 fn undelivered(
     core: &Core,
-    store: &Store,
+    store: &mut dyn Transaction,
     now: u64,
     jid: &str,
     peer: &str,
@@ -801,9 +810,11 @@ fn undelivered(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::model::Terminal;
     use crate::core::testing::*;
     use crate::core::Event;
-    use crate::store::Terminal;
+    #[allow(unused_imports)]
+    use crate::core::Transaction;
     use crate::xmpp::stanza::child_text;
 
     const BOB: &str = "bob@example.net";
@@ -812,12 +823,12 @@ mod tests {
 
     fn alice_with_phone(t: &Harness) {
         t.run(&register_form(ALICE, "alice", "", PHONE));
-        let mut user = t.store.user(ALICE).unwrap().unwrap();
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
         user.phone = Some(Terminal {
             verified: true,
             ..Terminal::unverified(user.phone.unwrap().address)
         });
-        t.store.put_user(&user).unwrap();
+        t.store.tx().put_user(&user).unwrap();
     }
 
     fn from_bob(t: &Harness, id: &str, body: &str) {
@@ -916,7 +927,7 @@ mod tests {
         let t = Harness::new();
         alice_with_phone(&t);
         for _ in 0..3 {
-            t.store.count_sms(ALICE, t.now.get() / 86_400).unwrap();
+            t.store.tx().count_sms(ALICE, t.now.get() / 86_400).unwrap();
         }
         from_bob(&t, "m1", "last one");
         let sms = tick(&t);
@@ -929,13 +940,16 @@ mod tests {
         let t = Harness::new();
         alice_with_phone(&t);
         // The verification code sent at registration counts too, and so does the prompt.
-        let already = t.store.sms_count(ALICE, t.now.get() / 86_400).unwrap() as usize;
+        let already = t.store.tx().sms_count(ALICE, t.now.get() / 86_400).unwrap() as usize;
         assert_eq!(already, 1);
         for i in 0..7 {
             from_bob(&t, &format!("m{i}"), "x");
         }
         assert_eq!(first_tick(&t).len(), 5 - already - 1);
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 7 - (5 - already - 1));
+        assert_eq!(
+            t.store.tx().held_count(ALICE).unwrap(),
+            7 - (5 - already - 1)
+        );
         t.advance(86_400);
         from_bob(&t, "next-day", "y");
         assert_eq!(first_tick(&t).len(), 1);
@@ -972,10 +986,19 @@ mod tests {
         alice_with_phone(&t);
         let (sms, _) = text_in(&t, "STOP");
         assert!(sms[0].text.contains("no more SMS"));
-        assert!(t.store.user(ALICE).unwrap().unwrap().phone.unwrap().stopped);
+        assert!(
+            t.store
+                .tx()
+                .user(ALICE)
+                .unwrap()
+                .unwrap()
+                .phone
+                .unwrap()
+                .stopped
+        );
         from_bob(&t, "m1", "are you there?");
         assert!(tick(&t).is_empty());
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 1);
         let (sms, _) = text_in(&t, "start");
         assert!(sms[0].text.contains("resumed"));
         from_bob(&t, "m2", "now?");
@@ -1016,6 +1039,7 @@ mod tests {
         alice_with_phone(&t);
         let alerts = || {
             t.store
+                .tx()
                 .user(ALICE)
                 .unwrap()
                 .unwrap()
@@ -1067,6 +1091,7 @@ mod tests {
         assert_eq!(sms.len(), 1);
         let code = t
             .store
+            .tx()
             .verification(ALICE, TerminalKind::Phone)
             .unwrap()
             .unwrap()
@@ -1080,6 +1105,7 @@ mod tests {
         assert!(child_text(&im[0], "body").unwrap().contains("is verified"));
         assert!(
             t.store
+                .tx()
                 .user(ALICE)
                 .unwrap()
                 .unwrap()
@@ -1145,6 +1171,6 @@ mod tests {
         }));
         assert_eq!(failed[0].attr("type"), Some("error"));
         assert_eq!(failed[0].attr("id"), Some("m2"));
-        assert_eq!(t.store.held_count(ALICE).unwrap(), 1);
+        assert_eq!(t.store.tx().held_count(ALICE).unwrap(), 1);
     }
 }

@@ -6,6 +6,7 @@ use xmpp_parsers::ns;
 use super::email::EmailSettings;
 use super::sms::SmsSettings;
 use super::{Action, Core, Event, Settings};
+use crate::core::Transaction;
 use crate::store::Store;
 use crate::xmpp::stanza::STANZA_NS;
 
@@ -77,10 +78,12 @@ impl Harness {
             .collect()
     }
 
+    /// Feeds an event in a transaction of its own, committed, and returns every action.
     pub fn actions(&self, event: Event) -> Vec<Action> {
-        self.core
-            .handle(&self.store, self.now.get(), event)
-            .unwrap()
+        let mut tx = self.store.begin().unwrap();
+        let actions = self.core.handle(&mut tx, self.now.get(), event).unwrap();
+        tx.commit().unwrap();
+        actions
     }
 
     /// Feeds one stanza and expects exactly one stanza back.
@@ -96,8 +99,8 @@ impl Harness {
     }
 
     /// Everything the store holds about `jid`, to compare before and after an event.
-    pub fn snapshot(&self, jid: &str) -> crate::store::UserState {
-        self.store.user_state(jid).unwrap()
+    pub fn snapshot(&self, jid: &str) -> crate::core::model::UserState {
+        self.store.tx().user_state(jid).unwrap()
     }
 
     /// Lets time pass.

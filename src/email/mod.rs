@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod extract;
+pub mod message;
 pub mod outbound;
 pub mod sender;
 pub mod smtp;

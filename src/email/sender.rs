@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::outbound::{render, Relay, SendError};
 use crate::delivery::{Courier, Refusal, RetryPolicy};
 use crate::metrics::SendFailure;
-use crate::store::{EmailJob, Store, StoreError};
+use crate::store::{EmailJob, Queue, Store};
 
 /// Delivers queued emails through the relay.
 #[derive(Debug, Clone)]
@@ -37,26 +37,7 @@ impl Courier for EmailCourier {
         give_up_secs: 2 * 86_400,
     };
 
-    fn due(
-        &self,
-        store: &Store,
-        now: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, EmailJob)>, StoreError> {
-        store.due_email_jobs(now, limit)
-    }
-
-    fn next_attempt(&self, store: &Store) -> Result<Option<u64>, StoreError> {
-        store.next_email_attempt()
-    }
-
-    fn put(&self, store: &Store, seq: u64, job: &EmailJob) -> Result<(), StoreError> {
-        store.update_email_job(seq, job)
-    }
-
-    fn remove(&self, store: &Store, seq: u64) -> Result<(), StoreError> {
-        store.remove_email_job(seq)
-    }
+    const QUEUE: Queue = crate::store::EMAIL_QUEUE;
 
     fn wake(&self, store: &Store) -> Arc<Notify> {
         store.email_wake()

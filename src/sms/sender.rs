@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::{OutgoingSms, SmsProvider, SmsSendError};
 use crate::delivery::{Courier, Refusal, RetryPolicy};
 use crate::metrics::SendFailure;
-use crate::store::{SmsJob, Store, StoreError};
+use crate::store::{Queue, SmsJob, Store};
 
 /// Delivers queued SMS through the provider.
 #[derive(Debug, Clone)]
@@ -37,21 +37,7 @@ impl<P: SmsProvider> Courier for SmsCourier<P> {
         give_up_secs: 86_400,
     };
 
-    fn due(&self, store: &Store, now: u64, limit: usize) -> Result<Vec<(u64, SmsJob)>, StoreError> {
-        store.due_sms_jobs(now, limit)
-    }
-
-    fn next_attempt(&self, store: &Store) -> Result<Option<u64>, StoreError> {
-        store.next_sms_attempt()
-    }
-
-    fn put(&self, store: &Store, seq: u64, job: &SmsJob) -> Result<(), StoreError> {
-        store.update_sms_job(seq, job)
-    }
-
-    fn remove(&self, store: &Store, seq: u64) -> Result<(), StoreError> {
-        store.remove_sms_job(seq)
-    }
+    const QUEUE: Queue = crate::store::SMS_QUEUE;
 
     fn wake(&self, store: &Store) -> Arc<Notify> {
         store.sms_wake()

@@ -17,6 +17,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use minidom::Element;
 use rand::rngs::StdRng;
@@ -85,12 +86,13 @@ pub enum LinkEvent {
     Stanza(tokio_xmpp::Stanza),
 }
 
-/// The durable queue of outbound stanzas the link drains. Implemented by the store.
+/// The durable queue of outbound stanzas the link drains. Implemented by the store (whose
+/// engine may be a database: hence futures, which the store runs off the async threads).
 pub trait OutboundQueue: Send + Sync + 'static {
     /// Up to `limit` oldest pending stanzas, in order, with their queue keys.
-    fn pending(&self, limit: usize) -> Vec<(u64, Element)>;
+    fn pending(&self, limit: usize) -> BoxFuture<'static, Vec<(u64, Element)>>;
     /// Forget stanzas that have been written to the socket.
-    fn mark_sent(&self, keys: &[u64]);
+    fn mark_sent(&self, keys: Vec<u64>) -> BoxFuture<'static, ()>;
     /// Notified whenever something is queued.
     fn notify(&self) -> Arc<Notify>;
 }
@@ -482,7 +484,7 @@ impl Session<'_> {
 
     /// Write one batch of queued items; true if there may be more.
     async fn drain_batch(&mut self, stream: &mut Stream) -> Result<bool, LinkError> {
-        let batch = self.queue.pending(BATCH);
+        let batch = self.queue.pending(BATCH).await;
         if batch.is_empty() {
             return Ok(false);
         }
@@ -514,7 +516,7 @@ impl Session<'_> {
             marked = keys.len(),
             "outbound batch written"
         );
-        self.queue.mark_sent(&keys);
+        self.queue.mark_sent(keys).await;
         Ok(maybe_more)
     }
 
@@ -937,21 +939,23 @@ mod tests {
     }
 
     impl OutboundQueue for MemQueue {
-        fn pending(&self, limit: usize) -> Vec<(u64, Element)> {
+        fn pending(&self, limit: usize) -> BoxFuture<'static, Vec<(u64, Element)>> {
             let items = self.items.lock().unwrap();
-            items
+            let found: Vec<(u64, Element)> = items
                 .iter()
                 .take(limit)
                 .map(|(k, e)| (*k, e.clone()))
-                .collect()
+                .collect();
+            Box::pin(async move { found })
         }
 
-        fn mark_sent(&self, keys: &[u64]) {
+        fn mark_sent(&self, keys: Vec<u64>) -> BoxFuture<'static, ()> {
             let mut items = self.items.lock().unwrap();
-            for k in keys {
+            for k in &keys {
                 items.remove(k);
             }
-            self.sent.lock().unwrap().extend_from_slice(keys);
+            self.sent.lock().unwrap().extend_from_slice(&keys);
+            Box::pin(async {})
         }
 
         fn notify(&self) -> Arc<Notify> {

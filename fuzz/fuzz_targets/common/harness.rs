@@ -11,7 +11,7 @@ use minidom::Element;
 use reach::core::email::EmailSettings;
 use reach::core::sms::SmsSettings;
 use reach::core::{Action, Core, Event, Limits, Settings};
-use reach::store::Store;
+use reach::store::{Store, StoreError};
 
 pub const D: &str = "reach.example.org";
 pub const NS: &str = "jabber:component:accept";
@@ -102,9 +102,16 @@ impl Harness {
 
     fn stanza(&self, xml: &str) -> Vec<Action> {
         let el: Element = xml.parse().expect("harness stanza");
-        self.core
-            .handle(&self.store, NOW, Event::Stanza(el))
+        self.handle(NOW, Event::Stanza(el))
             .expect("harness stanza handled")
+    }
+
+    /// Handles one event in a transaction of its own, committed.
+    pub fn handle(&self, now: u64, event: Event) -> Result<Vec<Action>, StoreError> {
+        let mut tx = self.store.begin()?;
+        let actions = self.core.handle(&mut tx, now, event)?;
+        tx.commit()?;
+        Ok(actions)
     }
 }
 
