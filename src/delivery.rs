@@ -185,8 +185,14 @@ pub async fn run<C: Courier + 'static>(
                 let _ = running.await;
             }
         }
+        if idle && !settled.is_empty() {
+            // Before going idle, what became of the jobs is in the store (the next attempt
+            // read below depends on it).
+            settle::<C>(&store, std::mem::take(&mut settled)).await;
+            last_commit = Instant::now();
+        }
         let previous_done = committing.as_ref().is_none_or(|c| c.is_finished());
-        if previous_done && !settled.is_empty() && (idle || last_commit.elapsed() >= COMMIT_EVERY) {
+        if previous_done && !settled.is_empty() && last_commit.elapsed() >= COMMIT_EVERY {
             let (store, batch) = (store.clone(), std::mem::take(&mut settled));
             committing = Some(tokio::spawn(
                 async move { settle::<C>(&store, batch).await },
