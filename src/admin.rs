@@ -40,6 +40,9 @@ pub enum AdminError {
     /// The store folder does not exist (a wrong config file, or Reach never ran with it).
     #[error("there is no store at {} (has Reach run with this configuration?)", .0.display())]
     NoStore(PathBuf),
+    /// `reach migrate --to` names no store Reach can use.
+    #[error("cannot migrate there: {0}")]
+    BadUrl(String),
     /// The argument is not a JID.
     #[error("'{0}' is not a valid JID (expected the user's bare JID, like alice@example.org)")]
     BadJid(String),
@@ -259,6 +262,49 @@ pub fn purge(config: &Config, store: &Store, jid: &str) -> Result<Purged, AdminE
     Ok(Purged {
         jid: jid.to_owned(),
         queued_stanzas: goodbyes.len(),
+    })
+}
+
+/// What `reach migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// Where the data went (without a password).
+    pub to: String,
+    pub copied: crate::store::migrate::Copied,
+}
+
+/// `reach migrate --to URL`: copies everything the configured store holds into the store at
+/// `to` (a new, empty one), checking every tree's count after. Reach must be stopped: the
+/// copy is of one moment, and what a running Reach wrote after it would be missing.
+pub fn migrate(
+    config: &Config,
+    to: &str,
+    mut progress: impl FnMut(&str, u64),
+) -> Result<Migrated, AdminError> {
+    use crate::store::Location;
+    let destination = Location::parse(to).map_err(AdminError::BadUrl)?;
+    if &destination == config.store.location() {
+        return Err(AdminError::BadUrl(
+            "the destination is the configured store itself".to_owned(),
+        ));
+    }
+    let from = open_store(
+        config,
+        "Stop Reach first: the copy must see everything it will ever write.",
+    )?;
+    if let Location::Sled(path) = &destination {
+        if path.exists() && std::fs::read_dir(path).map_or(true, |mut d| d.next().is_some()) {
+            return Err(AdminError::BadUrl(format!(
+                "{} exists and is not empty; copy into a new folder",
+                path.display()
+            )));
+        }
+    }
+    let to_store = Store::open_at(&destination, &format!("migrate-{}", std::process::id()))?;
+    let copied = crate::store::migrate::copy(&from, &to_store, |tree, n| progress(tree, n))?;
+    Ok(Migrated {
+        to: destination.to_string(),
+        copied,
     })
 }
 

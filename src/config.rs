@@ -1390,25 +1390,7 @@ impl StoreConfig {
                 Location::Sled(path)
             }
             (Some(url), None) => {
-                if let Some(path) = url.strip_prefix("sled://") {
-                    if path.is_empty() {
-                        return Err(origin.invalid(
-                            "store.url",
-                            "sled:// needs a folder, e.g. sled:///var/lib/reach",
-                        ));
-                    }
-                    Location::Sled(PathBuf::from(path))
-                } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-                    Location::Postgres {
-                        url,
-                        password: None,
-                    }
-                } else {
-                    return Err(origin.invalid(
-                        "store.url",
-                        "must start with sled:// (the embedded store) or postgres://",
-                    ));
-                }
+                Location::parse(&url).map_err(|why| origin.invalid("store.url", why))?
             }
         };
         let location = match location {

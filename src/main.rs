@@ -20,6 +20,10 @@ const USAGE: &str = "usage:
                                 delete a user and everything held about them, as XEP-0077
                                 <remove/> does (only while Reach is stopped; the unsubscriptions
                                 are sent when it next starts)
+  reach migrate --config FILE --to URL
+                                copy everything the configured store holds into a new, empty
+                                store (postgres://... or sled:///folder), then check the copy;
+                                only while Reach is stopped
   reach dead-letters --config FILE [show ID | redrive ID | drop ID]
                                 list the inputs set aside because handling them failed; print
                                 one (it may hold message text), have it handled again when Reach
@@ -51,6 +55,10 @@ enum Command {
         config: String,
         command: reach::admin::DeadLetterCommand,
     },
+    Migrate {
+        config: String,
+        to: String,
+    },
     Version,
     Help,
 }
@@ -58,6 +66,7 @@ enum Command {
 /// Reads the arguments (without the program name); `Err` carries what is wrong.
 fn parse_args(args: &[String]) -> Result<Command, String> {
     let mut config = None;
+    let mut to = None;
     let mut log_format = None;
     let mut words = Vec::new();
     let mut rest = args.iter();
@@ -67,6 +76,12 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
                 let value = rest.next().ok_or("--config needs a FILE")?;
                 if config.replace(value.clone()).is_some() {
                     return Err("--config is given twice".to_owned());
+                }
+            }
+            "--to" => {
+                let value = rest.next().ok_or("--to needs a URL")?;
+                if to.replace(value.clone()).is_some() {
+                    return Err("--to is given twice".to_owned());
                 }
             }
             "--log-format" => {
@@ -102,6 +117,12 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             jid: (*jid).to_owned(),
         }),
         ["export" | "purge"] => Err(format!("{} needs a USER_JID", words[0])),
+        ["migrate"] => Ok(Command::Migrate {
+            config: need_config("migrate")?,
+            to: to
+                .clone()
+                .ok_or("migrate needs --to URL (where to copy the store)")?,
+        }),
         ["dead-letters", rest @ ..] => {
             use reach::admin::DeadLetterCommand as D;
             let id = |s: &str| {
@@ -135,16 +156,31 @@ fn main() -> ExitCode {
     };
     match command {
         Command::Run { config, log_format } => run(&config, log_format),
-        Command::CheckConfig(path) => match reach::config::check(std::path::Path::new(&path)) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
+        Command::CheckConfig(path) => check_config(&path),
+        Command::Migrate { config, to } => admin(&config, |config| {
+            let mut last = String::new();
+            let migrated = reach::admin::migrate(config, &to, |tree, n| {
+                if tree != last {
+                    eprintln!("copying {tree}");
+                    last = tree.to_owned();
+                }
+                if n % 100_000 == 0 {
+                    eprintln!("  {n} records");
+                }
+            })?;
+            for (tree, n) in &migrated.copied.trees {
+                if *n > 0 {
+                    println!("{tree:28} {n}");
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+            println!(
+                "{} records copied into {}, every tree checked. Point [store] url at it and \
+                 start Reach.",
+                migrated.copied.total(),
+                migrated.to
+            );
+            Ok(())
+        }),
         Command::Stats(config) => admin(&config, |config| {
             let (counts, source) = block_on(reach::admin::stats(config))??;
             match source {
@@ -205,6 +241,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `reach check-config`: the summary, and for a PostgreSQL store whether it can be reached.
+fn check_config(path: &str) -> ExitCode {
+    let config = match reach::config::load(std::path::Path::new(path)) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", config.summary());
+    if let reach::store::Location::Postgres { url, password } = config.store.location() {
+        match reach::store::postgres::check(url, password.as_deref()) {
+            Ok(found) => println!("The database answers: {found}."),
+            Err(e) => {
+                eprintln!("The database cannot be used: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Loads the config and runs an admin command; errors go to stderr with exit status 1.
@@ -380,6 +438,13 @@ mod tests {
                 jid: "alice@example.org".into()
             })
         );
+        assert_eq!(
+            parse("migrate --config r.toml --to postgres://reach@db/reach"),
+            Ok(Command::Migrate {
+                config: "r.toml".into(),
+                to: "postgres://reach@db/reach".into()
+            })
+        );
         assert_eq!(parse("--help"), Ok(Command::Help));
         assert_eq!(parse("--version"), Ok(Command::Version));
     }
@@ -395,6 +460,9 @@ mod tests {
             .unwrap_err()
             .contains("text"));
         assert!(parse("--frob").unwrap_err().contains("--frob"));
+        assert!(parse("migrate --config r.toml")
+            .unwrap_err()
+            .contains("--to"));
         assert!(parse("frobnicate").unwrap_err().contains("frobnicate"));
     }
 }

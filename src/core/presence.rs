@@ -322,21 +322,31 @@ pub(super) fn continue_walk(
     now: u64,
     out: &mut Out,
 ) -> Result<(), StoreError> {
+    if store.presence_walk()?.is_none() || !store.claim_presence_walk()? {
+        return Ok(());
+    }
+    // Read again now that this instance walks alone.
     let Some(after) = store.presence_walk()? else {
         return Ok(());
     };
     let after = (!after.is_empty()).then_some(after.as_str());
     let users = store.users_after(after, USERS_PER_WALK_STEP)?;
+    // A user another instance is busy with is only probed: that instance's event and the
+    // answers to the probes bring their presence up to date.
+    let mut claimed = Vec::with_capacity(users.len());
     for user in &users {
+        claimed.push(store.claim_user(&user.jid)?);
+    }
+    for (user, _) in users.iter().zip(&claimed).filter(|(_, c)| **c) {
         refresh_global(core, store, now, user, out)?;
     }
     for user in &users {
         out.send(presence(&core.settings.domain, &user.jid, Some("probe")));
     }
-    for user in &users {
+    for (user, claimed) in users.iter().zip(&claimed) {
         let address = core.reach_address(&user.handle);
         for (jid, mut buddy) in store.buddies(&user.handle)? {
-            if !buddy.resources.is_empty() {
+            if *claimed && !buddy.resources.is_empty() {
                 buddy.resources.clear();
                 store.put_buddy(&user.handle, &jid, &buddy)?;
             }

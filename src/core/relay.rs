@@ -342,6 +342,10 @@ pub(super) fn continue_releases(
     out: &mut Out,
 ) -> Result<(), StoreError> {
     for jid in store.held_releases()? {
+        // Another instance busy with the user delivers the page, or the next tick does.
+        if !store.claim_user(&jid)? || !store.held_release_running(&jid)? {
+            continue;
+        }
         match store.user(&jid)? {
             Some(user) if forward::xmpp_state(store, &user)?.is_available() => {
                 release_held(store, &user, now, out)?

@@ -720,3 +720,85 @@ mod sled {
         super::two_instances_see_an_id_once_and_lose_no_increment(&store, &store);
     }
 }
+
+mod postgres {
+    use crate::store::pg_cluster::PgCluster;
+    use crate::store::Store;
+
+    /// A store on a database of its own, on the test binary's PostgreSQL server.
+    fn store() -> Store {
+        Store::postgres(&PgCluster::shared().create_database(), "one").unwrap()
+    }
+
+    /// Two instances ("one", "two") on one new database.
+    fn two() -> (Store, Store) {
+        let url = PgCluster::shared().create_database();
+        let first = Store::postgres(&url, "one").unwrap();
+        first.register_instance(1).unwrap();
+        (first, Store::postgres(&url, "two").unwrap())
+    }
+
+    crate::store_conformance!(store());
+
+    #[test]
+    fn two_instances_claim_disjoint_jobs() {
+        let (first, second) = two();
+        super::two_instances_claim_disjoint_jobs(&first, &second);
+    }
+
+    #[test]
+    fn two_instances_see_an_id_once_and_lose_no_increment() {
+        let (first, second) = two();
+        super::two_instances_see_an_id_once_and_lose_no_increment(&first, &second);
+    }
+
+    #[test]
+    fn a_gone_instance_is_adopted() {
+        let (alive, gone) = two();
+        super::a_gone_instance_is_adopted(&alive, &gone);
+    }
+
+    #[test]
+    fn a_second_process_under_a_name_in_use_is_refused() {
+        let url = PgCluster::shared().create_database();
+        let first = Store::postgres(&url, "one").unwrap();
+        first.register_instance(1).unwrap();
+        let again = Store::postgres(&url, "one").unwrap();
+        let refused = again.register_instance(2).unwrap_err().to_string();
+        assert!(refused.contains("already running"), "{refused}");
+        drop(first);
+        again.register_instance(3).unwrap();
+    }
+
+    #[test]
+    fn a_sled_store_is_copied_into_postgres_whole() {
+        let from = Store::temporary().unwrap();
+        from.write(|tx| {
+            use crate::store::Transaction;
+            tx.put_user(&super::alice())?;
+            tx.count_email("alice@example.org", 9)?;
+            tx.enqueue_stanza(&super::message("queued"))
+        })
+        .unwrap();
+        let to = store();
+        let copied = crate::store::migrate::copy(&from, &to, |_, _| {}).unwrap();
+        assert!(copied.total() >= 4, "{copied:?}");
+        to.read(|tx| {
+            use crate::store::Transaction;
+            assert!(tx.user("alice@example.org")?.is_some());
+            assert_eq!(tx.email_count("alice@example.org", 9)?, 1);
+            Ok(())
+        })
+        .unwrap();
+        // The embedded store's outbox ("local") is sent by the first instance to start.
+        to.register_instance(1).unwrap();
+        to.adopt_gone_instances(1).unwrap();
+        let ids: Vec<String> = to
+            .outbox_pending(10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, el)| el.attr("id").unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["queued"]);
+    }
+}

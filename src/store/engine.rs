@@ -252,8 +252,15 @@ impl<'e> Txn<'e> {
     pub fn insert_new(&mut self, tree: Tree, key: &[u8], value: Vec<u8>) -> Result<bool> {
         let write = match self.written(tree, key) {
             Some(Write::Put(_) | Write::Insert(_)) => return Ok(false),
-            // Removed by this transaction: present in the engine, so a plain write.
-            Some(Write::Remove) => Write::Put(value),
+            // Removed by this transaction: a plain write if the engine has it, else still a
+            // key that must be new at commit.
+            Some(Write::Remove) => {
+                if self.backend.get(tree, key)?.is_some() {
+                    Write::Put(value)
+                } else {
+                    Write::Insert(value)
+                }
+            }
             Some(_) => return Err(StoreError::Corrupt(format!("{}: not a record", tree.name))),
             None => {
                 if self.backend.get(tree, key)?.is_some() {

@@ -16,8 +16,11 @@
 //! stanzas), the instances (who is alive; a dead instance's outbox and claims are adopted) and
 //! the admin commands.
 
+#[cfg_attr(test, allow(clippy::type_complexity))]
 mod engine;
 pub mod migrate;
+#[cfg(test)]
+pub(crate) mod pg_cluster;
 pub mod postgres;
 mod sled_engine;
 
@@ -300,6 +303,24 @@ impl std::fmt::Debug for Location {
 }
 
 impl Location {
+    /// Reads `sled://PATH` or `postgres://...` (also `postgresql://`); the error says what is
+    /// expected.
+    pub fn parse(url: &str) -> std::result::Result<Location, String> {
+        if let Some(path) = url.strip_prefix("sled://") {
+            if path.is_empty() {
+                return Err("sled:// needs a folder, e.g. sled:///var/lib/reach".to_owned());
+            }
+            Ok(Location::Sled(std::path::PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Location::Postgres {
+                url: url.to_owned(),
+                password: None,
+            })
+        } else {
+            Err("must start with sled:// (the embedded store) or postgres://".to_owned())
+        }
+    }
+
     /// The engine's name, for logs.
     pub fn engine(&self) -> &'static str {
         match self {
@@ -364,7 +385,7 @@ impl Store {
         )
     }
 
-    /// A PostgreSQL store (see [`postgres::Postgres::open`]).
+    /// A PostgreSQL store as instance `instance` (see [`postgres::Postgres::open`]).
     pub fn postgres(url: &str, instance: &str) -> Result<Store> {
         Store::with_engine(Box::new(postgres::Postgres::open(url)?), instance, None)
     }
@@ -802,10 +823,7 @@ impl Store {
         self.read(|tx| {
             let mut owners = Vec::new();
             let mut range = KeyRange::all();
-            loop {
-                let Some((k, _)) = tx.txn.scan(OUTBOX, &range, 1)?.into_iter().next() else {
-                    break;
-                };
+            while let Some((k, _)) = tx.txn.scan(OUTBOX, &range, 1)?.into_iter().next() {
                 let owner = owner_of(&k);
                 let next = engine::prefix_end(&prefix(&owner));
                 owners.push(owner);
