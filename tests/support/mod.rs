@@ -14,6 +14,7 @@ pub mod component;
 pub mod kannel;
 pub mod mail;
 pub mod postfix;
+pub mod postgres;
 pub mod process;
 pub mod reach;
 pub mod server;
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 pub use client::{attr, bare, body, child_text, Client, NS_CLIENT};
 pub use component::RawComponent;
 pub use minidom::Element;
-pub use reach::Reach;
+pub use reach::{Reach, StoreAt};
 pub use server::{Server, ServerKind};
 pub use xml::{escape, to_xml};
 

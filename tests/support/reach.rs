@@ -15,9 +15,40 @@ pub struct Reach {
     status: Option<ExitStatus>,
 }
 
+/// Where a Reach under test keeps its store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAt {
+    /// The embedded store in `STATE/store`.
+    Sled,
+    /// A PostgreSQL database, as the named instance.
+    Postgres { url: String, instance: String },
+}
+
+impl StoreAt {
+    /// The lines of `[store]` for a Reach whose state folder is `state_dir`.
+    pub fn toml(&self, state_dir: &Path) -> String {
+        match self {
+            StoreAt::Sled => format!(
+                "path = {}\n",
+                toml_str(&state_dir.join("store").display().to_string())
+            ),
+            StoreAt::Postgres { url, instance } => format!(
+                "url = {}\ninstance = {}\n",
+                toml_str(url),
+                toml_str(instance)
+            ),
+        }
+    }
+}
+
 impl Reach {
     /// The base `reach.toml` for `server`, with the store in `state_dir/store`.
     pub fn config(server: &Server, state_dir: &Path) -> String {
+        Reach::config_at(server, state_dir, &StoreAt::Sled)
+    }
+
+    /// The base `reach.toml` for `server`, with the store at `store`. It ends inside `[store]`.
+    pub fn config_at(server: &Server, state_dir: &Path, store: &StoreAt) -> String {
         format!(
             "[component]\n\
              domain = {}\n\
@@ -28,12 +59,12 @@ impl Reach {
              allowed_domains = [{}]\n\
              \n\
              [store]\n\
-             path = {}\n",
+             {}",
             toml_str(server.component_domain()),
             toml_str(&server.component_addr()),
             toml_str(server.secret()),
             toml_str(server.host()),
-            toml_str(&state_dir.join("store").display().to_string()),
+            store.toml(state_dir),
         )
     }
 
