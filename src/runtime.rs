@@ -547,6 +547,9 @@ fn guarded(core: &Core, tx: &mut Tx<'_>, now: u64, event: &Event) -> Handled {
             Err(StoreError::Unwritable(e)) => {
                 return Handled::Bug(format!("a stanza to keep cannot be written as XML: {e}"));
             }
+            Err(e @ StoreError::KeyTooLong { .. }) => {
+                return Handled::Bug(format!("a record cannot be stored: {e}"));
+            }
             Err(e) => return failed(e),
         };
         for action in &actions {

@@ -96,6 +96,39 @@ fn deep_nesting_is_refused_with_policy_violation_and_changes_nothing() {
     assert_eq!(reply.name(), "iq");
 }
 
+/// A JID may have 1023-byte parts; Reach keeps JIDs in its store's keys, which every engine
+/// must be able to index: a sender longer than `MAX_JID_BYTES` is refused at the door, and a
+/// buddy list naming one is refused too.
+#[test]
+fn senders_with_overlong_addresses_are_refused_and_nothing_is_stored() {
+    let t = Harness::new();
+    t.register(ALICE, "alice");
+    let long = format!("{}@example.net", "b".repeat(600));
+    refused(
+        &t,
+        &format!(
+            "<message type='chat' id='l' from='{long}/pc' to='alice@{D}'><body>hi</body></message>"
+        ),
+        "policy-violation",
+        "addresses longer than 512 bytes are not served",
+    );
+    refused(
+        &t,
+        &format!("<presence type='subscribe' id='s' from='{long}' to='alice@{D}'/>"),
+        "policy-violation",
+        "addresses longer than 512 bytes are not served",
+    );
+    // At the limit it is served like any other.
+    let fits = format!("{}@example.net", "b".repeat(512 - "@example.net".len()));
+    let out = t.run(&format!(
+        "<message type='chat' id='f' from='{fits}/pc' to='alice@{D}'><body>hi</body></message>"
+    ));
+    assert!(
+        out.iter().all(|s| s.attr("type") != Some("error")),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn huge_attribute_counts_are_refused() {
     let t = Harness::new();

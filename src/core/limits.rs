@@ -117,6 +117,11 @@ pub(crate) mod counter {
 }
 
 /// Whether a stanza is within the size, depth and attribute limits.
+/// The longest bare JID Reach serves (a sender, a user, a JID in a preference). RFC 7622 lets
+/// each part of a JID be 1023 bytes; real addresses are far shorter, and Reach keeps JIDs in
+/// the keys of its store, which must stay short enough for every engine.
+pub const MAX_JID_BYTES: usize = 512;
+
 pub(crate) fn check_stanza(limits: &Limits, stanza: &Element) -> Result<(), StanzaFault> {
     let mut bytes = 0usize;
     walk(limits, stanza, 1, &mut bytes)

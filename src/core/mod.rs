@@ -305,6 +305,16 @@ impl Core {
                 "this component only serves its own domain",
             ));
         }
+        if from.to_bare().as_str().len() > limits::MAX_JID_BYTES {
+            return Err(StanzaFault::new(
+                crate::xmpp::stanza::ErrorType::Modify,
+                "policy-violation",
+            )
+            .with_text(format!(
+                "addresses longer than {} bytes are not served",
+                limits::MAX_JID_BYTES
+            )));
+        }
         let target = classify_local(to.node().map(|n| n.as_str()));
         Ok(Addressing {
             from_bare: from.to_bare().to_string(),

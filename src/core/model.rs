@@ -27,6 +27,9 @@ pub enum StoreError {
     /// A stanza that cannot be written as XML (see [`crate::xmpp::xml_text::to_xml`]).
     #[error("cannot queue the stanza: {0}")]
     Unwritable(#[from] crate::xmpp::xml_text::UnsafeXml),
+    /// A key longer than any engine keeps (a bug: keys are built from bounded parts).
+    #[error("a key of {bytes} bytes for {tree} is longer than the store keeps")]
+    KeyTooLong { tree: &'static str, bytes: usize },
     /// Another instance committed the same data first: the transaction is run again.
     #[error("another instance changed the same data at the same time")]
     Conflict,

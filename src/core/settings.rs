@@ -926,6 +926,15 @@ fn parse_jids(field: &'static str, values: &[String]) -> Result<Vec<String>, Inv
                 )
             })?
             .to_string();
+        if jid.len() > super::limits::MAX_JID_BYTES {
+            return Err(Invalid::new(
+                field,
+                format!(
+                    "a JID longer than {} bytes is not accepted",
+                    super::limits::MAX_JID_BYTES
+                ),
+            ));
+        }
         if !jids.contains(&jid) {
             jids.push(jid);
         }

@@ -354,6 +354,26 @@ pub(crate) fn taken_ids_are_seen_once_per_alias_until_forgotten(store: &Store) {
         .unwrap();
 }
 
+/// A Message-ID is the sender's choice, of any length: taken once all the same.
+pub(crate) fn a_huge_message_id_is_seen_once(store: &Store) {
+    let id = format!("<{}@x>", "m".repeat(20_000));
+    let alias = [3u8; 32];
+    assert!(store
+        .write(|tx| tx.first_sight_of_mail(&id, &alias, 10))
+        .unwrap());
+    assert!(!store
+        .write(|tx| tx.first_sight_of_mail(&id, &alias, 11))
+        .unwrap());
+    let long_sms = "s".repeat(5_000);
+    assert!(store
+        .write(|tx| tx.first_sight_of_sms(&long_sms, 10))
+        .unwrap());
+    assert!(!store
+        .write(|tx| tx.first_sight_of_sms(&long_sms, 11))
+        .unwrap());
+    assert_eq!(store.write(|tx| tx.forget_seen_before(100)).unwrap(), 2);
+}
+
 pub(crate) fn counters_count_per_window_and_are_pruned_when_it_ends(store: &Store) {
     let hour = 3600;
     let now = 10 * hour + 5;
@@ -679,6 +699,10 @@ macro_rules! store_conformance {
         #[test]
         fn taken_ids_are_seen_once_per_alias_until_forgotten() {
             c::taken_ids_are_seen_once_per_alias_until_forgotten(&$store);
+        }
+        #[test]
+        fn a_huge_message_id_is_seen_once() {
+            c::a_huge_message_id_is_seen_once(&$store);
         }
         #[test]
         fn counters_count_per_window_and_are_pruned_when_it_ends() {

@@ -236,9 +236,11 @@ impl<'e> Txn<'e> {
         Ok(self.get(tree, key)?.is_some())
     }
 
-    pub fn put(&mut self, tree: Tree, key: &[u8], value: Vec<u8>) {
+    pub fn put(&mut self, tree: Tree, key: &[u8], value: Vec<u8>) -> Result<()> {
         debug_assert!(!tree.counts, "{}: put on a counting tree", tree.name);
+        check_key(tree, key)?;
         self.record(tree, key, Write::Put(value));
+        Ok(())
     }
 
     /// Removes a record or a count.
@@ -250,6 +252,7 @@ impl<'e> Txn<'e> {
     /// transaction committing the same key first makes this one's commit fail with
     /// [`StoreError::Conflict`] (see the module comment).
     pub fn insert_new(&mut self, tree: Tree, key: &[u8], value: Vec<u8>) -> Result<bool> {
+        check_key(tree, key)?;
         let write = match self.written(tree, key) {
             Some(Write::Put(_) | Write::Insert(_)) => return Ok(false),
             // Removed by this transaction: a plain write if the engine has it, else still a
@@ -292,6 +295,7 @@ impl<'e> Txn<'e> {
     /// instance counting at the same time (the value returned may then be one behind theirs).
     pub fn add(&mut self, tree: Tree, key: &[u8], delta: i64) -> Result<i64> {
         debug_assert!(tree.counts, "{}: add on a record tree", tree.name);
+        check_key(tree, key)?;
         let (write, value) = match self.written(tree, key) {
             Some(Write::SetCount(n)) => {
                 let n = n.saturating_add(delta).max(0);
@@ -512,6 +516,22 @@ impl<'e> Txn<'e> {
     }
 }
 
+/// The longest key a record or count may have. PostgreSQL's index of the keys takes at most
+/// about 2.7 KB per entry; the store's keys are far shorter (addresses of bounded length,
+/// hashes of what is not bounded), so a longer one is a bug, refused before it reaches the
+/// engine (where it would fail the whole commit).
+pub const MAX_KEY_BYTES: usize = 2048;
+
+fn check_key(tree: Tree, key: &[u8]) -> Result<()> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(StoreError::KeyTooLong {
+            tree: tree.name,
+            bytes: key.len(),
+        });
+    }
+    Ok(())
+}
+
 /// `range` as bounds over byte keys.
 fn bounds(range: &KeyRange) -> (Bound<&[u8]>, Bound<&[u8]>) {
     (
@@ -609,9 +629,9 @@ mod tests {
     #[test]
     fn a_transaction_reads_its_own_writes_over_what_is_committed() {
         let (mut t, _) = txn(&[("a", "1"), ("b", "2"), ("c", "3")]);
-        t.put(T, b"b", b"20".to_vec());
+        t.put(T, b"b", b"20".to_vec()).unwrap();
         t.remove(T, b"c");
-        t.put(T, b"d", b"4".to_vec());
+        t.put(T, b"d", b"4".to_vec()).unwrap();
         assert_eq!(t.get(T, b"b").unwrap(), Some(b"20".to_vec()));
         assert_eq!(t.get(T, b"c").unwrap(), None);
         let all = t.scan(T, &KeyRange::all(), usize::MAX).unwrap();
@@ -628,7 +648,7 @@ mod tests {
             keys(&t.scan(T, &KeyRange::all(), 2).unwrap()),
             vec!["c", "d"]
         );
-        t.put(T, b"z", Vec::new());
+        t.put(T, b"z", Vec::new()).unwrap();
         // "z" lies past what the engine returned for a limit of 2 (+3 hidden): still in order.
         assert_eq!(
             keys(&t.scan(T, &KeyRange::all(), 10).unwrap()),
@@ -643,11 +663,11 @@ mod tests {
     #[test]
     fn rolling_back_to_the_savepoint_undoes_only_what_came_after_it() {
         let (mut t, applied) = txn(&[("a", "1")]);
-        t.put(T, b"kept", b"k".to_vec());
+        t.put(T, b"kept", b"k".to_vec()).unwrap();
         t.savepoint();
-        t.put(T, b"kept", b"changed".to_vec());
+        t.put(T, b"kept", b"changed".to_vec()).unwrap();
         t.remove(T, b"a");
-        t.put(T, b"new", b"n".to_vec());
+        t.put(T, b"new", b"n".to_vec()).unwrap();
         assert_eq!(t.add(C, b"n", 3).unwrap(), 3);
         t.rollback_to_savepoint();
         assert_eq!(t.get(T, b"kept").unwrap(), Some(b"k".to_vec()));
@@ -691,6 +711,21 @@ mod tests {
             *applied.borrow(),
             vec![(T, b"fresh".to_vec(), Write::Insert(b"1".to_vec()))]
         );
+    }
+
+    #[test]
+    fn a_key_too_long_for_an_engine_is_refused_before_it_reaches_one() {
+        let (mut t, applied) = txn(&[]);
+        let long = vec![b'x'; MAX_KEY_BYTES + 1];
+        assert!(matches!(
+            t.put(T, &long, Vec::new()),
+            Err(StoreError::KeyTooLong { .. })
+        ));
+        assert!(t.insert_new(T, &long, Vec::new()).is_err());
+        assert!(t.add(C, &long, 1).is_err());
+        t.put(T, &long[..MAX_KEY_BYTES], Vec::new()).unwrap();
+        t.commit(true).unwrap();
+        assert_eq!(applied.borrow().len(), 1);
     }
 
     #[test]

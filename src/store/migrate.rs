@@ -31,7 +31,7 @@ pub(super) fn from_first_layout(store: &Store) -> Result<()> {
         for (k, v) in tx.txn.scan(OLD_OUTBOX, &KeyRange::all(), usize::MAX)? {
             let mut new = prefix(&instance);
             new.extend_from_slice(&k);
-            tx.txn.put(OUTBOX, &new, v);
+            tx.txn.put(OUTBOX, &new, v)?;
             tx.txn.remove(OLD_OUTBOX, &k);
         }
         // Counters: one count per window; the time index points at the new keys.
@@ -48,7 +48,7 @@ pub(super) fn from_first_layout(store: &Store) -> Result<()> {
             tx.txn.add(ABUSE_COUNTS, &new, i64::from(old.count))?;
             let window_end = (old.window + 1).saturating_mul(old.period.max(1));
             tx.txn
-                .put(COUNTERS_DUE, &due_entry(window_end, &new), Vec::new());
+                .put(COUNTERS_DUE, &due_entry(window_end, &new), Vec::new())?;
         }
         for (old, new) in [
             (OLD_SMS_COUNTS, SMS_PER_DAY),
@@ -69,7 +69,7 @@ pub(super) fn from_first_layout(store: &Store) -> Result<()> {
         }
         build_missing_indexes(tx)?;
         tx.txn
-            .put(META, DATA_VERSION_KEY, DATA_VERSION.to_be_bytes().to_vec());
+            .put(META, DATA_VERSION_KEY, DATA_VERSION.to_be_bytes().to_vec())?;
         Ok(())
     })
 }
@@ -94,14 +94,14 @@ fn build_missing_indexes(tx: &mut Tx<'_>) -> Result<()> {
                 .unwrap_or([0; 8])
                 .to_vec();
             by_time.extend_from_slice(&id);
-            tx.txn.put(SEEN_BY_TIME, &by_time, Vec::new());
+            tx.txn.put(SEEN_BY_TIME, &by_time, Vec::new())?;
         }
     }
     if is_empty(tx, PENDING_DUE)? {
         for (k, v) in tx.txn.scan(PENDING_HEADS, &KeyRange::all(), usize::MAX)? {
             let head: PendingHead = decode(PENDING_HEADS, &v)?;
             tx.txn
-                .put(PENDING_DUE, &due_entry(head.due_at, &k), Vec::new());
+                .put(PENDING_DUE, &due_entry(head.due_at, &k), Vec::new())?;
         }
     }
     for queue in [EMAIL_QUEUE, SMS_QUEUE] {
@@ -114,7 +114,7 @@ fn build_missing_indexes(tx: &mut Tx<'_>) -> Result<()> {
             }
             if let Ok(due) = serde_json::from_slice::<Due>(&v) {
                 tx.txn
-                    .put(queue.due, &due_entry(due.next_attempt_at, &k), Vec::new());
+                    .put(queue.due, &due_entry(due.next_attempt_at, &k), Vec::new())?;
             }
         }
     }
@@ -126,7 +126,8 @@ fn build_missing_indexes(tx: &mut Tx<'_>) -> Result<()> {
             if let Ok((due_at, ..)) =
                 serde_json::from_slice::<(u64, String, TerminalKind, String)>(&v)
             {
-                tx.txn.put(RECHECKS_DUE, &due_entry(due_at, &k), Vec::new());
+                tx.txn
+                    .put(RECHECKS_DUE, &due_entry(due_at, &k), Vec::new())?;
             }
         }
     }
@@ -139,7 +140,7 @@ fn build_missing_indexes(tx: &mut Tx<'_>) -> Result<()> {
             VERIFICATIONS_BY_ADDRESS,
             &verification_index_key(v.kind, &v.address, &owner_of(&k)),
             Vec::new(),
-        );
+        )?;
     }
     Ok(())
 }
@@ -188,7 +189,7 @@ pub fn copy(from: &Store, to: &Store, mut progress: impl FnMut(&str, u64)) -> Re
                         let value = <[u8; 8]>::try_from(v.as_slice()).map_or(0, i64::from_be_bytes);
                         tx.txn.add(*tree, k, value)?;
                     } else {
-                        tx.txn.put(*tree, k, v.clone());
+                        tx.txn.put(*tree, k, v.clone())?;
                     }
                 }
                 Ok(())

@@ -44,6 +44,9 @@ pub const DATA_VERSION: u32 = 2;
 /// its death being seen): then another instance sends it.
 pub const CLAIM_SECS: u64 = 300;
 
+/// Ids of what was taken (a Message-ID, an SMS id) longer than this are kept as their hash.
+const MAX_SEEN_ID_BYTES: usize = 512;
+
 /// Channels of the notices instances send each other at commit.
 pub const EMAIL_NOTICE: &str = "reach_email";
 pub const SMS_NOTICE: &str = "reach_sms";
@@ -517,7 +520,7 @@ impl Store {
                     continue;
                 }
                 job.claim(&instance, now.saturating_add(CLAIM_SECS));
-                tx.put_job(queue, seq, &job);
+                tx.put_job(queue, seq, &job)?;
                 claimed.push((seq, job));
             }
             Ok(claimed)
@@ -559,7 +562,7 @@ impl Store {
                 );
                 match outcome {
                     None => tx.txn.remove(queue.jobs, &seq.to_be_bytes()),
-                    Some(job) => tx.put_job(queue, *seq, job),
+                    Some(job) => tx.put_job(queue, *seq, job)?,
                 }
             }
             Ok(())
@@ -605,7 +608,7 @@ impl Store {
                 tx.txn.remove(queue.due, &entry);
                 let attempts = job.attempts;
                 job.reschedule(attempts, now);
-                tx.put_job(queue, seq, &job);
+                tx.put_job(queue, seq, &job)?;
                 released += 1;
             }
         }
@@ -689,7 +692,7 @@ impl Store {
                     started_at: now,
                     link_up: false,
                 }),
-            );
+            )?;
             // Started again: nothing of this instance is in flight any more.
             Store::release_claims(tx, &name, now)?;
             Ok(())
@@ -705,7 +708,7 @@ impl Store {
                 None => InstanceRecord::default(),
             };
             record.link_up = up;
-            tx.txn.put(INSTANCES, name.as_bytes(), encode(&record));
+            tx.txn.put(INSTANCES, name.as_bytes(), encode(&record))?;
             Ok(())
         })
     }
@@ -790,7 +793,7 @@ impl Store {
                     let seq = tx.txn.next_id()?;
                     let mut to = prefix(&me);
                     to.extend_from_slice(&seq.to_be_bytes());
-                    tx.txn.put(OUTBOX, &to, v);
+                    tx.txn.put(OUTBOX, &to, v)?;
                     tx.txn.remove(OUTBOX, &k);
                     moved += 1;
                 }
@@ -861,7 +864,8 @@ impl Store {
             };
             let mut letter: DeadLetter = decode(DEAD_LETTERS, &v)?;
             letter.redrive = true;
-            tx.txn.put(DEAD_LETTERS, &id.to_be_bytes(), encode(&letter));
+            tx.txn
+                .put(DEAD_LETTERS, &id.to_be_bytes(), encode(&letter))?;
             Ok(true)
         })
     }
@@ -1038,19 +1042,19 @@ impl<'s> Tx<'s> {
     }
 
     /// Writes a job and its index entry (the caller removed any previous entry).
-    fn put_job<J: Serialize + QueuedJob>(&mut self, queue: Queue, seq: u64, job: &J) {
+    fn put_job<J: Serialize + QueuedJob>(&mut self, queue: Queue, seq: u64, job: &J) -> Result<()> {
         let record = seq.to_be_bytes();
         self.txn.put(
             queue.due,
             &due_entry(job.next_attempt_at(), &record),
             Vec::new(),
-        );
-        self.txn.put(queue.jobs, &record, encode(job));
+        )?;
+        self.txn.put(queue.jobs, &record, encode(job))
     }
 
     fn enqueue<J: Serialize + QueuedJob>(&mut self, queue: Queue, job: &J) -> Result<u64> {
         let seq = self.txn.next_id()?;
-        self.put_job(queue, seq, job);
+        self.put_job(queue, seq, job)?;
         self.txn.notify(queue.notice);
         Ok(seq)
     }
@@ -1118,7 +1122,12 @@ impl<'s> Tx<'s> {
         self.get_record(PENDING_HEADS, conversation)
     }
 
-    fn put_head(&mut self, conversation: &[u8], previous: Option<u64>, head: &PendingHead) {
+    fn put_head(
+        &mut self,
+        conversation: &[u8],
+        previous: Option<u64>,
+        head: &PendingHead,
+    ) -> Result<()> {
         if let Some(at) = previous.filter(|at| *at != head.due_at) {
             self.txn.remove(PENDING_DUE, &due_entry(at, conversation));
         }
@@ -1126,8 +1135,8 @@ impl<'s> Tx<'s> {
             PENDING_DUE,
             &due_entry(head.due_at, conversation),
             Vec::new(),
-        );
-        self.txn.put(PENDING_HEADS, conversation, encode(head));
+        )?;
+        self.txn.put(PENDING_HEADS, conversation, encode(head))
     }
 
     /// The conversation's pending forward with every item, each with its batch's due time.
@@ -1163,14 +1172,25 @@ impl<'s> Tx<'s> {
     }
 
     /// Records an id of something taken with the time it was first seen; false if it was seen
-    /// before (the time then stays the first one).
+    /// before (the time then stays the first one). Ids come from outside (a Message-ID, a
+    /// provider's id) and may be of any length: a long one is kept as its SHA-256.
     fn first_sight(&mut self, id: &[u8], now: u64) -> Result<bool> {
+        let hashed;
+        let id = if id.len() > MAX_SEEN_ID_BYTES {
+            use sha2::Digest;
+            let mut k = b"sha256\0".to_vec();
+            k.extend_from_slice(&sha2::Sha256::digest(id));
+            hashed = k;
+            hashed.as_slice()
+        } else {
+            id
+        };
         if !self.txn.insert_new(SEEN, id, now.to_be_bytes().to_vec())? {
             return Ok(false);
         }
         let mut by_time = now.to_be_bytes().to_vec();
         by_time.extend_from_slice(id);
-        self.txn.put(SEEN_BY_TIME, &by_time, Vec::new());
+        self.txn.put(SEEN_BY_TIME, &by_time, Vec::new())?;
         Ok(true)
     }
 
@@ -1253,13 +1273,13 @@ impl<'s> Tx<'s> {
     /// Sets a queued email's record as given (tests: to make it due, or park it).
     pub fn update_email_job(&mut self, seq: u64, job: &EmailJob) -> Result<()> {
         self.remove_job::<EmailJob>(EMAIL_QUEUE, seq)?;
-        self.put_job(EMAIL_QUEUE, seq, job);
+        self.put_job(EMAIL_QUEUE, seq, job)?;
         Ok(())
     }
 
     pub fn update_sms_job(&mut self, seq: u64, job: &SmsJob) -> Result<()> {
         self.remove_job::<SmsJob>(SMS_QUEUE, seq)?;
-        self.put_job(SMS_QUEUE, seq, job);
+        self.put_job(SMS_QUEUE, seq, job)?;
         Ok(())
     }
 }
@@ -1330,9 +1350,9 @@ impl Transaction for Tx<'_> {
         }
         if let Some(phone) = verified_phone(user) {
             self.txn
-                .put(PHONES, phone.as_bytes(), user.jid.as_bytes().to_vec());
+                .put(PHONES, phone.as_bytes(), user.jid.as_bytes().to_vec())?;
         }
-        self.txn.put(USERS, user.jid.as_bytes(), encode(user));
+        self.txn.put(USERS, user.jid.as_bytes(), encode(user))?;
         Ok(())
     }
 
@@ -1455,7 +1475,7 @@ impl Transaction for Tx<'_> {
         match at {
             Some(jid) => self
                 .txn
-                .put(META, PRESENCE_WALK_KEY, jid.as_bytes().to_vec()),
+                .put(META, PRESENCE_WALK_KEY, jid.as_bytes().to_vec())?,
             None => self.txn.remove(META, PRESENCE_WALK_KEY),
         }
         Ok(())
@@ -1469,7 +1489,7 @@ impl Transaction for Tx<'_> {
 
     fn put_buddy(&mut self, handle: &Handle, buddy: &str, record: &Buddy) -> Result<()> {
         self.txn
-            .put(BUDDIES, &key(handle.as_str(), buddy), encode(record));
+            .put(BUDDIES, &key(handle.as_str(), buddy), encode(record))?;
         Ok(())
     }
 
@@ -1488,7 +1508,7 @@ impl Transaction for Tx<'_> {
 
     fn put_published_presence(&mut self, jid: &str, presence: &GlobalPresence) -> Result<()> {
         self.locked_user(jid)?;
-        self.txn.put(PUBLISHED, jid.as_bytes(), encode(presence));
+        self.txn.put(PUBLISHED, jid.as_bytes(), encode(presence))?;
         Ok(())
     }
 
@@ -1510,7 +1530,7 @@ impl Transaction for Tx<'_> {
             SUBSCRIPTION_REQUESTS,
             &key(handle.as_str(), buddy),
             encode(request),
-        );
+        )?;
         Ok(())
     }
 
@@ -1557,7 +1577,7 @@ impl Transaction for Tx<'_> {
             BUDDY_ALERTS,
             &alert_key(&alert.user, alert.terminal, &alert.buddy),
             encode(alert),
-        );
+        )?;
         Ok(())
     }
 
@@ -1569,12 +1589,12 @@ impl Transaction for Tx<'_> {
             self.txn.remove(RECHECKS_DUE, &due_entry(previous, &k));
         }
         self.txn
-            .put(RECHECKS_DUE, &due_entry(due_at, &k), Vec::new());
+            .put(RECHECKS_DUE, &due_entry(due_at, &k), Vec::new())?;
         self.txn.put(
             BUDDY_ALERT_RECHECKS,
             &k,
             encode(&(due_at, &alert.user, alert.terminal, &alert.buddy)),
-        );
+        )?;
         Ok(())
     }
 
@@ -1614,7 +1634,7 @@ impl Transaction for Tx<'_> {
     ) -> Result<()> {
         self.locked_user(jid)?;
         self.txn
-            .put(RESOURCES, &key(jid, resource), encode(presence));
+            .put(RESOURCES, &key(jid, resource), encode(presence))?;
         Ok(())
     }
 
@@ -1653,7 +1673,7 @@ impl Transaction for Tx<'_> {
     fn put_session(&mut self, jid: &str, session: &Session) -> Result<()> {
         self.locked_user(jid)?;
         self.txn
-            .put(SESSIONS, &key(jid, &session.peer), encode(session));
+            .put(SESSIONS, &key(jid, &session.peer), encode(session))?;
         Ok(())
     }
 
@@ -1675,7 +1695,7 @@ impl Transaction for Tx<'_> {
         let seq = self.txn.next_id()?;
         let mut k = prefix(jid);
         k.extend_from_slice(&seq.to_be_bytes());
-        self.txn.put(HELD, &k, encode(message));
+        self.txn.put(HELD, &k, encode(message))?;
         self.add_held_count(jid.as_bytes(), 1)?;
         self.add_held_count(&key(jid, &message.peer), 1)?;
         Ok(())
@@ -1716,7 +1736,7 @@ impl Transaction for Tx<'_> {
 
     fn mark_held_release(&mut self, jid: &str) -> Result<()> {
         self.locked_user(jid)?;
-        self.txn.put(HELD_RELEASES, jid.as_bytes(), Vec::new());
+        self.txn.put(HELD_RELEASES, jid.as_bytes(), Vec::new())?;
         Ok(())
     }
 
@@ -1753,10 +1773,10 @@ impl Transaction for Tx<'_> {
     // ---- reply aliases (keyed by the SHA-256 of their token) ----
 
     fn put_alias(&mut self, token_hash: &[u8], alias: &Alias) -> Result<()> {
-        self.txn.put(ALIASES, token_hash, encode(alias));
+        self.txn.put(ALIASES, token_hash, encode(alias))?;
         let mut index = prefix(alias.purpose.user());
         index.extend_from_slice(token_hash);
-        self.txn.put(USER_ALIASES, &index, Vec::new());
+        self.txn.put(USER_ALIASES, &index, Vec::new())?;
         Ok(())
     }
 
@@ -1787,12 +1807,12 @@ impl Transaction for Tx<'_> {
                 );
             }
         }
-        self.txn.put(VERIFICATIONS, &k, encode(v));
+        self.txn.put(VERIFICATIONS, &k, encode(v))?;
         self.txn.put(
             VERIFICATIONS_BY_ADDRESS,
             &verification_index_key(v.kind, &v.address, jid),
             Vec::new(),
-        );
+        )?;
         Ok(())
     }
 
@@ -1875,10 +1895,9 @@ impl Transaction for Tx<'_> {
             PENDING_ITEMS,
             &Tx::item_key(&conversation, seq),
             encode(item),
-        );
+        )?;
         self.txn.add(PENDING_COUNTS, jid.as_bytes(), 1)?;
-        self.put_head(&conversation, previous, &head);
-        Ok(())
+        self.put_head(&conversation, previous, &head)
     }
 
     fn put_pending(&mut self, jid: &str, pending: &Pending) -> Result<()> {
@@ -1905,7 +1924,7 @@ impl Transaction for Tx<'_> {
                 PENDING_ITEMS,
                 &Tx::item_key(&conversation, seq),
                 encode(item),
-            );
+            )?;
         }
         head.due_at = head
             .batches
@@ -1915,8 +1934,7 @@ impl Transaction for Tx<'_> {
             .unwrap_or(pending.due_at);
         self.txn
             .add(PENDING_COUNTS, jid.as_bytes(), i64::from(head.count))?;
-        self.put_head(&conversation, None, &head);
-        Ok(())
+        self.put_head(&conversation, None, &head)
     }
 
     fn remove_pending(&mut self, jid: &str, peer: &str) -> Result<()> {
@@ -1992,7 +2010,7 @@ impl Transaction for Tx<'_> {
     }
 
     fn put_sent_sms(&mut self, reference: &str, sent: &SentSms) -> Result<()> {
-        self.txn.put(SMS_SENT, reference.as_bytes(), encode(sent));
+        self.txn.put(SMS_SENT, reference.as_bytes(), encode(sent))?;
         Ok(())
     }
 
@@ -2047,7 +2065,7 @@ impl Transaction for Tx<'_> {
         if count == 1 {
             let window_end = (now / period.max(1) + 1).saturating_mul(period.max(1));
             self.txn
-                .put(COUNTERS_DUE, &due_entry(window_end, &k), Vec::new());
+                .put(COUNTERS_DUE, &due_entry(window_end, &k), Vec::new())?;
         }
         Ok(count as u32)
     }
@@ -2148,7 +2166,7 @@ impl Transaction for Tx<'_> {
         let seq = self.txn.next_id()?;
         let mut k = prefix(&self.store.inner.instance);
         k.extend_from_slice(&seq.to_be_bytes());
-        self.txn.put(OUTBOX, &k, xml.into_bytes());
+        self.txn.put(OUTBOX, &k, xml.into_bytes())?;
         self.stanzas = true;
         Ok(())
     }
@@ -2161,9 +2179,9 @@ impl Transaction for Tx<'_> {
             DEAD_BY_FINGERPRINT,
             &letter.fingerprint,
             id.to_be_bytes().to_vec(),
-        );
+        )?;
         self.txn
-            .put(DEAD_LETTERS, &id.to_be_bytes(), encode(letter));
+            .put(DEAD_LETTERS, &id.to_be_bytes(), encode(letter))?;
         Ok(id)
     }
 
@@ -2193,7 +2211,7 @@ fn migrate_data(store: &Store, legacy_schema: Option<Vec<u8>>) -> Result<()> {
         (None, None) => {
             return store.write(|tx| {
                 tx.txn
-                    .put(META, DATA_VERSION_KEY, DATA_VERSION.to_be_bytes().to_vec());
+                    .put(META, DATA_VERSION_KEY, DATA_VERSION.to_be_bytes().to_vec())?;
                 Ok(())
             });
         }

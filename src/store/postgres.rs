@@ -1485,9 +1485,9 @@ mod tests {
         ];
         let mut t = txn(e);
         for k in stored {
-            t.put(T, k, k.to_vec());
+            t.put(T, k, k.to_vec()).unwrap();
         }
-        t.put(OTHER, b"a", b"other tree".to_vec());
+        t.put(OTHER, b"a", b"other tree".to_vec()).unwrap();
         t.commit(true).unwrap();
 
         let mut t = txn(e);
@@ -1539,7 +1539,7 @@ mod tests {
         let mut t = txn(e);
         t.remove(T, b"a");
         assert_eq!(t.remove_prefix(T, b"a\xff").unwrap(), 3);
-        t.put(T, b"b", b"changed".to_vec());
+        t.put(T, b"b", b"changed".to_vec()).unwrap();
         t.remove(T, b"never stored");
         t.commit(true).unwrap();
         let mut t = txn(e);
@@ -1636,7 +1636,8 @@ mod tests {
             });
             let mut t = txn(e);
             for i in 0..N {
-                t.put(T, format!("k{i:05}").as_bytes(), vec![b'v'; 100]);
+                t.put(T, format!("k{i:05}").as_bytes(), vec![b'v'; 100])
+                    .unwrap();
                 t.add(C, format!("n{}", i % 10).as_bytes(), 1).unwrap();
             }
             let began = Instant::now();
@@ -1666,7 +1667,8 @@ mod tests {
         let e = &db.engine;
         let mut t = txn(e);
         for i in 0..100 {
-            t.put(T, format!("p{i}").as_bytes(), b"lost".to_vec());
+            t.put(T, format!("p{i}").as_bytes(), b"lost".to_vec())
+                .unwrap();
         }
         t.add(C, b"n", 1).unwrap();
         t.notify("reach_email");
@@ -1691,7 +1693,7 @@ mod tests {
         // The engine goes on (the failed transaction's connection was rolled back).
         for i in 0..(POOL_SIZE as u8 + 2) {
             let mut t = txn(e);
-            t.put(T, &[b'z', i], Vec::new());
+            t.put(T, &[b'z', i], Vec::new()).unwrap();
             t.commit(true).unwrap();
         }
         assert_eq!(e.len(T).unwrap(), 1 + POOL_SIZE as u64 + 2);
@@ -1702,7 +1704,7 @@ mod tests {
         let db = Db::new();
         let e = &db.engine;
         let mut t = txn(e);
-        t.put(T, b"k", b"v".to_vec());
+        t.put(T, b"k", b"v".to_vec()).unwrap();
         t.add(C, b"n", 1).unwrap();
         t.lock("alice").unwrap();
         assert!(t.try_lock("job").unwrap());
@@ -1794,9 +1796,9 @@ mod tests {
         let e = &db.engine;
         let mut t = txn(e);
         for i in 0..10u8 {
-            t.put(Q, &[b'q', i], vec![i]);
+            t.put(Q, &[b'q', i], vec![i]).unwrap();
         }
-        t.put(Q, b"r", Vec::new());
+        t.put(Q, b"r", Vec::new()).unwrap();
         t.commit(true).unwrap();
         let due = KeyRange::prefix(b"q");
 
@@ -1854,7 +1856,7 @@ mod tests {
         let e = &db.engine;
         let mut first = txn(e);
         first.lock("alice").unwrap();
-        first.put(T, b"by", b"first".to_vec());
+        first.put(T, b"by", b"first".to_vec()).unwrap();
         let (tx, rx) = mpsc::channel();
         thread::scope(|s| {
             s.spawn(move || {
@@ -1984,14 +1986,14 @@ mod tests {
         let heard = listener(&db.engine);
 
         let mut t = txn(&sender);
-        t.put(T, b"k", Vec::new());
+        t.put(T, b"k", Vec::new()).unwrap();
         t.notify("reach_email");
         drop(t);
         let mut t = txn(&sender);
         t.notify("reach_email");
         assert!(t.insert_new(T, b"taken", Vec::new()).unwrap());
         let mut first = txn(&sender);
-        first.put(T, b"taken", Vec::new());
+        first.put(T, b"taken", Vec::new()).unwrap();
         first.commit(true).unwrap();
         assert!(matches!(t.commit(true), Err(StoreError::Conflict)));
         assert!(
@@ -2247,7 +2249,7 @@ mod tests {
             assert!(engine.location().contains(socket), "{}", engine.location());
             assert!(!engine.location().contains("s3cret"));
             let mut t = txn(&engine);
-            t.put(T, url.as_bytes(), Vec::new());
+            t.put(T, url.as_bytes(), Vec::new()).unwrap();
             t.commit(true).unwrap();
         }
         assert_eq!(db.engine.len(T).unwrap(), 3);
@@ -2279,7 +2281,7 @@ mod tests {
         assert!(engine.hold_instance("async").unwrap());
         let _heard = listener(&engine);
         let mut t = txn(&engine);
-        t.put(T, b"k", Vec::new());
+        t.put(T, b"k", Vec::new()).unwrap();
         t.commit(true).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -2297,7 +2299,7 @@ mod tests {
         assert!(engine.hold_instance("crashy").unwrap());
         let heard = listener(&engine);
         let mut t = txn(&engine);
-        t.put(T, b"kept", b"durable".to_vec());
+        t.put(T, b"kept", b"durable".to_vec()).unwrap();
         t.add(C, b"n", 3).unwrap();
         t.commit(true).unwrap();
         assert!(watcher.instance_alive("crashy").unwrap());
@@ -2340,7 +2342,7 @@ mod tests {
         let db = Db::new();
         let e = &db.engine;
         let mut t = txn(e);
-        t.put(T, b"k", vec![0; 100]);
+        t.put(T, b"k", vec![0; 100]).unwrap();
         t.commit(true).unwrap();
         const N: u32 = 1_000;
         let mut t = txn(e);
@@ -2361,7 +2363,7 @@ mod tests {
             let began = Instant::now();
             for i in 0..N / 10 {
                 let mut t = txn(e);
-                t.put(T, &i.to_be_bytes(), Vec::new());
+                t.put(T, &i.to_be_bytes(), Vec::new()).unwrap();
                 t.commit(durable).unwrap();
             }
             began.elapsed() / (N / 10)

@@ -196,7 +196,7 @@ fn a_store_of_a_newer_version_is_refused() {
                     META,
                     DATA_VERSION_KEY,
                     (DATA_VERSION + 1).to_be_bytes().to_vec(),
-                );
+                )?;
                 Ok(())
             })
             .unwrap();
