@@ -233,7 +233,9 @@ pub async fn run<C: Courier + 'static>(
         let next = tokio::task::spawn_blocking(move || reader.next_attempt(C::QUEUE)).await;
         let wait = match next {
             Ok(Ok(Some(at))) => Duration::from_secs(at.saturating_sub(now()).clamp(1, 60)),
-            _ => Duration::from_secs(60),
+            Ok(Ok(None)) => Duration::from_secs(60),
+            // The store is out of reach: look again soon.
+            _ => Duration::from_secs(2),
         };
         tokio::select! {
             _ = notified => {}

@@ -374,6 +374,10 @@ fn count_routed(domain: &str, action: &Action) {
 /// How many times a batch is run again when another instance changed the same data at the
 /// same time (each time it meets the other's data, so it rarely takes a second).
 const CONFLICT_RETRIES: u32 = 5;
+/// How long a batch waits for a store that cannot be reached (a database restarting or
+/// failing over) before its inputs are answered with a temporary failure. Meanwhile new inputs
+/// wait in the runtime's queue.
+const OUTAGE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Handles a batch of inputs in as few transactions as possible (one, unless another instance
 /// holds a user this batch needs: then the batch so far is committed and the rest goes on in a
@@ -388,9 +392,11 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     // tick is added at its end (what that tick makes due waits for the clock).
     let mut tick_added = false;
     let mut conflicts = 0;
+    let mut outage = Outage::default();
     while !queue.is_empty() {
         let mut tx = match store.begin() {
             Ok(tx) => tx,
+            Err(crate::store::StoreError::Unavailable(why)) if outage.wait(&why) => continue,
             Err(e) => {
                 tracing::error!("cannot begin a transaction; the batch is not acknowledged: {e}");
                 answer(queue.into_iter().map(|i| (i, Said::Temporary)), false);
@@ -398,7 +404,7 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
             }
         };
         let mut handled: Vec<(Input, Said)> = Vec::new();
-        let mut start_over = false;
+        let mut start_over = None;
         while let Some(input) = queue.pop_front() {
             tx.savepoint();
             let said = match guarded(core, &mut tx, now, &input.event) {
@@ -421,7 +427,14 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
                 }
                 Handled::Conflict => {
                     queue.push_front(input);
-                    start_over = true;
+                    start_over = Some(crate::store::StoreError::Conflict);
+                    break;
+                }
+                Handled::Unavailable => {
+                    queue.push_front(input);
+                    start_over = Some(crate::store::StoreError::Unavailable(
+                        "while handling an event".to_owned(),
+                    ));
                     break;
                 }
                 Handled::Busy | Handled::Failed => {
@@ -435,14 +448,28 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
             };
             handled.push((input, said));
         }
-        let committed = if start_over {
-            drop(tx);
-            Err(crate::store::StoreError::Conflict)
-        } else {
-            tx.commit()
+        let committed = match start_over {
+            Some(e) => {
+                drop(tx);
+                Err(e)
+            }
+            None => tx.commit(),
+        };
+        let unavailable = match &committed {
+            Err(crate::store::StoreError::Unavailable(why)) => Some(why.clone()),
+            _ => None,
         };
         match committed {
-            Ok(()) => answer(handled.into_iter(), true),
+            Ok(()) => {
+                outage.over();
+                answer(handled.into_iter(), true)
+            }
+            Err(_) if unavailable.as_deref().is_some_and(|why| outage.wait(why)) => {
+                // Nothing of it was acknowledged: all of it again once the store is back.
+                for (input, _) in handled.into_iter().rev() {
+                    queue.push_front(input);
+                }
+            }
             Err(e) if e.is_retryable() && conflicts < CONFLICT_RETRIES => {
                 // Another instance committed the same data first: run these again (they see
                 // it now). Nothing of them was acknowledged.
@@ -462,6 +489,43 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
                 answer(handled.into_iter(), false);
             }
         }
+    }
+}
+
+/// A store that cannot be reached, waited for with backoff up to [`OUTAGE_PATIENCE`].
+#[derive(Default)]
+struct Outage {
+    since: Option<std::time::Instant>,
+    pause: Duration,
+}
+
+impl Outage {
+    /// Waits a moment if the outage has not lasted too long; false once it has.
+    fn wait(&mut self, why: &str) -> bool {
+        let since = *self.since.get_or_insert_with(|| {
+            tracing::warn!("the store cannot be reached; the batch waits for it: {why}");
+            std::time::Instant::now()
+        });
+        if since.elapsed() >= OUTAGE_PATIENCE {
+            tracing::error!(
+                waited_secs = OUTAGE_PATIENCE.as_secs(),
+                "the store is still unreachable; the batch is answered with a temporary failure"
+            );
+            return false;
+        }
+        self.pause = (self.pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        std::thread::sleep(self.pause);
+        true
+    }
+
+    fn over(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                "the store is back; the batch went through"
+            );
+        }
+        self.pause = Duration::ZERO;
     }
 }
 
@@ -500,6 +564,8 @@ enum Handled {
     Busy,
     /// Another instance changed the same data: the whole transaction runs again.
     Conflict,
+    /// The store cannot be reached: the whole transaction runs again once it is back.
+    Unavailable,
     /// A bug (a panic, or a stanza that cannot be written): it is set aside, never retried.
     Bug(String),
 }
@@ -526,6 +592,7 @@ fn guarded(core: &Core, tx: &mut Tx<'_>, now: u64, event: &Event) -> Handled {
     let failed = |e: StoreError| match e {
         StoreError::Busy => Handled::Busy,
         StoreError::Conflict => Handled::Conflict,
+        StoreError::Unavailable(_) => Handled::Unavailable,
         e => {
             tracing::error!("store failure while handling an event: {e}");
             Handled::Failed

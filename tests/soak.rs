@@ -11,6 +11,9 @@
 //!   the random 100–800 ms gaps take longer anyway).
 //! - `REACH_SOAK_SEED`: the random seed (printed in the report), to replay a run.
 //! - `REACH_SOAK_REPORT`: a file to write the report to (it is always printed too).
+//! - `REACH_SOAK_STORE`: `sled` or `postgres` runs only the soak on that store (default: both
+//!   tests run, `acknowledged_items_survive_kills_and_restarts` on the embedded store and
+//!   `..._on_postgres` on a private PostgreSQL server, which is restarted a few times too).
 //! - `REACH_SOAK_REPLIES`: by default (`any`) Alice answers by email and SMS at any time, also
 //!   while the buddy's latest messages still wait for their forward (the case that once lost
 //!   messages, see RELIABILITY.md); `xmpp` lets her answer only while she is on XMPP (and stay
@@ -46,7 +49,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::kannel::{Handset, Kannel};
 use support::mail::MailSink;
-use support::{attr, body, Client, Element, Reach, Server, ServerKind};
+use support::postgres::PgCluster;
+use support::{attr, body, Client, Element, Reach, Server, ServerKind, StoreAt};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -272,8 +276,16 @@ async fn deliver_reply(
     }
 }
 
+/// Where the soak's Reach keeps its store.
+enum SoakStore {
+    Sled,
+    /// A private PostgreSQL server (restarted during the soak, so not the shared one).
+    Postgres(PgCluster),
+}
+
 struct World {
     server: Server,
+    store: SoakStore,
     kannel: Kannel,
     phone: Handset,
     sink: MailSink,
@@ -334,7 +346,7 @@ async fn login(server: &Server, user: &str) -> Client {
 }
 
 impl World {
-    async fn new(seed: u64) -> World {
+    async fn new(seed: u64, store: SoakStore) -> World {
         let server = Server::start(ServerKind::Prosody).await;
         for user in ["alice", "bob"] {
             server.register(user, &format!("{user}pw")).await;
@@ -367,7 +379,14 @@ impl World {
             kannel.username(),
             kannel.password()
         );
-        let mut config = Reach::config(&server, state.path());
+        let store_at = match &store {
+            SoakStore::Sled => StoreAt::Sled,
+            SoakStore::Postgres(cluster) => StoreAt::Postgres {
+                url: cluster.create_database(),
+                instance: "soak".to_owned(),
+            },
+        };
+        let mut config = Reach::config_at(&server, state.path(), &store_at);
         config.push('\n');
         config.push_str(&extra);
         let reach = Reach::start_config(state.path(), &config).await;
@@ -381,6 +400,7 @@ impl World {
         };
         World {
             server,
+            store,
             kannel,
             phone,
             sink,
@@ -702,6 +722,14 @@ impl World {
         self.phone.reconnect(&self.kannel).await;
     }
 
+    /// Restarts PostgreSQL (a fast shutdown, then a start): Reach's batches wait for it.
+    async fn restart_postgres(&mut self) {
+        if let SoakStore::Postgres(cluster) = &self.store {
+            self.ledger.trace("restart postgres");
+            tokio::task::block_in_place(|| cluster.restart());
+        }
+    }
+
     async fn restart_sink(&mut self) {
         self.sink.stop();
         tokio::time::sleep(Duration::from_millis(self.rng.gen_range(200..1200))).await;
@@ -721,13 +749,33 @@ struct Row {
     link_drop: usize,
 }
 
+/// Whether the soak on `store` runs (`REACH_SOAK_STORE` picks one).
+fn soak_on(store: &str) -> bool {
+    std::env::var("REACH_SOAK_STORE").map_or(true, |s| s.is_empty() || s == store)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_items_survive_kills_and_restarts() {
+    if soak_on("sled") {
+        soak(SoakStore::Sled).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_items_survive_kills_and_restarts_on_postgres() {
+    if soak_on("postgres") {
+        let cluster = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+        soak(SoakStore::Postgres(cluster)).await;
+    }
+}
+
+async fn soak(store: SoakStore) {
+    let on_postgres = matches!(store, SoakStore::Postgres(_));
     let kills = env_num("REACH_SOAK_KILLS", 3) as usize;
     let min_secs = env_num("REACH_SOAK_SECONDS", 20);
     let seed = env_num("REACH_SOAK_SEED", rand::random::<u32>() as u64);
     let started = Instant::now();
-    let mut w = World::new(seed).await;
+    let mut w = World::new(seed, store).await;
     w.setup_alice().await;
     let setup_time = started.elapsed();
 
@@ -743,6 +791,9 @@ async fn acknowledged_items_survive_kills_and_restarts() {
         plan.entry(at(3).min(kills.saturating_sub(1)))
             .or_default()
             .push("kannel");
+        if on_postgres {
+            plan.entry(at(2)).or_default().push("postgres");
+        }
     }
     let extra_gap = (min_secs * 1000 / kills.max(1) as u64).saturating_sub(450);
 
@@ -821,6 +872,7 @@ async fn acknowledged_items_survive_kills_and_restarts() {
                     match what {
                         "prosody" => w.restart_prosody(mode).await,
                         "relay" => w.restart_sink().await,
+                        "postgres" => w.restart_postgres().await,
                         _ => w.restart_kannel().await,
                     }
                     *restarted.entry(what).or_default() += 1;
@@ -990,11 +1042,17 @@ async fn acknowledged_items_survive_kills_and_restarts() {
     use std::fmt::Write;
     let _ = writeln!(
         r,
-        "Reach soak (seed {seed}, replies {}): {killed} SIGKILLs of reach; restarts: Prosody {}, SMTP relay {}, Kannel {}",
+        "Reach soak on {} (seed {seed}, replies {}): {killed} SIGKILLs of reach; restarts: Prosody {}, SMTP relay {}, Kannel {}{}",
+        if on_postgres { "PostgreSQL" } else { "the embedded store" },
         if w.replies_anytime { "any time" } else { "while on XMPP" },
         restarted.get("prosody").unwrap_or(&0),
         restarted.get("relay").unwrap_or(&0),
-        restarted.get("kannel").unwrap_or(&0)
+        restarted.get("kannel").unwrap_or(&0),
+        if on_postgres {
+            format!(", PostgreSQL {}", restarted.get("postgres").unwrap_or(&0))
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         r,
@@ -1037,7 +1095,15 @@ async fn acknowledged_items_survive_kills_and_restarts() {
     );
     println!("\n{report}");
     if let Ok(path) = std::env::var("REACH_SOAK_REPORT") {
-        let _ = std::fs::write(Path::new(&path), &report);
+        // Appended: the soak on each store adds its report.
+        use std::io::Write as _;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Path::new(&path))
+        {
+            let _ = writeln!(file, "{report}");
+        }
     }
 
     assert_eq!(killed, kills);

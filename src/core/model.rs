@@ -15,6 +15,10 @@ pub enum StoreError {
     /// The engine failed (I/O, or the database refused or went away).
     #[error("store error: {0}")]
     Engine(String),
+    /// The engine cannot be reached now (a database restarting, a connection lost): what was
+    /// asked may succeed once it is back.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
     /// Another process holds the store (sled allows one).
     #[error("the store is in use by another process: {0}")]
     InUse(String),

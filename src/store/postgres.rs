@@ -791,7 +791,7 @@ impl Pool {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(StoreError::Engine(format!(
+                return Err(StoreError::Unavailable(format!(
                     "postgres: all {} connections stayed busy for {} s",
                     self.capacity,
                     POOL_WAIT.as_secs()
@@ -1330,7 +1330,7 @@ fn with_lock_wait_limit(config: &Config) -> Config {
 fn connect(config: &Config, location: &str) -> Result<Client> {
     debug!(%location, "postgres: connecting");
     config.connect(NoTls).map_err(|e| {
-        StoreError::Engine(format!(
+        StoreError::Unavailable(format!(
             "postgres: cannot connect to {location}: {}",
             error_text(&e)
         ))
@@ -1353,7 +1353,26 @@ fn store_error(location: &str, doing: &str, e: &postgres::Error) -> StoreError {
 }
 
 fn engine_error(location: &str, doing: &str, e: &postgres::Error) -> StoreError {
-    StoreError::Engine(format!("postgres {location}: {doing}: {}", error_text(e)))
+    let text = format!("postgres {location}: {doing}: {}", error_text(e));
+    if is_unavailable(e) {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Engine(text)
+    }
+}
+
+/// Whether the error is the server being out of reach (a connection lost or refused, the
+/// server shutting down or starting), rather than a statement it refused: worth trying again
+/// once it is back.
+fn is_unavailable(e: &postgres::Error) -> bool {
+    match e.as_db_error() {
+        // Class 08: connection exception; 57P01-57P03: shutting down, cannot connect now.
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
+        None => true,
+    }
 }
 
 /// What went wrong, without the server's DETAIL (which can quote the values of a row).
@@ -2260,7 +2279,7 @@ mod tests {
             "host=127.0.0.1 port=1 password='s3cret-pw",
         ] {
             let error = match Postgres::open(url) {
-                Err(StoreError::Engine(text)) => text,
+                Err(StoreError::Engine(text) | StoreError::Unavailable(text)) => text,
                 other => panic!("{url}: {:?}", other.map(|_| ())),
             };
             assert!(!error.contains("s3cret"), "{error}");
