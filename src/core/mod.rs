@@ -2,7 +2,8 @@
 //!
 //! It never touches sockets, clocks or files of its own: adapters turn wire input into [`Event`]s
 //! and carry out the returned [`Action`]s through the durable outbox. State lives in the store,
-//! which the core reads and writes through typed operations; the caller flushes once per batch.
+//! which the core reads and writes in the caller's [`Transaction`] (typed operations over the
+//! records of [`model`]); the caller commits once per batch.
 //!
 //! Vocabulary: a *user* registered with Reach and owns a *reach address* `HANDLE@D`; a *buddy*
 //! (or *peer*) is anyone who talks to a user; a *per-session JID* stands for one user–peer
