@@ -141,8 +141,17 @@ pub async fn stats(config: &Config) -> Result<(Counts, CountsSource), AdminError
                  again."
             .to_owned(),
     };
-    match open_store(config, &hint) {
-        Ok(store) => Ok((store.stats()?.into(), CountsSource::Store)),
+    // On a blocking thread: the store's engine may be a database client of its own.
+    let from_store = {
+        let (config, hint) = (config.clone(), hint.clone());
+        tokio::task::spawn_blocking(move || -> Result<Counts, AdminError> {
+            Ok(open_store(&config, &hint)?.stats()?.into())
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    };
+    match from_store {
+        Ok(counts) => Ok((counts, CountsSource::Store)),
         Err(AdminError::Running { store, hint }) => match &config.metrics {
             Some(metrics) => {
                 let counts = fetch_counts(&metrics.listen).await?;
@@ -279,10 +288,25 @@ pub struct Migrated {
 pub fn migrate(
     config: &Config,
     to: &str,
+    to_password: Option<String>,
     mut progress: impl FnMut(&str, u64),
 ) -> Result<Migrated, AdminError> {
     use crate::store::Location;
-    let destination = Location::parse(to).map_err(AdminError::BadUrl)?;
+    let destination = match (
+        Location::parse(to).map_err(AdminError::BadUrl)?,
+        to_password,
+    ) {
+        (Location::Postgres { url, .. }, Some(password)) => Location::Postgres {
+            url,
+            password: Some(password),
+        },
+        (Location::Sled(_), Some(_)) => {
+            return Err(AdminError::BadUrl(
+                "a password file is for a postgres:// destination".to_owned(),
+            ))
+        }
+        (destination, None) => destination,
+    };
     if &destination == config.store.location() {
         return Err(AdminError::BadUrl(
             "the destination is the configured store itself".to_owned(),

@@ -20,7 +20,7 @@ const USAGE: &str = "usage:
                                 delete a user and everything held about them, as XEP-0077
                                 <remove/> does (only while Reach is stopped; the unsubscriptions
                                 are sent when it next starts)
-  reach migrate --config FILE --to URL
+  reach migrate --config FILE --to URL [--to-password-file FILE]
                                 copy everything the configured store holds into a new, empty
                                 store (postgres://... or sled:///folder), then check the copy;
                                 only while Reach is stopped
@@ -58,6 +58,7 @@ enum Command {
     Migrate {
         config: String,
         to: String,
+        to_password_file: Option<String>,
     },
     Version,
     Help,
@@ -67,6 +68,7 @@ enum Command {
 fn parse_args(args: &[String]) -> Result<Command, String> {
     let mut config = None;
     let mut to = None;
+    let mut to_password_file = None;
     let mut log_format = None;
     let mut words = Vec::new();
     let mut rest = args.iter();
@@ -83,6 +85,10 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
                 if to.replace(value.clone()).is_some() {
                     return Err("--to is given twice".to_owned());
                 }
+            }
+            "--to-password-file" => {
+                let value = rest.next().ok_or("--to-password-file needs a FILE")?;
+                to_password_file = Some(value.clone());
             }
             "--log-format" => {
                 let value = rest.next().ok_or("--log-format needs text or json")?;
@@ -122,6 +128,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             to: to
                 .clone()
                 .ok_or("migrate needs --to URL (where to copy the store)")?,
+            to_password_file: to_password_file.clone(),
         }),
         ["dead-letters", rest @ ..] => {
             use reach::admin::DeadLetterCommand as D;
@@ -157,9 +164,22 @@ fn main() -> ExitCode {
     match command {
         Command::Run { config, log_format } => run(&config, log_format),
         Command::CheckConfig(path) => check_config(&path),
-        Command::Migrate { config, to } => admin(&config, |config| {
+        Command::Migrate {
+            config,
+            to,
+            to_password_file,
+        } => admin(&config, |config| {
+            let password = match &to_password_file {
+                Some(file) => Some(
+                    std::fs::read_to_string(file)
+                        .map_err(|e| anyhow::anyhow!("cannot read {file}: {e}"))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                None => None,
+            };
             let mut last = String::new();
-            let migrated = reach::admin::migrate(config, &to, |tree, n| {
+            let migrated = reach::admin::migrate(config, &to, password, |tree, n| {
                 if tree != last {
                     eprintln!("copying {tree}");
                     last = tree.to_owned();
@@ -442,7 +462,8 @@ mod tests {
             parse("migrate --config r.toml --to postgres://reach@db/reach"),
             Ok(Command::Migrate {
                 config: "r.toml".into(),
-                to: "postgres://reach@db/reach".into()
+                to: "postgres://reach@db/reach".into(),
+                to_password_file: None,
             })
         );
         assert_eq!(parse("--help"), Ok(Command::Help));

@@ -223,7 +223,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             count = redriven.len(),
             "handling dead letters again, as asked"
         );
-        commit_batch(&core, &store, redriven).await?;
+        commit_batch(&core, &store, &shutdown, redriven).await?;
     }
 
     let mut stop = shutdown.clone();
@@ -237,7 +237,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             }
             _ = stop_requested(&mut stop) => break,
         }
-        commit_batch(&core, &store, batch).await?;
+        commit_batch(&core, &store, &shutdown, batch).await?;
     }
 
     // Shutdown, step 1: the listeners and senders finish what they are doing; what they hand
@@ -277,7 +277,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             }
         }
         if !batch.is_empty() {
-            commit_batch(&core, &store, batch).await?;
+            commit_batch(&core, &store, &shutdown, batch).await?;
         }
         if last {
             break;
@@ -302,7 +302,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         last.push(input);
     }
     if !last.is_empty() {
-        commit_batch(&core, &store, last).await?;
+        commit_batch(&core, &store, &shutdown, last).await?;
     }
     drop(inputs);
     if let Err(e) = blocking(&store, |s| s.set_link_up(false)).await {
@@ -328,10 +328,11 @@ async fn stop_requested(stop: &mut watch::Receiver<bool>) {
 async fn commit_batch(
     core: &Arc<Core>,
     store: &Arc<Store>,
+    shutdown: &watch::Receiver<bool>,
     batch: Vec<Input>,
 ) -> anyhow::Result<()> {
-    let (core, store) = (core.clone(), store.clone());
-    tokio::task::spawn_blocking(move || handle_batch(&core, &store, batch)).await?;
+    let (core, store, stop) = (core.clone(), store.clone(), shutdown.clone());
+    tokio::task::spawn_blocking(move || handle_batch(&core, &store, &stop, batch)).await?;
     Ok(())
 }
 
@@ -374,15 +375,13 @@ fn count_routed(domain: &str, action: &Action) {
 /// How many times a batch is run again when another instance changed the same data at the
 /// same time (each time it meets the other's data, so it rarely takes a second).
 const CONFLICT_RETRIES: u32 = 5;
-/// How long a batch waits for a store that cannot be reached (a database restarting or
-/// failing over) before its inputs are answered with a temporary failure. Meanwhile new inputs
-/// wait in the runtime's queue.
-const OUTAGE_PATIENCE: Duration = Duration::from_secs(30);
+/// How often a batch waiting for a store that cannot be reached says so in the log.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(30);
 
 /// Handles a batch of inputs in as few transactions as possible (one, unless another instance
 /// holds a user this batch needs: then the batch so far is committed and the rest goes on in a
 /// new transaction), and answers each input after the commit that holds it.
-fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
+fn handle_batch(core: &Core, store: &Store, stop: &watch::Receiver<bool>, batch: Vec<Input>) {
     let now = now();
     let mut queue = std::collections::VecDeque::from(batch);
     for input in queue.iter_mut() {
@@ -392,7 +391,7 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     // tick is added at its end (what that tick makes due waits for the clock).
     let mut tick_added = false;
     let mut conflicts = 0;
-    let mut outage = Outage::default();
+    let mut outage = Outage::new(stop);
     while !queue.is_empty() {
         let mut tx = match store.begin() {
             Ok(tx) => tx,
@@ -492,26 +491,53 @@ fn handle_batch(core: &Core, store: &Store, batch: Vec<Input>) {
     }
 }
 
-/// A store that cannot be reached, waited for with backoff up to [`OUTAGE_PATIENCE`].
-#[derive(Default)]
-struct Outage {
+/// A store that cannot be reached (a database restarting or failing over), waited for with
+/// backoff for as long as it takes, unless Reach is asked to stop: nothing of the batch was
+/// acknowledged, and meanwhile new inputs wait in the runtime's queue (the SMTP clients and the
+/// SMS gateway time out and try again later, as they would with Reach down).
+struct Outage<'a> {
+    stop: &'a watch::Receiver<bool>,
     since: Option<std::time::Instant>,
+    reminded: Option<std::time::Instant>,
     pause: Duration,
 }
 
-impl Outage {
-    /// Waits a moment if the outage has not lasted too long; false once it has.
+impl<'a> Outage<'a> {
+    fn new(stop: &'a watch::Receiver<bool>) -> Outage<'a> {
+        Outage {
+            stop,
+            since: None,
+            reminded: None,
+            pause: Duration::ZERO,
+        }
+    }
+
+    /// Waits a moment; false if Reach is stopping (the batch then gives up).
     fn wait(&mut self, why: &str) -> bool {
+        let now = std::time::Instant::now();
         let since = *self.since.get_or_insert_with(|| {
             tracing::warn!("the store cannot be reached; the batch waits for it: {why}");
-            std::time::Instant::now()
+            now
         });
-        if since.elapsed() >= OUTAGE_PATIENCE {
+        if *self.stop.borrow() {
             tracing::error!(
-                waited_secs = OUTAGE_PATIENCE.as_secs(),
-                "the store is still unreachable; the batch is answered with a temporary failure"
+                waited_ms = since.elapsed().as_millis() as u64,
+                "stopping while the store cannot be reached: the batch is answered with a \
+                 temporary failure (its stanzas are lost, as if they had been in flight)"
             );
             return false;
+        }
+        if self
+            .reminded
+            .is_none_or(|at| at.elapsed() >= OUTAGE_REMINDER)
+        {
+            if self.reminded.is_some() {
+                tracing::warn!(
+                    waited_secs = since.elapsed().as_secs(),
+                    "the store still cannot be reached; the batch keeps waiting: {why}"
+                );
+            }
+            self.reminded = Some(now);
         }
         self.pause = (self.pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
         std::thread::sleep(self.pause);
@@ -525,6 +551,7 @@ impl Outage {
                 "the store is back; the batch went through"
             );
         }
+        self.reminded = None;
         self.pause = Duration::ZERO;
     }
 }
@@ -1214,9 +1241,11 @@ mod tests {
         let t = alice_texting_bob();
         let before = outbox_len(&t.store);
         let (tx, mut rx) = oneshot::channel();
+        let (_stop, stop) = watch::channel(false);
         handle_batch(
             &t.core,
             &t.store,
+            &stop,
             vec![Input {
                 event: sms("page one\u{C}page two", "k2"),
                 answer: Some(Responder::Webhook(tx)),

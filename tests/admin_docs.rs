@@ -9,24 +9,28 @@
 //! | ejabberd.md | ejabberd-listener, ejabberd-reach | ejabberd + Reach; the same |
 //! | kannel.md | kannel-core, kannel-smsbox, kannel-sendsms-user, kannel-sms-service, kannel-reach | Kannel (fake SMSC) + Reach + Prosody; code to the phone, code back, delivery report as receipt |
 //! | postfix.md | postfix-inbound, postfix-transport, postfix-outbound, postfix-reach | Postfix + Reach + Prosody + a mail sink; mail out through Postfix, the reply in through Postfix |
+//! | instances.md | instances-database, instances-pg-hba, instances-listener, instances-reach, instances-postfix-transport | a private PostgreSQL set up by the doc's SQL and pg_hba lines + ejabberd + two Reach instances + Postfix; a name in use is refused, a user registers, a buddy's message reaches her, `stats` and `check-config` beside the instances, one is killed and the other takes over, reply mail fails over to it |
+//! | instances.md | instances-migrate, instances-backup, instances-restore, instances-migrate-back | the `reach`, `pg_dump`, `dropdb`, `createdb` and `pg_restore` lines of these shell blocks: an embedded store (made by a Reach, then stopped) into a new database, Reach on it sees the user and sends what the old outbox held; a backup restored into a new database holds the same; then back into a new folder |
 //!
 //! The docs' site is `example.org` (Reach at `reach.example.org`); the tests' servers serve
 //! `localhost`, so `example.org` becomes `localhost` everywhere. The docs' default ports
-//! (5347, 13013, 8088, 25, 2525) and paths (`/etc/postfix/`, `/var/spool/kannel`,
-//! `/var/lib/reach`) become free ports and temporary folders; each replacement insists that the
-//! doc still contains what it replaces, so a doc that drifts fails here. Every Reach block also
-//! passes `reach check-config`, and the systemd unit in `contrib/` runs the real CLI.
+//! (5347, 13013, 8088, 25, 2525), private addresses (`10.0.0.x`) and paths (`/etc/postfix/`,
+//! `/var/spool/kannel`, `/var/lib/reach`, `/etc/reach/...`) become free ports, loopback and
+//! temporary folders; each replacement insists that the doc still contains what it replaces, so
+//! a doc that drifts fails here. Every Reach block also passes `reach check-config`, and the
+//! systemd units in `contrib/` (`reach.service`, the template `reach@.service`) run the real CLI.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::kannel::{Handset, Kannel};
 use support::mail::{submit, MailSink, SinkMail};
 use support::postfix::Postfix;
-use support::{body, escape, new_id, Client, Reach, Server, ServerKind};
+use support::postgres::PgCluster;
+use support::{bare, body, escape, new_id, Client, Reach, Server, ServerKind};
 
 const D: &str = "reach.localhost";
 const T: Duration = Duration::from_secs(15);
@@ -56,6 +60,20 @@ const EXERCISED: &[(&str, &[&str])] = &[
             "postfix-transport",
             "postfix-outbound",
             "postfix-reach",
+        ],
+    ),
+    (
+        "instances",
+        &[
+            "instances-database",
+            "instances-pg-hba",
+            "instances-listener",
+            "instances-reach",
+            "instances-postfix-transport",
+            "instances-migrate",
+            "instances-backup",
+            "instances-restore",
+            "instances-migrate-back",
         ],
     ),
 ];
@@ -364,6 +382,15 @@ fn ejabberd_config(server: &Server) -> String {
         "port: 5347",
         &format!("port: {}", server.component_port()),
     ));
+    ejabberd_site(
+        server,
+        "ejabberd.md, reach-doc=ejabberd-listener",
+        &listener,
+    )
+}
+
+/// The existing ejabberd site with `listener` (from the doc named by `from`) in its `listen:`.
+fn ejabberd_site(server: &Server, from: &str, listener: &str) -> String {
     format!(
         "# The site's own settings (tests/admin_docs.rs).\n\
          loglevel: info\n\
@@ -378,7 +405,7 @@ fn ejabberd_config(server: &Server) -> String {
          \x20   max_stanza_size: 262144\n\
          \x20   access: c2s\n\
          \x20   starttls_required: false\n\
-         # ---- docs/ejabberd.md, reach-doc=ejabberd-listener ----\n\
+         # ---- docs/{from} ----\n\
          {listener}\
          auth_method: internal\n\
          auth_password_format: scram\n\
@@ -827,6 +854,664 @@ async fn postfix_doc_carries_mail_out_and_replies_in() {
     postfix.stop().await;
 }
 
+// ---- Several instances on PostgreSQL -------------------------------------------------------
+
+/// The role's password in docs/instances.md (`\password reach` and the password file hold it).
+const DB_PASSWORD: &str = "CHANGE-ME-database-password";
+
+/// The SQL statements of a block, comments and empty lines left out (psql runs several
+/// statements given at once in one transaction, where `CREATE DATABASE` may not run).
+fn sql_statements(block: &str) -> Vec<String> {
+    let text: String = block
+        .lines()
+        .map(|l| l.split("--").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `reach ...` command lines of a shell block, each as its words: continuation lines joined,
+/// comments and a leading `sudo -u reach` dropped, single quotes removed. The other lines of
+/// the block (`systemctl`, `mv`, `install`) act on the host and are not run here.
+fn reach_lines(doc: &str, marker: &str) -> Vec<Vec<String>> {
+    let joined = block(doc, marker).replace("\\\n", " ");
+    joined
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or("").trim())
+        .map(|l| l.strip_prefix("sudo -u reach ").unwrap_or(l))
+        .filter(|l| l.starts_with("reach "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map(|w| w.trim_matches('\'').to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs the built `reach` with `args`: (success, stdout, stderr).
+fn reach_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = Command::new(reach_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run reach");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `reach stats` on `config`: its output, which must come with exit status 0.
+fn stats(config: &Path) -> String {
+    let (ok, out, err) = reach_cli(&["stats".as_ref(), "--config".as_ref(), config.as_os_str()]);
+    assert!(ok, "reach stats --config {}: {out}{err}", config.display());
+    out
+}
+
+/// The number on the line of `reach stats` (or `reach migrate`) output that starts with `what`.
+fn count_of(output: &str, what: &str) -> Option<u64> {
+    output
+        .lines()
+        .find(|l| l.starts_with(what))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The machine's host name: the default instance name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A private PostgreSQL set up as docs/instances.md says: the doc's SQL run by the superuser,
+/// the role's password set (what `\password reach` does), and the doc's `pg_hba.conf` lines put
+/// above the server's own, with the private network `10.0.0.0/24` as loopback. The server's own
+/// lines trust every local connection, so only the doc's lines stand between Reach and the
+/// database: Reach logs in over TCP with the password from `password_file`.
+struct DocDatabase {
+    pg: PgCluster,
+    /// Holds the password files.
+    dir: tempfile::TempDir,
+    password_file: PathBuf,
+}
+
+impl DocDatabase {
+    async fn set_up() -> DocDatabase {
+        let pg = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+        for statement in sql_statements(&block("instances", "instances-database")) {
+            pg.psql("postgres", &statement);
+        }
+        pg.psql(
+            "postgres",
+            &format!("ALTER ROLE reach PASSWORD '{DB_PASSWORD}'"),
+        );
+        let lines = fill(
+            &block("instances", "instances-pg-hba"),
+            "10.0.0.0/24",
+            "127.0.0.1/32",
+        );
+        let hba = PathBuf::from(pg.psql("postgres", "SHOW hba_file"));
+        let existing = std::fs::read_to_string(&hba).unwrap();
+        // Writing over the file keeps its owner (the server's user).
+        std::fs::write(
+            &hba,
+            format!(
+                "# ---- docs/instances.md, reach-doc=instances-pg-hba ----\n{lines}\n{existing}"
+            ),
+        )
+        .unwrap();
+        let errors = pg.psql(
+            "postgres",
+            "SELECT string_agg(line_number || ': ' || error, '; ') FROM pg_hba_file_rules WHERE error IS NOT NULL",
+        );
+        assert!(errors.is_empty(), "the doc's pg_hba.conf lines: {errors}");
+        assert_eq!(pg.psql("postgres", "SELECT pg_reload_conf()"), "t");
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("database-password");
+        std::fs::write(&password_file, format!("{DB_PASSWORD}\n")).unwrap();
+        let db = DocDatabase {
+            pg,
+            dir,
+            password_file,
+        };
+        db.wait_for_password_rule().await;
+        db
+    }
+
+    /// A URL or config of the doc with the database host `10.0.0.2` made this server.
+    fn local(&self, text: &str) -> String {
+        fill(
+            text,
+            "@10.0.0.2/",
+            &format!("@127.0.0.1:{}/", self.pg.port()),
+        )
+    }
+
+    /// The doc's Reach block made to run here: `component_addr` for ejabberd's listener, the
+    /// component secret replaced when the server has its own, the database here, the password
+    /// file in a temporary folder.
+    fn reach_config(
+        &self,
+        component_addr: &str,
+        secret: Option<&str>,
+        password_file: &Path,
+    ) -> String {
+        let text = site(&block("instances", "instances-reach"));
+        let text = fill(&text, "10.0.0.1:5347", component_addr);
+        let text = match secret {
+            Some(secret) => fill(&text, "CHANGE-ME-component-secret", secret),
+            None => text,
+        };
+        let text = self.local(&text);
+        fill(
+            &text,
+            "\"/etc/reach/database-password\"",
+            &format!("{:?}", password_file.display().to_string()),
+        )
+    }
+
+    /// Runs the `sudo -u postgres ...` lines of a shell block of the doc as the server's
+    /// superuser on this server (connection options added after the program), with the dump
+    /// file `/var/backups/reach.dump` of their redirections as `dump`. Returns how many ran.
+    fn run_superuser_lines(&self, marker: &str, dump: &Path) -> usize {
+        let mut ran = 0;
+        for line in block("instances", marker).lines() {
+            let Some(command) = line.trim().strip_prefix("sudo -u postgres ") else {
+                continue;
+            };
+            let (command, redirect) = match command.split_once(" > ") {
+                Some((c, file)) => (c, Some((false, file))),
+                None => match command.split_once(" < ") {
+                    Some((c, file)) => (c, Some((true, file))),
+                    None => (command, None),
+                },
+            };
+            let mut words = command.split_whitespace();
+            let program = words.next().expect("a program");
+            let mut cmd = Command::new(program);
+            cmd.arg("-h")
+                .arg(self.pg.socket_dir())
+                .args(["-p", &self.pg.port().to_string(), "-U", "postgres"])
+                .args(words);
+            if let Some((input, file)) = redirect {
+                assert_eq!(file.trim(), "/var/backups/reach.dump", "{line}");
+                if input {
+                    cmd.stdin(std::fs::File::open(dump).expect("the dump"));
+                } else {
+                    cmd.stdout(std::fs::File::create(dump).expect("the dump file"));
+                }
+            }
+            let out = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("run {program}: {e}"));
+            assert!(
+                out.status.success(),
+                "{line}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ran += 1;
+        }
+        ran
+    }
+
+    /// Waits until the reloaded `pg_hba.conf` is in force: a wrong password is refused (with
+    /// the trust the server starts with, anything would pass).
+    async fn wait_for_password_rule(&self) {
+        let wrong = self.dir.path().join("wrong-password");
+        std::fs::write(&wrong, "not the password\n").unwrap();
+        let config = self.reach_config("127.0.0.1:5347", None, &wrong);
+        let path = self.dir.path().join("wrong.toml");
+        std::fs::write(&path, &config).unwrap();
+        let deadline = Instant::now() + T;
+        loop {
+            let (ok, out, err) = reach_cli(&["check-config".as_ref(), path.as_os_str()]);
+            if !ok {
+                assert!(
+                    err.contains("password authentication failed"),
+                    "check-config with a wrong password: {out}{err}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pg_hba.conf not in force after {T:?}: a wrong password passes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// How many stanzas the link of this Reach read (its debug lines `inbound stanza`).
+fn inbound_stanzas(reach: &Reach) -> usize {
+    reach
+        .log()
+        .lines()
+        .filter(|l| l.contains("inbound stanza"))
+        .count()
+}
+
+/// Bob says `text` to Alice's reach address; Alice's client gets it from Bob's per-session JID.
+async fn bob_reaches_alice(bob: &mut Client, alice: &mut Client, text: &str) {
+    bob.send(&format!(
+        "<message type='chat' id='{}' to='alice@{D}'><body>{text}</body></message>",
+        new_id()
+    ))
+    .await;
+    let got = alice
+        .expect(&format!("Bob's message {text:?}"), T, |s| {
+            s.name() == "message" && body(s).as_deref() == Some(text)
+        })
+        .await;
+    assert_eq!(
+        got.attr("from").map(bare),
+        Some(&*format!("bob\\40localhost@{D}")),
+        "{}",
+        String::from(&got)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_doc_runs_two_reach_behind_ejabberd_on_postgresql() {
+    let began = Instant::now();
+    let db = DocDatabase::set_up().await;
+
+    // ejabberd with the doc's listener, on loopback, and no domain_balancing anywhere.
+    let mut server = Server::start(ServerKind::Ejabberd).await;
+    server.stop().await;
+    let listener = block("instances", "instances-listener");
+    assert!(
+        !listener.contains("domain_balancing"),
+        "the doc warns against domain_balancing; its listener must not set it"
+    );
+    let listener = site(&fill(
+        &fill(
+            &listener,
+            "port: 5347",
+            &format!("port: {}", server.component_port()),
+        ),
+        "ip: \"10.0.0.1\"",
+        "ip: \"127.0.0.1\"",
+    ));
+    std::fs::write(
+        server.dir().join("ejabberd.yml"),
+        ejabberd_site(
+            &server,
+            "instances.md, reach-doc=instances-listener",
+            &listener,
+        ),
+    )
+    .unwrap();
+    server.restart().await;
+    for user in ["alice", "bob"] {
+        server.register(user, &format!("{user}pw")).await;
+    }
+
+    // The doc's Reach block, with an SMTP listener per instance for the Postfix part.
+    let base = db.reach_config(&server.component_addr(), None, &db.password_file);
+    let said = check_config("instances-reach", &base);
+    assert!(
+        said.contains("The database answers: PostgreSQL") && said.contains("empty database"),
+        "check-config on the new database: {said}"
+    );
+    let smtp = [support::free_port(), support::free_port()];
+    let unused_relay = support::free_port();
+    let with_listener = |port: u16| {
+        format!(
+            "{base}\n[email]\nrelay = \"smtp://127.0.0.1:{unused_relay}\"\nreply_domain = \"{D}\"\n\
+             listen = \"127.0.0.1:{port}\"\n"
+        )
+    };
+
+    // The first instance, as written: named after the host.
+    let host = host_name();
+    let dir1 = tempfile::tempdir().unwrap();
+    let mut reach1 = Reach::start_config(dir1.path(), &with_listener(smtp[0])).await;
+    let _logs1 = Logs::new(
+        &reach1,
+        vec![("ejabberd", server.dir().join("console.log"))],
+    );
+    assert!(reach1.wait_for_log("component link up", T).await);
+
+    // A second process from the same file takes the same name, and is refused.
+    let dir_same = tempfile::tempdir().unwrap();
+    let mut same = Reach::start_config(dir_same.path(), &with_listener(smtp[1])).await;
+    let status = same.wait_exit(T).await.expect("the second process exits");
+    assert!(!status.success(), "a second '{host}' ran");
+    assert!(
+        same.log()
+            .contains(&format!("instance '{host}' is already running")),
+        "{}",
+        same.log()
+    );
+
+    // The second instance under the name the doc's comment shows.
+    let named = fill(
+        &with_listener(smtp[1]),
+        "# instance = \"reach-2\"",
+        "instance = \"reach-2\"",
+    );
+    let dir2 = tempfile::tempdir().unwrap();
+    let reach2 = Reach::start_config(dir2.path(), &named).await;
+    let _logs2 = Logs::new(&reach2, vec![]);
+    assert!(reach2.wait_for_log("component link up", T).await);
+    assert!(reach2.log().contains("reach-2"), "{}", reach2.log());
+    let handshake = format!("Accepted external component handshake authentication for {D}");
+    let deadline = Instant::now() + T;
+    while server.log().matches(&handshake).count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "ejabberd did not accept both instances\n{}",
+            server.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A user registers through the service, and ejabberd spreads her stanzas over both.
+    let mut alice = alice_finds_and_registers(&server).await;
+    for _ in 0..20 {
+        let reply = alice
+            .iq(&format!(
+                "<iq type='get' id='{}' to='{D}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+                new_id()
+            ))
+            .await;
+        assert_eq!(reply.attr("type"), Some("result"));
+    }
+    let (read1, read2) = (inbound_stanzas(&reach1), inbound_stanzas(&reach2));
+    assert!(
+        read1 > 0 && read2 > 0,
+        "ejabberd sent stanzas to one instance only: {read1} and {read2}"
+    );
+
+    // A buddy's message reaches her.
+    let mut bob = Client::connect(&server, "bob", "bobpw", "pc").await;
+    support::wait_for_component(&mut bob, D).await;
+    bob.presence("").await;
+    bob_reaches_alice(&mut bob, &mut alice, "Hello Alice, from either instance").await;
+
+    // Admin commands beside the running instances.
+    let counts = stats(&dir1.path().join("reach.toml"));
+    assert_eq!(count_of(&counts, "users"), Some(1), "{counts}");
+    let said = check_config("instances-reach", &base);
+    assert!(said.contains("schema version 1"), "{said}");
+
+    // The first instance dies: the other takes over what it left, and carries everything.
+    reach1.kill();
+    let killed = Instant::now();
+    let deadline = killed + T;
+    loop {
+        let log = reach2.log();
+        if log
+            .lines()
+            .any(|l| l.contains("took over what a stopped instance left") && l.contains(&host))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reach-2 did not take over '{host}' within {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let takeover = killed.elapsed();
+    assert!(
+        takeover < Duration::from_secs(11),
+        "took over after {takeover:?}"
+    );
+    bob_reaches_alice(&mut bob, &mut alice, "Still there?").await;
+
+    // Reply mail goes to the instance left: the doc's transport lists both listeners, the
+    // first (the killed instance) refuses connections, Postfix goes on to the second, which
+    // answers for itself (an unknown reply alias: 550 at RCPT).
+    let mut postfix = Postfix::new();
+    let etc = format!("{}/", postfix.config_dir().display());
+    let transport = site(&fill(
+        &fill(
+            &block("instances", "instances-postfix-transport"),
+            "[10.0.0.11]:2525",
+            &format!("[127.0.0.1]:{}", smtp[0]),
+        ),
+        "[10.0.0.12]:2525",
+        &format!("[127.0.0.1]:{}", smtp[1]),
+    ));
+    postfix.write_file("transport", &transport);
+    let inbound = site(&fill(
+        &block("postfix", "postfix-inbound"),
+        "/etc/postfix/",
+        &etc,
+    ));
+    postfix.write_main_cf(&format!(
+        "# docs/postfix.md, reach-doc=postfix-inbound\n{inbound}\n"
+    ));
+    postfix.postmap("transport");
+    postfix.start().await;
+    let alias = format!("r-{}@{D}", "a".repeat(26));
+    let mail = format!(
+        "From: Someone <someone@mail.example>\nTo: {alias}\nSubject: Re: IM\n\
+         Message-ID: <m1@mail.example>\n\nA reply for an alias no instance knows\n"
+    );
+    let submitted = submit(
+        postfix.outside_port(),
+        "someone@mail.example",
+        &[&alias],
+        &mail,
+    )
+    .await;
+    assert_eq!(submitted.outcome().0, 250, "Postfix: {submitted:?}");
+    let first = postfix
+        .wait_for_log(
+            &[
+                &format!("connect to 127.0.0.1[127.0.0.1]:{}", smtp[0]),
+                "Connection refused",
+            ],
+            T,
+        )
+        .await;
+    assert!(first.is_some(), "{}", postfix.logs());
+    let second = postfix
+        .wait_for_log(
+            &[
+                &format!("relay=127.0.0.1[127.0.0.1]:{}", smtp[1]),
+                "said: 550",
+            ],
+            T,
+        )
+        .await;
+    assert!(second.is_some(), "{}", postfix.logs());
+    postfix.stop().await;
+    eprintln!(
+        "two instances from docs/instances.md: took over {} ms after the kill; whole test {} s",
+        takeover.as_millis(),
+        began.elapsed().as_secs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_doc_moves_an_embedded_store_into_postgresql_and_back() {
+    let began = Instant::now();
+    let server = Server::start(ServerKind::Prosody).await;
+    for user in ["alice", "bob"] {
+        server.register(user, &format!("{user}pw")).await;
+    }
+
+    // A Reach on the embedded store (`path`): Alice and Bob register; Reach stops; the admin
+    // purges Bob, which leaves stanzas in the stopped Reach's outbox.
+    let sled_dir = tempfile::tempdir().unwrap();
+    let sled_config = sled_dir.path().join("reach.toml");
+    let mut reach = Reach::start(&server, sled_dir.path()).await;
+    let logs = Logs::new(&reach, vec![]);
+    let mut alice = alice_finds_and_registers(&server).await;
+    let mut bob = Client::connect(&server, "bob", "bobpw", "pc").await;
+    support::wait_for_component(&mut bob, D).await;
+    bob.presence("").await;
+    let ok = bob
+        .iq(&format!(
+            "<iq type='set' id='{}' to='{D}'><query xmlns='jabber:iq:register'><username>bob</username></query></iq>",
+            new_id()
+        ))
+        .await;
+    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+    assert!(reach.stop().await.success());
+    drop(logs);
+    let (ok, out, err) = reach_cli(&[
+        "purge".as_ref(),
+        "--config".as_ref(),
+        sled_config.as_os_str(),
+        "bob@localhost".as_ref(),
+    ]);
+    assert!(ok, "reach purge: {out}{err}");
+    let before = stats(&sled_config);
+    assert_eq!(count_of(&before, "users"), Some(1), "{before}");
+    let queued = count_of(&before, "outbox").unwrap_or(0);
+    assert!(queued > 0, "the purge queued nothing: {before}");
+
+    // The doc's lines, as written: stats, then migrate into the new database.
+    let db = DocDatabase::set_up().await;
+    let lines = reach_lines("instances", "instances-migrate");
+    assert_eq!(lines.len(), 2, "stats and migrate: {lines:?}");
+    let mut copied = String::new();
+    for words in &lines {
+        let args: Vec<String> = words
+            .iter()
+            .map(|w| match w.as_str() {
+                "/etc/reach/config.toml" => sled_config.display().to_string(),
+                "/etc/reach/database-password" => db.password_file.display().to_string(),
+                w if w.starts_with("postgres://") => {
+                    assert!(
+                        !w.contains(DB_PASSWORD),
+                        "a password in the doc's --to URL: {w}"
+                    );
+                    db.local(w)
+                }
+                w => w.to_owned(),
+            })
+            .collect();
+        let (ok, out, err) = reach_cli(&args);
+        assert!(ok, "reach {}: {out}{err}", words.join(" "));
+        if words[0] == "stats" {
+            assert_eq!(out, before, "the doc's stats line");
+        } else {
+            assert_eq!(words[0], "migrate");
+            copied = out;
+        }
+    }
+    assert!(copied.contains("every tree checked"), "{copied}");
+    assert!(
+        !copied.contains(DB_PASSWORD),
+        "the password is printed: {copied}"
+    );
+    assert_eq!(count_of(&copied, "users"), Some(1), "{copied}");
+    assert_eq!(count_of(&copied, "stanza_outbox"), Some(queued), "{copied}");
+
+    // The switch: the doc's Reach block, on this server. `reach stats` shows what the old
+    // store held; a Reach started on it knows Alice, and sends what the old outbox held.
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg_text = db.reach_config(
+        &server.component_addr(),
+        Some(server.secret()),
+        &db.password_file,
+    );
+    check_config("instances-reach", &pg_text);
+    let pg_config = pg_dir.path().join("reach.toml");
+    std::fs::write(&pg_config, &pg_text).unwrap();
+    assert_eq!(stats(&pg_config), before, "the counts after the move");
+    let mut reach = Reach::start_config(pg_dir.path(), &pg_text).await;
+    let _logs = Logs::new(&reach, vec![]);
+    assert!(reach.wait_for_log("component link up", T).await);
+    let form = alice
+        .iq(&format!(
+            "<iq type='get' id='{}' to='{D}'><query xmlns='jabber:iq:register'/></iq>",
+            new_id()
+        ))
+        .await;
+    let query = form.get_child("query", "jabber:iq:register");
+    assert!(
+        query.is_some_and(|q| q.has_child("registered", "jabber:iq:register")),
+        "Alice is not registered after the move: {}",
+        String::from(&form)
+    );
+    bob_reaches_alice(&mut bob, &mut alice, "Hello from the moved store").await;
+    let deadline = Instant::now() + T;
+    loop {
+        let now = stats(&pg_config);
+        if count_of(&now, "outbox") == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old outbox was not sent: {now}\n{}",
+            reach.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        reach
+            .log()
+            .contains("took over what a stopped instance left"),
+        "{}",
+        reach.log()
+    );
+    assert!(reach.stop().await.success());
+
+    // A backup and a restore into a new database, as the doc writes them: the restored
+    // database holds the same, and its objects belong to the role.
+    let on_postgresql = stats(&pg_config);
+    let dump = pg_dir.path().join("reach.dump");
+    assert_eq!(db.run_superuser_lines("instances-backup", &dump), 1);
+    assert!(std::fs::metadata(&dump).unwrap().len() > 0);
+    assert_eq!(db.run_superuser_lines("instances-restore", &dump), 3);
+    assert_eq!(stats(&pg_config), on_postgresql, "after the restore");
+    let owners = db.pg.psql(
+        "reach",
+        "SELECT string_agg(DISTINCT pg_get_userbyid(relowner), ',') FROM pg_class \
+         WHERE relname LIKE 'reach\\_%' AND relkind IN ('r', 'S')",
+    );
+    assert_eq!(owners, "reach", "owners of the restored tables");
+
+    // And back, as the doc writes it, into a new folder.
+    let back = tempfile::tempdir().unwrap();
+    // An empty folder, as `install -d` leaves it.
+    let back_store = back.path().join("store");
+    std::fs::create_dir(&back_store).unwrap();
+    let lines = reach_lines("instances", "instances-migrate-back");
+    assert_eq!(lines.len(), 1, "migrate: {lines:?}");
+    let args: Vec<String> = lines[0]
+        .iter()
+        .map(|w| match w.as_str() {
+            "/etc/reach/config.toml" => pg_config.display().to_string(),
+            "sled:///var/lib/reach" => format!("sled://{}", back_store.display()),
+            w => w.to_owned(),
+        })
+        .collect();
+    let (ok, out, err) = reach_cli(&args);
+    assert!(ok, "reach {}: {out}{err}", lines[0].join(" "));
+    assert!(out.contains("every tree checked"), "{out}");
+    let sled_back = back.path().join("reach.toml");
+    std::fs::write(
+        &sled_back,
+        fill(
+            &Reach::config(&server, back.path()),
+            &format!("path = {:?}", back_store.display().to_string()),
+            &format!("url = {:?}", format!("sled://{}", back_store.display())),
+        ),
+    )
+    .unwrap();
+    let after = stats(&sled_back);
+    assert_eq!(count_of(&after, "users"), Some(1), "{after}");
+    eprintln!(
+        "docs/instances.md's migration, there and back: {} s",
+        began.elapsed().as_secs()
+    );
+}
+
 // ---- Reach's own config blocks -------------------------------------------------------------
 
 #[test]
@@ -866,7 +1551,12 @@ fn every_marked_block_is_exercised_and_markers_are_unique() {
 const UNIT: &str = "contrib/systemd/reach.service";
 
 fn unit_values(key: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(format!("{ROOT}/{UNIT}")).expect("read the unit");
+    unit_values_of(UNIT, key)
+}
+
+/// The values of `key=` in the unit file `unit` (relative to the repository).
+fn unit_values_of(unit: &str, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("{ROOT}/{unit}")).expect("read the unit");
     text.lines()
         .filter_map(|l| l.strip_prefix(&format!("{key}=")))
         .map(str::to_owned)
@@ -895,9 +1585,10 @@ fn unit_command(line: &str, config: &Path) -> Command {
 /// config.toml.example made runnable here: free ports, the store in `dir`.
 fn runnable_example(dir: &Path) -> PathBuf {
     let example = std::fs::read_to_string(format!("{ROOT}/config.toml.example")).unwrap();
-    let mut text = example.replace(
-        "path = \"/var/lib/reach\"",
-        &format!("path = {:?}", dir.join("store").display().to_string()),
+    let mut text = fill(
+        &example,
+        "url = \"sled:///var/lib/reach\"",
+        &format!("url = \"sled://{}\"", dir.join("store").display()),
     );
     for port in ["5347", "2525", "8088", "13013"] {
         text = fill(
@@ -925,8 +1616,8 @@ async fn the_systemd_unit_runs_the_real_cli() {
     let state_dir = unit_values("StateDirectory");
     let example = std::fs::read_to_string(format!("{ROOT}/config.toml.example")).unwrap();
     assert!(
-        example.contains(&format!("path = \"/var/lib/{}\"", state_dir[0])),
-        "config.toml.example's [store] path is not /var/lib/{}",
+        example.contains(&format!("url = \"sled:///var/lib/{}\"", state_dir[0])),
+        "config.toml.example's [store] url is not sled:///var/lib/{}",
         state_dir[0]
     );
 
@@ -980,6 +1671,18 @@ async fn the_systemd_unit_runs_the_real_cli() {
 /// verify insists that ExecStart exists.
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify_when_available() {
+    verify_unit(UNIT, "reach.service", "reach.service");
+}
+
+/// The template, and an instance of it (`%i` expanded), the same way.
+#[test]
+fn the_template_unit_passes_systemd_analyze_verify_when_available() {
+    verify_unit(TEMPLATE_UNIT, "reach@.service", "reach@.service");
+    verify_unit(TEMPLATE_UNIT, "reach@.service", "reach@reach-1.service");
+}
+
+/// Writes `unit` as `file_name` into a temporary folder and verifies `verify_name` there.
+fn verify_unit(unit: &str, file_name: &str, verify_name: &str) {
     if Command::new("systemd-analyze")
         .arg("--version")
         .output()
@@ -989,14 +1692,13 @@ fn the_systemd_unit_passes_systemd_analyze_verify_when_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(format!("{ROOT}/{UNIT}"))
+    let text = std::fs::read_to_string(format!("{ROOT}/{unit}"))
         .unwrap()
         .replace("/usr/local/bin/reach", reach_bin());
-    let path = dir.path().join("reach.service");
-    std::fs::write(&path, unit).unwrap();
+    std::fs::write(dir.path().join(file_name), text).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .arg(dir.path().join(verify_name))
         .output()
         .expect("run systemd-analyze verify");
     let said = format!(
@@ -1004,11 +1706,206 @@ fn the_systemd_unit_passes_systemd_analyze_verify_when_available() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Lines about reach.service itself are the unit's problems; others (e.g. the machine's own
-    // units, or no running systemd) are not.
+    // Lines about the unit itself are its problems; others (e.g. the machine's own units, or
+    // no running systemd) are not.
     let own: Vec<&str> = said
         .lines()
-        .filter(|l| l.contains("reach.service"))
+        .filter(|l| l.contains(file_name) || l.contains(verify_name))
         .collect();
-    assert!(own.is_empty(), "systemd-analyze verify:\n{said}");
+    assert!(
+        own.is_empty(),
+        "systemd-analyze verify {verify_name}:\n{said}"
+    );
+}
+
+// ---- the template unit (several instances on one host) ---------------------------------------
+
+const TEMPLATE_UNIT: &str = "contrib/systemd/reach@.service";
+
+/// A command line of the template unit for instance `instance`, as systemd would run it: `%i`
+/// expanded, the installed binary replaced by the built one, `/etc/reach/FILE` by `dir/FILE`, and
+/// the unit's `Environment=` set.
+fn template_command(line: &str, instance: &str, dir: &Path) -> Command {
+    let line = line.replace("%i", instance);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        words.first(),
+        Some(&"/usr/local/bin/reach"),
+        "the unit runs /usr/local/bin/reach (README: cargo install): {line}"
+    );
+    let mut cmd = Command::new(reach_bin());
+    for word in &words[1..] {
+        match word.strip_prefix("/etc/reach/") {
+            Some(file) => cmd.arg(dir.join(file)),
+            None => cmd.arg(word),
+        };
+    }
+    for assignment in unit_values_of(TEMPLATE_UNIT, "Environment") {
+        let assignment = assignment.replace("%i", instance);
+        let (key, value) = assignment.split_once('=').expect("Environment=KEY=VALUE");
+        cmd.env(key, value);
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// A child process killed and reaped when dropped, so that a failing test leaves none running.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_unit_runs_instances_by_name() {
+    let pre = unit_values_of(TEMPLATE_UNIT, "ExecStartPre");
+    let start = unit_values_of(TEMPLATE_UNIT, "ExecStart");
+    assert_eq!(pre.len(), 1, "one ExecStartPre");
+    assert_eq!(start.len(), 1, "one ExecStart");
+    assert!(
+        start[0].ends_with("--config /etc/reach/%i.toml"),
+        "{start:?}"
+    );
+    assert_eq!(
+        unit_values_of(TEMPLATE_UNIT, "Environment"),
+        ["REACH_INSTANCE=%i"]
+    );
+    // Consistent with reach.service: the same user, start, stop and restart policy, and every
+    // hardening line; no state folder (the store is in PostgreSQL).
+    for key in [
+        "Type",
+        "User",
+        "Group",
+        "KillSignal",
+        "TimeoutStopSec",
+        "Restart",
+        "RestartSec",
+        "UMask",
+        "LimitNOFILE",
+        "WantedBy",
+    ] {
+        assert_eq!(
+            unit_values_of(TEMPLATE_UNIT, key),
+            unit_values(key),
+            "{key}="
+        );
+    }
+    let single = std::fs::read_to_string(format!("{ROOT}/{UNIT}")).unwrap();
+    let template = std::fs::read_to_string(format!("{ROOT}/{TEMPLATE_UNIT}")).unwrap();
+    let hardening: Vec<&str> = single
+        .lines()
+        .skip_while(|l| !l.starts_with("NoNewPrivileges="))
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    assert!(hardening.len() > 20, "{hardening:?}");
+    for line in hardening {
+        assert!(
+            template.lines().any(|t| t == line),
+            "reach@.service lacks reach.service's {line}"
+        );
+    }
+    assert!(unit_values_of(TEMPLATE_UNIT, "StateDirectory").is_empty());
+
+    // Two instances on one host: one config file each, one database.
+    let pg = tokio::task::spawn_blocking(PgCluster::shared)
+        .await
+        .unwrap();
+    let url = pg.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["reach-1", "reach-2"] {
+        std::fs::write(
+            dir.path().join(format!("{name}.toml")),
+            format!(
+                "[component]\ndomain = \"{D}\"\nserver = \"127.0.0.1:{}\"\nsecret = \"s3cret\"\n\n\
+                 [users]\nallowed_domains = [\"localhost\"]\n\n[store]\nurl = \"{url}\"\n\n\
+                 [metrics]\nlisten = \"127.0.0.1:{}\"\n",
+                support::free_port(),
+                support::free_port()
+            ),
+        )
+        .unwrap();
+    }
+
+    // ExecStartPre: the check connects to the database and names the instance.
+    let out = template_command(&pre[0], "reach-1", dir.path())
+        .output()
+        .expect("run ExecStartPre");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ExecStartPre failed: {said}");
+    assert!(said.contains("this one is \"reach-1\""), "{said}");
+    assert!(said.contains("The database answers: PostgreSQL"), "{said}");
+
+    // ExecStart, for each instance: both run, each under its unit's name.
+    let mut running = Vec::new();
+    for name in ["reach-1", "reach-2"] {
+        let log = dir.path().join(format!("{name}.log"));
+        let (out, err) = support::process::append_log(&log);
+        let child = template_command(&start[0], name, dir.path())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("run ExecStart");
+        running.push((name, KilledOnDrop(child), log));
+    }
+    for (name, child, log) in &mut running {
+        let deadline = Instant::now() + T;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // The runtime's line: `store open engine=... instance=...`.
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.contains("store open") && l.contains("instance"))
+            {
+                assert!(line.contains(*name), "{name}: {line}");
+                break;
+            }
+            assert!(
+                child.0.try_wait().unwrap().is_none(),
+                "{name} exited:\n{text}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not open its store:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // A second reach@reach-1 is refused, and says why.
+    let log = dir.path().join("reach-1-again.log");
+    let (out, err) = support::process::append_log(&log);
+    let mut again = KilledOnDrop(
+        template_command(&start[0], "reach-1", dir.path())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("run ExecStart again"),
+    );
+    let status = support::process::wait_child(&mut again.0, T).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a second reach-1 ran ({status:?}):\n{text}"
+    );
+    assert!(
+        text.contains("instance 'reach-1' is already running"),
+        "{text}"
+    );
+
+    // SIGTERM stops each cleanly (status 0, which Restart=on-failure leaves alone).
+    for (name, child, log) in &mut running {
+        let status = support::process::terminate(&mut child.0, Duration::from_secs(10)).await;
+        assert!(
+            status.success(),
+            "{name} on SIGTERM ({status}):\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
 }
