@@ -50,6 +50,7 @@ fn main() {
                 waiting_per_user: 1_000_000,
                 ..Limits::default()
             },
+            integrated_hosts: Vec::new(),
         },
         7,
     );

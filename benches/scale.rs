@@ -49,6 +49,7 @@ fn populate(dir: &Path, users: usize, sessions: usize, buddies: usize) -> Durati
             primary: None,
             subscription_policy: Default::default(),
             time_zone: None,
+            integrated: false,
         };
         tx.put_user(&user).expect("write a user");
         for s in 0..sessions {

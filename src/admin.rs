@@ -453,6 +453,7 @@ mod tests {
             primary: None,
             subscription_policy: Default::default(),
             time_zone: None,
+            integrated: false,
         }
     }
 

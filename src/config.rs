@@ -106,6 +106,22 @@ pub struct Config {
     /// `[metrics]`: the Prometheus endpoint. Optional; without it Reach serves no HTTP for
     /// metrics, and `reach stats` cannot ask a running Reach.
     pub metrics: Option<MetricsConfig>,
+    /// `[integrated]`: integrated mode on Prosody (users' own JIDs reach their phone and
+    /// mailbox). Optional; without it every user has a reach address only.
+    pub integrated: Option<IntegratedConfig>,
+}
+
+/// `[integrated]`: integrated mode (docs/integrated-mode.md). The XMPP server grants Reach
+/// XEP-0356 privileges and copies its users' messages to Reach (Prosody's mod_privilege and
+/// mod_firewall); users of these hosts may then choose (`address own`) to be reached at their
+/// own JID instead of their reach address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntegratedConfig {
+    /// `hosts` (required, not empty): the server's hosts (virtual hosts, e.g. `["example.org"]`)
+    /// that copy their users' messages to Reach and grant it the XEP-0356 message permission.
+    /// Copies are taken from these hosts only; each must also be in `users.allowed_domains`.
+    pub hosts: Vec<String>,
 }
 
 /// `[metrics]`: an HTTP endpoint with `GET /metrics` (Prometheus text format) and `GET /stats`
@@ -1019,6 +1035,7 @@ const ROOT_SECTIONS: &[&str] = &[
     "metrics",
     "routing",
     "limits",
+    "integrated",
 ];
 
 /// The name of the `[section]` whose header is on or above the line holding byte `pos`.
@@ -1114,6 +1131,9 @@ impl Config {
         self.limits.validate(origin)?;
         if let Some(metrics) = &mut self.metrics {
             metrics.validate(origin)?;
+        }
+        if let Some(integrated) = &self.integrated {
+            integrated.validate(origin, &self.users)?;
         }
         Ok(())
     }
@@ -1342,6 +1362,30 @@ impl UsersConfig {
         for domain in &self.allowed_domains {
             if let Some(message) = lowercase_domain_problem(domain) {
                 return Err(origin.invalid("users.allowed_domains", message));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl IntegratedConfig {
+    fn validate(&self, origin: &Origin<'_>, users: &UsersConfig) -> Result<(), ConfigError> {
+        if self.hosts.is_empty() {
+            return Err(origin.invalid(
+                "integrated.hosts",
+                "is empty; list the hosts that copy their users' messages to Reach, e.g. \
+                 [\"example.org\"] (or leave out the [integrated] section)",
+            ));
+        }
+        for host in &self.hosts {
+            if let Some(message) = lowercase_domain_problem(host) {
+                return Err(origin.invalid("integrated.hosts", message));
+            }
+            if !users.allows(host) {
+                return Err(origin.invalid(
+                    "integrated.hosts",
+                    format!("{host} is not in users.allowed_domains: its users could not register"),
+                ));
             }
         }
         Ok(())

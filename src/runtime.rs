@@ -79,6 +79,11 @@ pub fn core_settings(config: &Config) -> Settings {
             allowed_prefixes: s.allowed_prefixes.clone(),
         }),
         limits: config.limits.to_limits(),
+        integrated_hosts: config
+            .integrated
+            .as_ref()
+            .map(|i| i.hosts.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -42,6 +42,7 @@ pub fn users(store_dir: &Path, prefix: &str, range: std::ops::Range<usize>, term
             primary: None,
             subscription_policy: Default::default(),
             time_zone: None,
+            integrated: false,
         };
         match terminals {
             Terminals::None => {}

@@ -591,6 +591,7 @@ mod var {
     pub const ALERTS: &str = "alerts";
     pub const DAILY_CAP: &str = "daily_cap";
     pub const POLICY: &str = "subscription_policy";
+    pub const ADDRESS: &str = "address";
 }
 
 /// `preferences`: with two terminals, first which one; then its preferences and the account's
@@ -679,6 +680,7 @@ fn draft_from(values: &std::collections::BTreeMap<String, Vec<String>>) -> Draft
         alerts: many(var::ALERTS),
         daily_cap: one(var::DAILY_CAP),
         policy: one(var::POLICY),
+        address: one(var::ADDRESS),
     }
 }
 
@@ -783,6 +785,16 @@ fn preferences_form(
             settings::POLICY_CHOICES,
         ),
     ]);
+    // Only where the user's server copies its users' messages to Reach (integrated mode).
+    let host = user.jid.rsplit_once('@').map_or("", |(_, h)| h);
+    if core.settings.integrated_hosts.iter().any(|h| h == host) {
+        fields.push(list_single(
+            var::ADDRESS,
+            "Buddies reach me",
+            &text(&draft.address),
+            settings::ADDRESS_CHOICES,
+        ));
+    }
     forms::form(
         FormType::Form,
         Some("Preferences"),

@@ -32,6 +32,7 @@ set email|phone subscriptions on|off: forward subscription requests\n\
 set email|phone alerts JID,JID...|off: tell it when these buddies come and go\n\
 set email|phone cap NUMBER|default: most forwards a day\n\
 timezone Europe/Berlin: your time zone, for quiet hours\n\
+address own|reach: whether buddies reach you at your own address (where your server allows it) or at your reach address\n\
 policy auto|buddies_only|ask: who may subscribe to your reach address\n\
 approve JID, deny JID: answer a subscription request (policy ask)\n\
 The same commands are in your client's ad-hoc commands (terminals, verify, preferences, state, status).";
@@ -254,6 +255,7 @@ const SETTINGS_COMMANDS: &[&str] = &[
     "set",
     "timezone",
     "policy",
+    "address",
 ];
 
 fn unknown(command: &str) -> String {
@@ -392,6 +394,26 @@ fn on_settings_line(
             None,
             &Draft {
                 time_zone: Some(args.to_owned()),
+                ..Draft::default()
+            },
+            out,
+        )?),
+        "address" if args.is_empty() => format!(
+            "Buddies reach you at {}. Usage: address own|reach",
+            if user.integrated {
+                format!("your own address {}", user.jid)
+            } else {
+                format!("your reach address {}", core.reach_address(&user.handle))
+            }
+        ),
+        "address" => said(settings::save_preferences(
+            core,
+            store,
+            now,
+            user,
+            None,
+            &Draft {
+                address: Some(args.to_owned()),
                 ..Draft::default()
             },
             out,

@@ -160,7 +160,7 @@ pub(super) fn forward_job(
         footer: format!(
             "Reply to this email to answer {name}: your reply reaches {peer} from {}. \
              Only replies from this address are accepted.{}",
-            core.reach_address(&user.handle),
+            super::integrated::public_address(core, store, user)?,
             presence::email_prompt(core, store, now, user)?
         ),
     };
@@ -563,7 +563,7 @@ pub(super) fn on_reply(
                         .build(),
                 );
             }
-            out.send(message);
+            super::integrated::send_as_user(core, store, &user, message, out)?;
             if let Some(id) = &mail.reply.message_id {
                 session.email_last = Some(id.clone());
             }

@@ -549,7 +549,7 @@ pub(super) fn undelivered(
             user.handle.as_str()
         ));
         notice.append_child(fault.to_element());
-        out.send(notice);
+        super::integrated::send_as_user(core, store, user, notice, out)?;
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod dead_letter;
 mod disco;
 pub mod email;
 mod forward;
+mod integrated;
 pub mod limits;
 pub mod model;
 mod presence;
@@ -105,6 +106,9 @@ pub struct Settings {
     pub sms: Option<sms::SmsSettings>,
     /// Reach's own limits on input and abuse (`[limits]`).
     pub limits: Limits,
+    /// The server hosts whose users may be reached at their own JID (`[integrated] hosts`):
+    /// copies of their messages are taken from these hosts only. Empty: integrated mode off.
+    pub integrated_hosts: Vec<String>,
 }
 
 /// How long the Message-IDs of taken replies and the provider ids of taken texts are kept to

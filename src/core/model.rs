@@ -145,6 +145,25 @@ pub struct User {
     /// The user's IANA time zone (for quiet hours), e.g. "Europe/Berlin"; UTC when unset.
     #[serde(default)]
     pub time_zone: Option<String>,
+    /// Buddies reach the user at her own JID (integrated mode, `address own`): her server
+    /// copies her messages to Reach, and her replies by email and SMS go out from her JID.
+    /// Otherwise at her reach address.
+    #[serde(default)]
+    pub integrated: bool,
+}
+
+/// What a server host allows Reach (XEP-0356), as it last said when Reach connected.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostPrivileges {
+    /// Reach may send messages as the host's users (`message` = `outgoing`).
+    pub send_as_users: bool,
+    /// The roster permission, as the host named it (`get`, `set`, `both`), if any.
+    pub roster: Option<String>,
+    /// The presence permission (`managed_entity`, `roster`), if any: to receive presence only.
+    pub presence: Option<String>,
+    /// Seconds since the Unix epoch when the host said so.
+    pub at: u64,
 }
 
 /// The presence of one of the user's own XMPP resources, as last seen.

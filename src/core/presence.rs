@@ -1020,6 +1020,7 @@ mod tests {
                 primary: None,
                 subscription_policy: Default::default(),
                 time_zone: None,
+                integrated: false,
             };
             t.store.tx().put_user(&user).unwrap();
         }

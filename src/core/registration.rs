@@ -310,6 +310,7 @@ fn validate(
         primary: existing.and_then(|u| u.primary),
         subscription_policy: existing.map(|u| u.subscription_policy).unwrap_or_default(),
         time_zone: existing.and_then(|u| u.time_zone.clone()),
+        integrated: existing.is_some_and(|u| u.integrated),
     })
 }
 

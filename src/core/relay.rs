@@ -45,6 +45,10 @@ pub(super) fn on_message(
         }
     }
     match &who.target {
+        // A server host (no local part): its privileges, or a copy (integrated mode).
+        LocalTarget::Service if who.from.node().is_none() => {
+            super::integrated::on_host_message(core, store, now, stanza, who, out)
+        }
         LocalTarget::Service => {
             commands::on_chat(core, store, now, stanza, who, out)?;
             Ok(())
@@ -53,7 +57,7 @@ pub(super) fn on_message(
             let Some(user) = store.user_by_handle(handle)? else {
                 return Err(StanzaFault::item_not_found("no such reach address").into());
             };
-            relay_to_user(core, store, now, &user, who, stanza, out)
+            route_to_user(core, store, now, &user, who, stanza, Via::Reach, out)
         }
         LocalTarget::Session(peer) => {
             let Some(user) = store.user(&who.from_bare)? else {
@@ -79,7 +83,19 @@ pub(super) fn on_message(
     }
 }
 
-fn relay_to_user(
+/// How a buddy's message reaches the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Sent to her reach address: Reach relays it to her XMPP clients (or holds it for them).
+    Reach,
+    /// Sent to her own JID (integrated mode): her server delivered it to her clients, or keeps
+    /// it for them, and Reach sees a copy; only her terminals are left to Reach.
+    Server,
+}
+
+/// A copy of a buddy's message to a user who is reached at her own JID (see
+/// `super::integrated`): routed to her terminals as a message to her reach address would be.
+pub(super) fn on_copied_message(
     core: &Core,
     store: &mut dyn Transaction,
     now: u64,
@@ -88,8 +104,27 @@ fn relay_to_user(
     stanza: &Element,
     out: &mut Out,
 ) -> Handled {
+    route_to_user(core, store, now, user, who, stanza, Via::Server, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route_to_user(
+    core: &Core,
+    store: &mut dyn Transaction,
+    now: u64,
+    user: &User,
+    who: &Addressing,
+    stanza: &Element,
+    via: Via,
+    out: &mut Out,
+) -> Handled {
     let peer = who.from_bare.as_str();
-    let relayed = readdress(stanza, &core.session_jid(peer), &user.jid);
+    // Through her server she has it on XMPP already, as the server delivered it.
+    let on_server = via == Via::Server;
+    let relayed = match via {
+        Via::Reach => readdress(stanza, &core.session_jid(peer), &user.jid),
+        Via::Server => stanza.clone(),
+    };
     let content = has_content(stanza);
     let xmpp = forward::xmpp_state(store, user)?;
     let body = child_text(stanza, "body")
@@ -109,6 +144,9 @@ fn relay_to_user(
         None
     } else if body.is_some() && decision.forward.is_some() {
         Some(Wait::Pending)
+    } else if on_server {
+        // Her server keeps it for her clients.
+        None
     } else {
         Some(Wait::Held)
     };
@@ -137,7 +175,8 @@ fn relay_to_user(
     };
     // While held messages are still being delivered a page at a time, a new one joins the end
     // of what is held, so the user reads them in order (the next tick delivers it).
-    let behind_held = decision.to_xmpp
+    let behind_held = !on_server
+        && decision.to_xmpp
         && decision.forward.is_none()
         && content
         && attr(stanza, "type") != "error"
@@ -153,7 +192,9 @@ fn relay_to_user(
                     "pending forward full: a message relayed to XMPP gets no second chance by {:?}",
                     to.terminal
                 );
-                out.send(relayed);
+                if !on_server {
+                    out.send(relayed);
+                }
                 return Ok(());
             }
             forward::queue(
@@ -167,7 +208,25 @@ fn relay_to_user(
                 out,
             )?;
         }
-        out.send(relayed);
+        if !on_server {
+            out.send(relayed);
+        }
+    } else if on_server {
+        // No client online: her server keeps it for them; a terminal may take it meanwhile.
+        if let (Some(text), Some(to), true) = (body, decision.forward, content) {
+            if attr(stanza, "type") != "error" {
+                forward::queue(
+                    core,
+                    store,
+                    now,
+                    user,
+                    peer,
+                    item(&relayed, true, text)?,
+                    to,
+                    out,
+                )?;
+            }
+        }
     } else if content && attr(stanza, "type") != "error" {
         let mut held = relayed;
         held.append_child(

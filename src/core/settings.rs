@@ -60,6 +60,7 @@ pub(super) mod field {
     pub const ALERTS: &str = "buddy alerts";
     pub const DAILY_CAP: &str = "daily cap";
     pub const POLICY: &str = "subscription policy";
+    pub const ADDRESS: &str = "address";
 }
 
 /// Longest grace delay a user may ask for: a day.
@@ -196,6 +197,65 @@ pub(super) const POLICY_CHOICES: &[(&str, &str)] = &[
     ("buddies_only", "Only people I already talk with"),
     ("ask", "Ask me about each request"),
 ];
+
+/// Where buddies reach the user (integrated mode): her own JID or her reach address.
+pub(super) const ADDRESS_CHOICES: &[(&str, &str)] = &[
+    ("reach", "At my reach address"),
+    (
+        "own",
+        "At my own address (my server copies my messages to Reach)",
+    ),
+];
+
+pub(super) fn address_word(user: &User) -> &'static str {
+    if user.integrated {
+        "own"
+    } else {
+        "reach"
+    }
+}
+
+fn parse_address(text: &str) -> Result<bool, Invalid> {
+    match choice(text).as_str() {
+        "own" | "mine" | "my" | "jid" => Ok(true),
+        "reach" | "reach_address" => Ok(false),
+        _ => Err(Invalid::new(
+            field::ADDRESS,
+            format!("'{}' is not one of own, reach", shown(text.trim())),
+        )),
+    }
+}
+
+/// Whether the user's server lets her be reached at her own address; the reason if not.
+fn own_address_refusal(
+    core: &Core,
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<Option<Invalid>, StoreError> {
+    let host = user.jid.rsplit_once('@').map_or("", |(_, h)| h);
+    if !core.settings.integrated_hosts.iter().any(|h| h == host) {
+        return Ok(Some(Invalid::new(
+            field::ADDRESS,
+            format!(
+                "your server {host} does not copy your messages to Reach (integrated mode is not \
+                 set up for it): buddies reach you at your reach address"
+            ),
+        )));
+    }
+    if !store
+        .host_privileges(host)?
+        .is_some_and(|p| p.send_as_users)
+    {
+        return Ok(Some(Invalid::new(
+            field::ADDRESS,
+            format!(
+                "your server {host} has not allowed Reach to send messages as you (XEP-0356): \
+                 ask its admin"
+            ),
+        )));
+    }
+    Ok(None)
+}
 
 pub(super) fn policy_word(policy: SubscriptionPolicy) -> &'static str {
     match policy {
@@ -578,6 +638,8 @@ pub(super) struct Draft {
     pub daily_cap: Option<String>,
     /// One of [`POLICY_CHOICES`]. Account-wide.
     pub policy: Option<String>,
+    /// One of [`ADDRESS_CHOICES`]. Account-wide.
+    pub address: Option<String>,
 }
 
 impl Draft {
@@ -586,6 +648,7 @@ impl Draft {
         let account = Draft {
             time_zone: Some(user.time_zone.clone().unwrap_or_default()),
             policy: Some(policy_word(user.subscription_policy).to_owned()),
+            address: Some(address_word(user).to_owned()),
             ..Draft::default()
         };
         let Some(view) = kind.and_then(|kind| terminal(user, kind)) else {
@@ -636,6 +699,7 @@ impl Draft {
             alerts: self.alerts.or(base.alerts),
             daily_cap: self.daily_cap.or(base.daily_cap),
             policy: self.policy.or(base.policy),
+            address: self.address.or(base.address),
         }
     }
 
@@ -666,6 +730,8 @@ struct Checked {
     alerts: Option<Vec<String>>,
     daily_cap: Option<Option<u32>>,
     policy: Option<SubscriptionPolicy>,
+    /// Reached at her own JID (true) or her reach address.
+    address: Option<bool>,
 }
 
 /// Keeps a checked value, or notes why it was refused.
@@ -699,8 +765,20 @@ pub(super) fn save_preferences(
             Err(errors) => return Ok(Err(errors)),
         },
     };
+    if checked.address == Some(true) && !user.integrated {
+        if let Some(refusal) = own_address_refusal(core, store, user)? {
+            return Ok(Err(vec![refusal]));
+        }
+    }
     let mut updated = user.clone();
     apply(&mut updated, kind, checked);
+    if user.integrated && !updated.integrated {
+        // Back to the reach address: what only her server's copies brought waits no more
+        // (her clients have it, from her server).
+        for pending in store.pending_for(&user.jid)? {
+            super::forward::cancel_pending(store, user, &pending.peer)?;
+        }
+    }
     if updated != *user {
         store.put_user(&updated)?;
         super::presence::refresh_global(core, store, now, &updated, out)?;
@@ -734,6 +812,10 @@ fn check(
             .policy
             .as_deref()
             .and_then(|p| keep(&mut errors, parse_policy(p))),
+        address: draft
+            .address
+            .as_deref()
+            .and_then(|a| keep(&mut errors, parse_address(a))),
         ..Checked::default()
     };
     if let Some(kind) = kind {
@@ -796,6 +878,9 @@ fn apply(user: &mut User, kind: Option<TerminalKind>, checked: Checked) {
     }
     if let Some(policy) = checked.policy {
         user.subscription_policy = policy;
+    }
+    if let Some(own) = checked.address {
+        user.integrated = own;
     }
     let zone = user.time_zone.clone().unwrap_or_else(|| "UTC".to_owned());
     if let Some(prefs) = kind.and_then(|kind| prefs_mut(user, kind)) {
@@ -1216,10 +1301,15 @@ pub(super) fn describe_terminal(core: &Core, user: &User, kind: TerminalKind) ->
 /// The account-wide settings in words.
 pub(super) fn account_lines(user: &User) -> String {
     format!(
-        "Time zone: {} (for quiet hours)\nSubscription policy: {} ({})",
+        "Time zone: {} (for quiet hours)\nSubscription policy: {} ({})\nBuddies reach you at: {}",
         user.time_zone.as_deref().unwrap_or("UTC"),
         policy_word(user.subscription_policy),
-        policy_words(user.subscription_policy)
+        policy_words(user.subscription_policy),
+        if user.integrated {
+            format!("your own address {} (address own)", user.jid)
+        } else {
+            "your reach address (address reach)".to_owned()
+        }
     )
 }
 

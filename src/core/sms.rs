@@ -625,7 +625,7 @@ fn on_command(
                 .map_or(LocalState::Available, |t| t.state);
             format!(
                 "Reach: {} phone {}; buddies see: {}. {} held, {} SMS today.",
-                core.reach_address(&user.handle),
+                super::integrated::public_address(core, store, user)?,
                 super::settings::state_word(state),
                 seen_by_buddies(core, store, user)?,
                 store.held_count(&user.jid)?,
@@ -715,7 +715,7 @@ fn send_im(
                 .build(),
         );
     }
-    out.send(message);
+    super::integrated::send_as_user(core, store, user, message, out)?;
     forward::cancel_pending(store, user, peer)?;
     tracing::debug!(handle = user.handle.as_str(), "SMS reply relayed");
     Ok(())
@@ -749,7 +749,7 @@ pub(super) fn on_delivery(
                                 .attr(an("id"), id.as_str())
                                 .build(),
                         );
-                        out.send(receipt);
+                        super::integrated::send_as_user(core, store, &user, receipt, out)?;
                     }
                 }
             }

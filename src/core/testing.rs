@@ -44,6 +44,7 @@ impl Harness {
                         allowed_prefixes: vec!["+1".into(), "+44".into()],
                     }),
                     limits,
+                    integrated_hosts: vec!["example.org".into()],
                 },
                 7,
             ),

@@ -30,6 +30,12 @@ pub trait Transaction {
     /// order explicit.
     fn lock_user(&mut self, jid: &str) -> Result<()>;
 
+    /// What the server host `host` allows Reach (XEP-0356), as it last said.
+    fn host_privileges(&mut self, host: &str) -> Result<Option<HostPrivileges>>;
+
+    /// Records what the server host `host` allows Reach.
+    fn put_host_privileges(&mut self, host: &str, privileges: &HostPrivileges) -> Result<()>;
+
     /// Takes the user for update if no other instance holds it; false at once if one does.
     fn claim_user(&mut self, jid: &str) -> Result<bool>;
 

@@ -16,6 +16,7 @@ pub(crate) fn alice() -> User {
         primary: None,
         subscription_policy: Default::default(),
         time_zone: None,
+        integrated: false,
     }
 }
 

@@ -147,7 +147,11 @@ const ALL_TREES: &[Tree] = &[
     COUNTERS_DUE,
     DEAD_LETTERS,
     DEAD_BY_FINGERPRINT,
+    HOST_PRIVILEGES,
 ];
+
+/// What each server host allows Reach (XEP-0356), by host.
+const HOST_PRIVILEGES: Tree = Tree::records("host_privileges");
 
 const DATA_VERSION_KEY: &[u8] = b"data_version";
 /// Progress of the walk over all users after a reconnect (see [`Tx::presence_walk`]).
@@ -1287,6 +1291,15 @@ impl<'s> Tx<'s> {
 impl Transaction for Tx<'_> {
     fn lock_user(&mut self, jid: &str) -> Result<()> {
         self.locked_user(jid)
+    }
+
+    fn host_privileges(&mut self, host: &str) -> Result<Option<HostPrivileges>> {
+        self.get_record(HOST_PRIVILEGES, host.as_bytes())
+    }
+
+    fn put_host_privileges(&mut self, host: &str, privileges: &HostPrivileges) -> Result<()> {
+        self.txn
+            .put(HOST_PRIVILEGES, host.as_bytes(), encode(privileges))
     }
 
     fn claim_user(&mut self, jid: &str) -> Result<bool> {

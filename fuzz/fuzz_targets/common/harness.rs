@@ -51,6 +51,7 @@ pub fn settings() -> Settings {
             wrong_codes_per_user_per_day: 1_000,
             ..Limits::default()
         },
+        integrated_hosts: vec!["example.org".into()],
     }
 }
 

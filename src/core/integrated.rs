@@ -1,0 +1,601 @@
+//! Integrated mode: a user's own JID plays her reach address's role.
+//!
+//! Her server (Prosody with mod_privilege and mod_firewall, see docs/integrated-mode.md) tells
+//! Reach what it may do: when the component connects, each host sends an XEP-0356 `<privilege/>`
+//! message, kept per host ([`HostPrivileges`]). It also copies to Reach, wrapped in an XEP-0297
+//! `<forwarded/>` message from the host, the messages it delivers to its users (also while they
+//! are offline) and those they send.
+//!
+//! For a user who chose her own address (`address own`, [`User::integrated`]):
+//! - a copy of what a buddy sent her is routed as a message to her reach address would be, with
+//!   one difference: her XMPP clients have it already (the server delivered it, or keeps it for
+//!   them), so only her terminals are considered, and nothing is held for XMPP;
+//! - a copy of what she sent a buddy from a client (an answer, a read marker) cancels what waits
+//!   to be forwarded of that conversation, as reading or answering through Reach does;
+//! - what she sends by email or SMS (and the receipts and notices Reach sends for her) goes to
+//!   the buddy from her own JID, through the server ([`send_as_user`], the XEP-0356 message
+//!   permission), marked with [`SENT_AS_USER`] so that the server's copy of it is recognised and
+//!   never taken for hers.
+//!
+//! Copies come from the hosts in `[integrated] hosts` only, and are never answered: the server
+//! delivered the original already, whatever Reach thinks of it. Copies for users who did not
+//! choose their own address are dropped unread.
+
+use minidom::Element;
+use xmpp_parsers::ns;
+
+use super::model::{HostPrivileges, StoreError, User};
+use super::{Addressing, Core, Failure, Handled, Out, Transaction};
+use crate::address::LocalTarget;
+use crate::xmpp::stanza::{an, attr, stanza, CHAT_MARKERS, NONE, STANZA_NS};
+
+/// XEP-0356 as Prosody's mod_privilege speaks it.
+pub const PRIVILEGE: &str = "urn:xmpp:privilege:2";
+/// XEP-0356's first version, as ejabberd's mod_privilege speaks it.
+pub const PRIVILEGE_V1: &str = "urn:xmpp:privilege:1";
+/// XEP-0297: a message wrapped in another.
+pub const FORWARD: &str = "urn:xmpp:forward:0";
+/// The namespace of the client stream, which messages inside `<forwarded/>` carry.
+pub const CLIENT: &str = "jabber:client";
+/// Reach's mark on what it sends as a user: the server's copy of such a message is Reach's
+/// own, not the user's (and the shipped firewall rules do not copy it at all).
+pub const SENT_AS_USER: &str = "urn:reach:sent-as-user:0";
+
+/// Whether buddies reach `user` at her own JID now: she chose it, and her server allows Reach
+/// to send as her. Otherwise her reach address is her public identity.
+pub(crate) fn uses_own_address(
+    core: &Core,
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<bool, StoreError> {
+    if !user.integrated {
+        return Ok(false);
+    }
+    let Some(host) = host_of(&user.jid) else {
+        return Ok(false);
+    };
+    if !core.settings.integrated_hosts.iter().any(|h| h == host) {
+        return Ok(false);
+    }
+    Ok(store
+        .host_privileges(host)?
+        .is_some_and(|p| p.send_as_users))
+}
+
+/// The address buddies know the user by: her own JID or her reach address.
+pub(crate) fn public_address(
+    core: &Core,
+    store: &mut dyn Transaction,
+    user: &User,
+) -> Result<String, StoreError> {
+    Ok(if uses_own_address(core, store, user)? {
+        user.jid.clone()
+    } else {
+        core.reach_address(&user.handle)
+    })
+}
+
+/// Sends `message` (a message to a buddy, addressed from the user's reach address) from the
+/// user's public identity: as it is, or from her own JID through her server.
+pub(crate) fn send_as_user(
+    core: &Core,
+    store: &mut dyn Transaction,
+    user: &User,
+    message: Element,
+    out: &mut Out,
+) -> Result<(), StoreError> {
+    if !uses_own_address(core, store, user)? {
+        out.send(message);
+        return Ok(());
+    }
+    let host = host_of(&user.jid).unwrap_or_default().to_owned();
+    out.send(privileged(
+        &core.settings.domain,
+        &host,
+        &user.jid,
+        &message,
+    ));
+    Ok(())
+}
+
+/// `message` sent by the server `host` as `user` (XEP-0356): the message itself moves to the
+/// client namespace, from the user's bare JID, with Reach's mark.
+fn privileged(domain: &str, host: &str, user: &str, message: &Element) -> Element {
+    let mut inner = in_namespace(message, CLIENT);
+    inner.set_attr(NONE, an("from"), user);
+    inner.append_child(Element::builder("sent-as-user", SENT_AS_USER).build());
+    let mut wrapper = stanza("message", domain, host);
+    if let Some(id) = message.attr("id") {
+        wrapper.set_attr(NONE, an("id"), id);
+    }
+    wrapper.append_child(
+        Element::builder("privilege", PRIVILEGE)
+            .append(Element::builder("forwarded", FORWARD).append(inner).build())
+            .build(),
+    );
+    wrapper
+}
+
+/// `el` with its own namespace and that of its children in `from`'s namespace moved to `to`
+/// (the stanza namespace differs between the component and the client stream).
+fn in_namespace(el: &Element, to: &str) -> Element {
+    let from = el.ns();
+    let mut builder = Element::builder(el.name(), to);
+    for ((_, name), value) in el.attrs().iter() {
+        builder = builder.attr(name.clone(), value.as_str());
+    }
+    for node in el.nodes() {
+        match node {
+            minidom::Node::Element(child) if child.ns() == from => {
+                builder = builder.append(in_namespace(child, to));
+            }
+            minidom::Node::Element(child) => builder = builder.append(child.clone()),
+            minidom::Node::Text(text) => builder = builder.append(text.as_str()),
+        }
+    }
+    builder.build()
+}
+
+/// The domain of a bare JID.
+fn host_of(jid: &str) -> Option<&str> {
+    jid.rsplit_once('@').map(|(_, host)| host)
+}
+
+/// A message to the service `D` from a server host (a JID without a local part): a host's
+/// privileges, or a copy of a message. Never answered.
+pub(super) fn on_host_message(
+    core: &Core,
+    store: &mut dyn Transaction,
+    now: u64,
+    stanza: &Element,
+    who: &Addressing,
+    out: &mut Out,
+) -> Handled {
+    let host = who.from_bare.as_str();
+    if !core.settings.integrated_hosts.iter().any(|h| h == host) {
+        tracing::debug!("a message from a server host that is not in [integrated] hosts; ignored");
+        return Ok(());
+    }
+    for privilege in stanza
+        .children()
+        .filter(|c| c.is("privilege", PRIVILEGE) || c.is("privilege", PRIVILEGE_V1))
+    {
+        record_privileges(store, now, host, privilege)?;
+    }
+    if let Some(copied) = stanza
+        .get_child("forwarded", FORWARD)
+        .and_then(|f| f.get_child("message", CLIENT))
+    {
+        // Read like any stanza of the component stream from here on.
+        let copied = in_namespace(copied, STANZA_NS);
+        match on_copy(core, store, now, host, &copied, out) {
+            Err(Failure::Store(e)) => return Err(Failure::Store(e)),
+            // The server delivered the original whatever Reach thinks of it: a copy is never
+            // answered (e.g. past a storage cap it is only not forwarded).
+            Err(Failure::Fault(fault)) => {
+                tracing::debug!(
+                    "a copy was not taken: {}",
+                    fault.text.as_deref().unwrap_or(fault.condition)
+                );
+            }
+            Ok(()) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Keeps what the host allows Reach (its `<privilege/>` message).
+fn record_privileges(
+    store: &mut dyn Transaction,
+    now: u64,
+    host: &str,
+    privilege: &Element,
+) -> Result<(), StoreError> {
+    let mut granted = HostPrivileges {
+        at: now,
+        ..HostPrivileges::default()
+    };
+    for perm in privilege.children().filter(|c| c.name() == "perm") {
+        let kind = attr(perm, "type");
+        match attr(perm, "access") {
+            "message" => granted.send_as_users = kind == "outgoing",
+            "roster" if kind != "none" => granted.roster = Some(kind.to_owned()),
+            "presence" if kind != "none" => granted.presence = Some(kind.to_owned()),
+            _ => {}
+        }
+    }
+    tracing::info!(
+        host,
+        send_as_users = granted.send_as_users,
+        roster = granted.roster.as_deref().unwrap_or("none"),
+        presence = granted.presence.as_deref().unwrap_or("none"),
+        "the server's privileges for Reach"
+    );
+    store.put_host_privileges(host, &granted)
+}
+
+/// A copy of a message the server `host` delivered to one of its users, or that one of them
+/// sent.
+fn on_copy(
+    core: &Core,
+    store: &mut dyn Transaction,
+    now: u64,
+    host: &str,
+    copied: &Element,
+    out: &mut Out,
+) -> Handled {
+    // What Reach sent itself (as a user, or from its own addresses) comes back as a copy too.
+    if copied.has_child("sent-as-user", SENT_AS_USER) {
+        return Ok(());
+    }
+    let (Ok(from), Ok(to)) = (
+        attr(copied, "from").parse::<jid::Jid>(),
+        attr(copied, "to").parse::<jid::Jid>(),
+    ) else {
+        return Ok(());
+    };
+    let domain = core.settings.domain.as_str();
+    if from.domain().as_str() == domain || to.domain().as_str() == domain {
+        return Ok(());
+    }
+    if matches!(attr(copied, "type"), "groupchat" | "error" | "headline") {
+        return Ok(());
+    }
+    let (from_bare, to_bare) = (from.to_bare().to_string(), to.to_bare().to_string());
+    if from_bare.len() > super::limits::MAX_JID_BYTES
+        || to_bare.len() > super::limits::MAX_JID_BYTES
+    {
+        return Ok(());
+    }
+    // Delivered to one of the host's users: a buddy's message to her.
+    if to.domain().as_str() == host && from_bare != to_bare {
+        if let Some(user) = store.user(&to_bare)? {
+            if uses_own_address(core, store, &user)? {
+                let who = Addressing {
+                    from: from.clone(),
+                    from_bare: from_bare.clone(),
+                    target: LocalTarget::User(user.handle.clone()),
+                };
+                return super::relay::on_copied_message(core, store, now, &user, &who, copied, out);
+            }
+        }
+    }
+    // Sent by one of the host's users: her answer or read marker from a client.
+    if from.domain().as_str() == host && from_bare != to_bare {
+        if let Some(user) = store.user(&from_bare)? {
+            if uses_own_address(core, store, &user)? {
+                return on_sent_by_user(store, now, &user, &to_bare, copied);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The user answered or read a conversation from one of her clients: nothing of it needs
+/// forwarding any more.
+fn on_sent_by_user(
+    store: &mut dyn Transaction,
+    now: u64,
+    user: &User,
+    peer: &str,
+    copied: &Element,
+) -> Handled {
+    let answered = copied.has_child("body", STANZA_NS);
+    let read = copied
+        .children()
+        .any(|c| c.is("displayed", CHAT_MARKERS) || c.is("received", ns::RECEIPTS));
+    if answered {
+        store.touch_session(&user.jid, peer, now)?;
+    }
+    if answered || read {
+        super::forward::cancel_pending(store, user, peer)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::email::{InboundMail, SmtpAnswer};
+    use crate::core::model::{EmailJob, Terminal};
+    use crate::core::testing::*;
+    use crate::core::{Action, Event};
+    use crate::email::extract::Reply;
+    use crate::xmpp::stanza::child_text;
+
+    const ALICE: &str = "alice@example.org";
+    const ALICE_MAIL: &str = "alice@mail.example.org";
+    const BOB: &str = "bob@example.net";
+    const HOST: &str = "example.org";
+
+    /// What Prosody's mod_privilege says when Reach connects.
+    fn privileges(t: &Harness, from: &str, message: &str) -> Vec<Element> {
+        t.run(&format!(
+            "<message from='{from}' to='{D}'><privilege xmlns='{PRIVILEGE}'>\
+             <perm access='roster' type='both'/><perm access='message' type='{message}'/>\
+             <perm access='presence' type='roster'/></privilege></message>"
+        ))
+    }
+
+    /// Alice registered with a verified email address.
+    fn alice_with_email(t: &Harness) {
+        t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
+        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
+        user.email = Some(Terminal {
+            verified: true,
+            ..Terminal::unverified(user.email.unwrap().address)
+        });
+        t.store.tx().put_user(&user).unwrap();
+    }
+
+    fn say(t: &Harness, line: &str) -> String {
+        let out = t.run(&format!(
+            "<message type='chat' from='{ALICE}/pc' to='{D}'><body>{line}</body></message>"
+        ));
+        child_text(&out[0], "body").unwrap()
+    }
+
+    /// Alice on her own address: the host granted the message permission, she chose it.
+    fn integrated_alice(t: &Harness) {
+        alice_with_email(t);
+        assert!(privileges(t, HOST, "outgoing").is_empty());
+        let said = say(t, "address own");
+        assert!(
+            said.contains("Buddies reach you at: your own address"),
+            "{said}"
+        );
+    }
+
+    /// The server's copy of a message it delivered (mod_firewall FORWARD).
+    fn copy(t: &Harness, from: &str, to: &str, inner: &str) -> Vec<Action> {
+        t.actions(Event::Stanza(
+            format!(
+                "<message xmlns='jabber:component:accept' from='{HOST}' to='{D}'>\
+                 <forwarded xmlns='{FORWARD}'><message xmlns='{CLIENT}' from='{from}' to='{to}' \
+                 type='chat' id='c1'>{inner}</message></forwarded></message>"
+            )
+            .parse()
+            .unwrap(),
+        ))
+    }
+
+    fn from_bob(t: &Harness, body: &str) -> Vec<Action> {
+        copy(
+            t,
+            &format!("{BOB}/pc"),
+            ALICE,
+            &format!("<body>{body}</body>"),
+        )
+    }
+
+    fn emails(actions: &[Action]) -> Vec<EmailJob> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendEmail(job) => Some((**job).clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stanzas(actions: &[Action]) -> Vec<&Element> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendStanza(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn forwarded_after_the_digest(t: &Harness) -> Vec<EmailJob> {
+        t.advance(31);
+        emails(&t.actions(Event::Tick))
+    }
+
+    fn reply(t: &Harness, alias: &str, text: &str) -> (SmtpAnswer, Vec<Element>) {
+        let actions = t.actions(Event::EmailReply(InboundMail {
+            envelope_from: ALICE_MAIL.into(),
+            rcpt: alias.into(),
+            reply: Reply {
+                message_id: Some("<r1@mail.example.org>".into()),
+                from: Some(ALICE_MAIL.into()),
+                subject: Some("Re: IM".into()),
+                in_reply_to: vec![],
+                references: vec![],
+                text: text.into(),
+                attachments: vec![],
+                automatic: None,
+            },
+        }));
+        let mut answer = None;
+        let mut out = Vec::new();
+        for a in actions {
+            match a {
+                Action::AnswerMail(x) => answer = Some(x),
+                Action::SendStanza(s) => out.push(s),
+                _ => {}
+            }
+        }
+        (answer.expect("an SMTP answer"), out)
+    }
+
+    #[test]
+    fn own_address_needs_the_host_in_the_config_and_its_message_permission() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        let said = say(&t, "address own");
+        assert!(
+            said.contains("has not allowed Reach to send messages as you"),
+            "{said}"
+        );
+        assert!(said.contains("Nothing was changed"), "{said}");
+        // Another server's say-so counts for nothing.
+        privileges(&t, "other.example", "outgoing");
+        assert!(say(&t, "address own").contains("has not allowed Reach"));
+        // A host that withholds the message permission.
+        privileges(&t, HOST, "none");
+        assert!(say(&t, "address own").contains("has not allowed Reach"));
+        privileges(&t, HOST, "outgoing");
+        let said = say(&t, "address own");
+        assert!(said.starts_with("Saved."), "{said}");
+        assert!(t.store.tx().user(ALICE).unwrap().unwrap().integrated);
+        assert!(say(&t, "address").contains("your own address alice@example.org"));
+        // A server whose users' messages are not copied to Reach ([integrated] hosts).
+        let mut t = Harness::new();
+        let mut settings = t.core.settings().clone();
+        settings.integrated_hosts.clear();
+        t.core = crate::core::Core::with_seed(settings, 7);
+        alice_with_email(&t);
+        privileges(&t, HOST, "outgoing");
+        let said = say(&t, "address own");
+        assert!(
+            said.contains("does not copy your messages to Reach"),
+            "{said}"
+        );
+        assert!(!t.store.tx().user(ALICE).unwrap().unwrap().integrated);
+    }
+
+    #[test]
+    fn a_buddys_message_to_her_own_address_goes_by_email_while_she_is_offline_and_her_reply_comes_from_her_jid(
+    ) {
+        let t = Harness::new();
+        integrated_alice(&t);
+        let actions = from_bob(&t, "hello Alice");
+        assert!(
+            stanzas(&actions).is_empty(),
+            "her server delivered it: Reach relays nothing, and never answers a copy: {actions:?}"
+        );
+        assert_eq!(
+            t.store.tx().held_count(ALICE).unwrap(),
+            0,
+            "nothing is held"
+        );
+        let mails = forwarded_after_the_digest(&t);
+        assert_eq!(mails.len(), 1);
+        assert_eq!(mails[0].email.paragraphs, ["hello Alice"]);
+        assert!(
+            mails[0]
+                .email
+                .footer
+                .contains("reaches bob@example.net from alice@example.org"),
+            "{}",
+            mails[0].email.footer
+        );
+        let (answer, out) = reply(&t, &mails[0].email.from_address, "hi Bob, from the beach");
+        assert_eq!(answer.code, 250, "{answer:?}");
+        assert_eq!(out.len(), 1, "{out:?}");
+        let wrapper = &out[0];
+        // Through her server, as her (XEP-0356).
+        assert_eq!(wrapper.attr("to"), Some(HOST));
+        assert_eq!(wrapper.attr("from"), Some(D));
+        let inner = wrapper
+            .get_child("privilege", PRIVILEGE)
+            .and_then(|p| p.get_child("forwarded", FORWARD))
+            .and_then(|f| f.get_child("message", CLIENT))
+            .expect("a message inside privilege/forwarded");
+        assert_eq!(inner.attr("from"), Some(ALICE));
+        assert_eq!(inner.attr("to"), Some(BOB));
+        assert_eq!(inner.attr("type"), Some("chat"));
+        assert_eq!(
+            inner.get_child("body", CLIENT).map(|b| b.text()).as_deref(),
+            Some("hi Bob, from the beach")
+        );
+        assert!(inner.has_child("sent-as-user", SENT_AS_USER));
+        // The server's copy of that reply (sent by "her") is Reach's own: nothing happens.
+        let echoed = copy(
+            &t,
+            ALICE,
+            BOB,
+            &format!("<body>hi Bob, from the beach</body><sent-as-user xmlns='{SENT_AS_USER}'/>"),
+        );
+        assert!(echoed.is_empty(), "{echoed:?}");
+    }
+
+    #[test]
+    fn while_a_client_is_online_reach_does_nothing_and_reading_from_a_client_cancels_the_forward() {
+        let t = Harness::new();
+        integrated_alice(&t);
+        t.run(&format!("<presence from='{ALICE}/laptop' to='{D}'/>"));
+        assert!(from_bob(&t, "you are online").is_empty());
+        assert!(forwarded_after_the_digest(&t).is_empty());
+        // Away: forwarded after the grace delay unless she reads it from a client.
+        t.run(&format!(
+            "<presence from='{ALICE}/laptop' to='{D}'><show>away</show></presence>"
+        ));
+        from_bob(&t, "are you there?");
+        t.advance(30);
+        let read = copy(
+            &t,
+            &format!("{ALICE}/laptop"),
+            BOB,
+            "<displayed xmlns='urn:xmpp:chat-markers:0' id='c1'/>",
+        );
+        assert!(read.is_empty(), "{read:?}");
+        t.advance(200);
+        assert!(
+            emails(&t.actions(Event::Tick)).is_empty(),
+            "read: not forwarded"
+        );
+        // Unread, it goes out after the grace delay.
+        from_bob(&t, "still there?");
+        t.advance(200);
+        let mails = emails(&t.actions(Event::Tick));
+        assert_eq!(mails.len(), 1);
+        assert_eq!(mails[0].email.paragraphs, ["still there?"]);
+    }
+
+    #[test]
+    fn copies_for_users_on_their_reach_address_and_from_unknown_hosts_are_ignored() {
+        let t = Harness::new();
+        alice_with_email(&t);
+        privileges(&t, HOST, "outgoing");
+        let before = t.snapshot(ALICE);
+        assert!(from_bob(&t, "not for Reach").is_empty());
+        assert!(forwarded_after_the_digest(&t).is_empty());
+        assert_eq!(t.snapshot(ALICE), before, "nothing is kept of it");
+        say(&t, "address own");
+        // A copy from a host Reach does not take copies from.
+        let forged = t.actions(Event::Stanza(
+            format!(
+                "<message xmlns='jabber:component:accept' from='evil.example' to='{D}'>\
+                 <forwarded xmlns='{FORWARD}'><message xmlns='{CLIENT}' from='{BOB}/pc' \
+                 to='{ALICE}' type='chat'><body>forged</body></message></forwarded></message>"
+            )
+            .parse()
+            .unwrap(),
+        ));
+        assert!(forged.is_empty(), "{forged:?}");
+        // Reach's own messages to her (the service's chat) come back as copies: ignored.
+        let own = copy(&t, D, ALICE, "<body>Reach: a code</body>");
+        assert!(own.is_empty());
+        assert!(forwarded_after_the_digest(&t).is_empty());
+    }
+
+    #[test]
+    fn back_to_the_reach_address_undoes_what_the_copies_left_and_replies_come_from_it_again() {
+        let t = Harness::new();
+        integrated_alice(&t);
+        from_bob(&t, "waiting for its email");
+        let said = say(&t, "address reach");
+        assert!(said.contains("your reach address"), "{said}");
+        assert!(
+            t.store.tx().pending_for(ALICE).unwrap().is_empty(),
+            "her clients have it from her server: no email"
+        );
+        assert!(forwarded_after_the_digest(&t).is_empty());
+        assert!(from_bob(&t, "after").is_empty());
+        assert!(
+            forwarded_after_the_digest(&t).is_empty(),
+            "copies are ignored now"
+        );
+        // A buddy writing to the reach address, answered by email: from the reach address.
+        t.run(&format!(
+            "<message type='chat' id='r1' from='{BOB}/pc' to='alice@{D}'><body>to the reach address</body></message>"
+        ));
+        let mails = forwarded_after_the_digest(&t);
+        let (_, out) = reply(&t, &mails[0].email.from_address, "answer");
+        assert_eq!(out[0].attr("from"), Some(format!("alice@{D}").as_str()));
+        assert_eq!(out[0].attr("to"), Some(BOB));
+    }
+}
