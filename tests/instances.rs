@@ -1037,14 +1037,12 @@ async fn a_killed_instance_is_taken_over_and_rejoins_under_its_name() {
 }
 
 /// An instance cut off from ejabberd (a partition: its link cannot come up) while the others
-/// stay connected. It still takes Alice's email reply on its SMTP listener (250, committed), but
-/// the stanza for Bob waits in that instance's own outbox until its link comes back: the
-/// connected instances take over an outbox only when its instance is gone (not merely
-/// disconnected). What a user should see: Bob gets the reply within seconds, since two
-/// instances are connected all along.
+/// stay connected. It still takes Alice's email reply on its SMTP listener (250, committed), and
+/// the stanza for Bob waits in that instance's own outbox while its link is down; a connected
+/// instance sends it once the link has been down for `LINK_DOWN_ADOPTION_MS` (a live instance's
+/// outbox is taken over then, not only a stopped one's). What a user should see: Bob gets the
+/// reply within seconds, since two instances are connected all along.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Reach bug (issue 12): an alive instance whose link is down keeps its outbox; \
-            the connected instances never send it (see the report)"]
 async fn a_reply_taken_by_an_instance_cut_off_from_the_server_reaches_the_buddy() {
     let mut site = Site::new(Options {
         instances: 2,
@@ -1095,12 +1093,12 @@ async fn a_reply_taken_by_an_instance_cut_off_from_the_server_reaches_the_buddy(
 
 /// Alice's client comes online and goes at once (a phone on a flaky network): her available
 /// presence and her unavailable presence reach Reach a moment apart, and ejabberd may give
-/// them to two instances, which then decide for her one after the other in either order. What
-/// a user should see: once her client is gone, Reach knows she is offline, so Bob's next message
-/// goes to her email and Bob sees her reach address as not available on XMPP.
+/// them to two instances, which then decide for her one after the other in either order (an
+/// "available" just after the same resource's "unavailable" is checked with the server, whose
+/// answer decides). What a user should see: once her client is gone, Reach knows she is
+/// offline, so Bob's next message goes to her email and Bob sees her reach address as not
+/// available on XMPP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Reach bug (issue 12): presence stanzas handled by two instances in the wrong order \
-            leave a resource that is gone recorded as online (see the report)"]
 async fn a_client_that_comes_and_goes_at_once_is_seen_gone() {
     let mut site = Site::new(Options {
         instances: 3,
@@ -1228,12 +1226,10 @@ async fn after_the_server_restarts_the_instances_know_who_is_gone() {
 /// Every instance stops at once (a crash, or a deploy), Alice's client leaves while none runs
 /// (ejabberd cannot tell Reach), and the instances start again together. A single Reach walks
 /// its users when its link comes up (forgets their resources and asks their presence again);
-/// several instances skip that walk when another instance's link is up. Started together, each
-/// may see another's link up and skip it. What a user should see: Reach knows Alice is gone, so
-/// Bob's next message goes to her email.
+/// an instance skips that walk only when another instance's link was up all the time its own
+/// was down, so instances started together each walk. What a user should see: Reach knows Alice
+/// is gone, so Bob's next message goes to her email.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Reach bug (issue 12): instances whose links come up together all skip the walk \
-            over the users, so presence that changed while none ran stays stale (see the report)"]
 async fn instances_started_together_still_learn_who_left_meanwhile() {
     let mut site = Site::new(Options {
         instances: 2,
