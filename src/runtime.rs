@@ -137,12 +137,16 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     ));
     let forward = inputs_tx.clone();
     let link_store = store.clone();
+    // Whether the link is up, for the instance watch to keep the record right.
+    let link_is_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let link_state = link_is_up.clone();
     let link_forwarder = tokio::spawn(async move {
         let metrics = crate::metrics::global();
         while let Some(event) = link_events.recv().await {
             let event = match event {
                 LinkEvent::Up => {
                     metrics.link_established();
+                    link_state.store(true, std::sync::atomic::Ordering::SeqCst);
                     // With another instance's link up all along, the presence it received is
                     // current: nothing to learn again.
                     let elsewhere = blocking(&link_store, |s| {
@@ -166,6 +170,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 }
                 LinkEvent::Down => {
                     metrics.link_lost();
+                    link_state.store(false, std::sync::atomic::Ordering::SeqCst);
                     if let Err(e) = blocking(&link_store, |s| s.set_link_up(false)).await {
                         tracing::error!("cannot record the link's state: {e}");
                     }
@@ -202,7 +207,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     drop(inputs_tx);
     tracing::info!(domain = %config.component.domain, email = config.email.is_some(), "Reach started");
 
-    start_instance_watch(&store, &shutdown, &mut tasks);
+    start_instance_watch(&store, link_is_up, &shutdown, &mut tasks);
 
     // Dead letters the admin asked to re-drive (`reach dead-letters redrive`) go first.
     let redriven: Vec<Input> = blocking(&store, |s| s.take_redrives())
@@ -893,9 +898,12 @@ fn start_delivery<C: Courier + 'static>(
 /// their claims.
 const INSTANCE_WATCH: Duration = Duration::from_secs(5);
 
-/// Takes over what stopped instances left (at once, then every [`INSTANCE_WATCH`]).
+/// Keeps this instance's record right (its link's state: a second process that was refused the
+/// same name wrote over it) and takes over what stopped instances, or instances cut off from the
+/// server, left (at once, then every [`INSTANCE_WATCH`]).
 fn start_instance_watch(
     store: &Arc<Store>,
+    link_is_up: Arc<std::sync::atomic::AtomicBool>,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) {
@@ -907,6 +915,10 @@ fn start_instance_watch(
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = stop_requested(&mut stop) => break,
+            }
+            let up = link_is_up.load(std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = blocking(&store, move |s| s.set_link_up(up)).await {
+                tracing::error!("cannot record the link's state: {e}");
             }
             match blocking(&store, |s| s.adopt_gone_instances(now())).await {
                 Ok(adopted) if !adopted.is_empty() => store.wake_outbox(),

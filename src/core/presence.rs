@@ -429,6 +429,10 @@ pub(super) fn on_presence(
     }
 }
 
+/// How long after a resource went offline an "available" of the same resource is checked with
+/// the server before it is believed (see `on_service_presence`).
+const RESOURCE_GONE_SECS: u64 = 5;
+
 /// Presence addressed to the service itself: the user's resources, and subscriptions to `D`.
 fn on_service_presence(
     core: &Core,
@@ -458,7 +462,22 @@ fn on_service_presence(
             let before = xmpp_presence(store, &user)?;
             if type_ == "unavailable" {
                 store.remove_resource(&user.jid, &resource)?;
+                store.put_resource_gone(&user.jid, &resource, now)?;
             } else {
+                // Several instances may handle one client's presences in either order: an
+                // "available" met just after the same resource's "unavailable" may be the older
+                // of the two. The server is asked, and its answer (the resource's presence if it
+                // is online, nothing if not) decides.
+                let gone_at = store.take_resource_gone(&user.jid, &resource)?;
+                let known = store
+                    .resources(&user.jid)?
+                    .iter()
+                    .any(|(r, _)| *r == resource);
+                if !known && gone_at.is_some_and(|at| now.saturating_sub(at) <= RESOURCE_GONE_SECS)
+                {
+                    out.send(presence(service, &user.jid, Some("probe")));
+                    return Ok(());
+                }
                 let show = child_text(stanza, "show").filter(|s| rank(Some(s)) > 0);
                 let priority = child_text(stanza, "priority")
                     .and_then(|p| p.trim().parse().ok())
@@ -900,6 +919,49 @@ mod tests {
                 "{resources:?}"
             );
         }
+    }
+
+    /// Two instances may handle one client's "available" and "unavailable" in either order
+    /// (ejabberd spreads stanzas at random): an "available" of a resource that just went
+    /// offline is checked with the server, whose answer decides.
+    #[test]
+    fn an_available_just_after_the_same_resources_unavailable_is_checked_with_the_server() {
+        let t = Harness::new();
+        t.register("alice@example.org", "alice");
+        let resources = |t: &Harness| t.store.tx().resources("alice@example.org").unwrap();
+        // The unavailable was handled first, the older available after it.
+        t.run(&format!(
+            "<presence type='unavailable' from='alice@example.org/phone' to='{D}'/>"
+        ));
+        let out = t.run(&format!(
+            "<presence from='alice@example.org/phone' to='{D}'/>"
+        ));
+        assert!(resources(&t).is_empty(), "not believed at once");
+        let probe = out
+            .iter()
+            .find(|p| p.attr("type") == Some("probe"))
+            .expect("the server is asked");
+        assert_eq!(probe.attr("to"), Some("alice@example.org"));
+        assert_eq!(probe.attr("from"), Some(D));
+        // The server's answer: the client is online after all (a quick reconnect).
+        t.run(&format!(
+            "<presence from='alice@example.org/phone' to='{D}'/>"
+        ));
+        assert_eq!(resources(&t).len(), 1);
+        // Later than the window, or a resource never seen offline: believed at once.
+        t.run(&format!(
+            "<presence type='unavailable' from='alice@example.org/phone' to='{D}'/>"
+        ));
+        t.advance(RESOURCE_GONE_SECS + 1);
+        let out = t.run(&format!(
+            "<presence from='alice@example.org/phone' to='{D}'/>"
+        ));
+        assert!(out.iter().all(|p| p.attr("type") != Some("probe")));
+        assert_eq!(resources(&t).len(), 1);
+        t.run(&format!(
+            "<presence from='alice@example.org/laptop' to='{D}'/>"
+        ));
+        assert_eq!(resources(&t).len(), 2);
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub trait Transaction {
     /// Records what the server host `host` allows Reach.
     fn put_host_privileges(&mut self, host: &str, privileges: &HostPrivileges) -> Result<()>;
 
+    /// Notes that the user's resource went offline at `at` (see `presence::on_service_presence`).
+    fn put_resource_gone(&mut self, jid: &str, resource: &str, at: u64) -> Result<()>;
+
+    /// When the user's resource last went offline, if that was noted; the note is removed.
+    fn take_resource_gone(&mut self, jid: &str, resource: &str) -> Result<Option<u64>>;
+
     /// Takes the user for update if no other instance holds it; false at once if one does.
     fn claim_user(&mut self, jid: &str) -> Result<bool>;
 

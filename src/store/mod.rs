@@ -60,6 +60,8 @@ const HANDLES: Tree = Tree::records("handles");
 const PHONES: Tree = Tree::records("phones");
 const BUDDIES: Tree = Tree::records("buddies");
 const RESOURCES: Tree = Tree::records("resources");
+/// When a resource last went offline (`jid \0 resource`, 8-byte time): a short-lived note.
+const RESOURCES_GONE: Tree = Tree::records("resources_gone");
 const SESSIONS: Tree = Tree::records("sessions");
 const HELD: Tree = Tree::records("held");
 /// Held-message counts: `jid` for the user's total, `jid \0 peer` per sender, so checking the
@@ -116,6 +118,7 @@ const ALL_TREES: &[Tree] = &[
     PHONES,
     BUDDIES,
     RESOURCES,
+    RESOURCES_GONE,
     SESSIONS,
     HELD,
     HELD_COUNTS,
@@ -289,7 +292,16 @@ pub struct InstanceRecord {
     pub started_at: u64,
     /// Its component link is up (so the users' presence is kept up to date through it).
     pub link_up: bool,
+    /// Milliseconds since the Unix epoch since when the link is up, while it is.
+    pub link_up_since_ms: Option<u64>,
+    /// Milliseconds since the Unix epoch since when the link is down (or the instance started),
+    /// while it is: what reached the server meanwhile did not reach this instance.
+    pub link_down_since_ms: Option<u64>,
 }
+
+/// How long an instance's link may be down before another instance (whose link is up) takes
+/// over the stanzas it queues meanwhile (replies it took by email, pages of held messages).
+pub const LINK_DOWN_ADOPTION_MS: u64 = 10_000;
 
 /// Where the store lives.
 #[derive(Clone, PartialEq, Eq)]
@@ -682,12 +694,10 @@ impl Store {
     /// process already holds the name (two instances with one name would send twice).
     pub fn register_instance(&self, now: u64) -> Result<()> {
         let name = self.inner.instance.clone();
-        if !self.inner.engine.hold_instance(&name)? {
-            return Err(StoreError::InUse(format!(
-                "instance '{name}' is already running (each instance needs a name of its own: \
-                 [store] instance)"
-            )));
-        }
+        // The record first, the name then: an instance seen alive never shows the record a
+        // killed process left (readers look whether an instance is alive before reading its
+        // record). A second process under a name in use writes it too before it is refused;
+        // the running one writes its own again within `Store::keep_record`'s period.
         self.write(|tx| {
             tx.txn.put(
                 INSTANCES,
@@ -695,46 +705,79 @@ impl Store {
                 encode(&InstanceRecord {
                     started_at: now,
                     link_up: false,
+                    link_up_since_ms: None,
+                    link_down_since_ms: Some(crate::clock::now_ms()),
                 }),
-            )?;
-            // Started again: nothing of this instance is in flight any more.
-            Store::release_claims(tx, &name, now)?;
-            Ok(())
-        })
+            )
+        })?;
+        if !self.inner.engine.hold_instance(&name)? {
+            return Err(StoreError::InUse(format!(
+                "instance '{name}' is already running (each instance needs a name of its own: \
+                 [store] instance)"
+            )));
+        }
+        // Started again: nothing of this instance is in flight any more.
+        self.write(|tx| Store::release_claims(tx, &name, now).map(drop))
     }
 
-    /// Records whether this instance's component link is up.
+    /// Records whether this instance's component link is up, and since when (a change only;
+    /// the same state again keeps its time).
     pub fn set_link_up(&self, up: bool) -> Result<()> {
         let name = self.inner.instance.clone();
+        let now_ms = crate::clock::now_ms();
         self.write_relaxed(|tx| {
             let mut record: InstanceRecord = match tx.txn.get(INSTANCES, name.as_bytes())? {
                 Some(v) => decode(INSTANCES, &v)?,
                 None => InstanceRecord::default(),
             };
-            record.link_up = up;
-            tx.txn.put(INSTANCES, name.as_bytes(), encode(&record))?;
+            if record.link_up != up || (up && record.link_up_since_ms.is_none()) {
+                record.link_up = up;
+                if up {
+                    record.link_up_since_ms = Some(now_ms);
+                } else {
+                    record.link_up_since_ms = None;
+                    record.link_down_since_ms = Some(now_ms);
+                }
+                tx.txn.put(INSTANCES, name.as_bytes(), encode(&record))?;
+            }
             Ok(())
         })
     }
 
-    /// Whether another live instance has its component link up (then the users' presence it
-    /// received is current, and this instance need not learn it again).
-    pub fn links_up_elsewhere(&self) -> Result<bool> {
-        let me = self.inner.instance.clone();
-        let others: Vec<(String, InstanceRecord)> = self.read(|tx| {
-            tx.txn
+    fn record_of(&self, name: &str) -> Result<Option<InstanceRecord>> {
+        self.read(|tx| tx.get_record(INSTANCES, name.as_bytes()))
+    }
+
+    fn instance_names(&self) -> Result<Vec<String>> {
+        self.read(|tx| {
+            Ok(tx
+                .txn
                 .scan(INSTANCES, &KeyRange::all(), usize::MAX)?
                 .into_iter()
-                .map(|(k, v)| {
-                    Ok((
-                        String::from_utf8_lossy(&k).into_owned(),
-                        decode(INSTANCES, &v)?,
-                    ))
-                })
-                .collect()
-        })?;
-        for (name, record) in others {
-            if name != me && record.link_up && self.inner.engine.instance_alive(&name)? {
+                .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+                .collect())
+        })
+    }
+
+    /// Whether another live instance's link has been up all the time this instance's was down
+    /// (then the users' presence it received is current, and this instance need not learn it
+    /// again). Two links that came up together each walk the users: a walk too many is harmless,
+    /// one too few leaves users who left meanwhile recorded online.
+    pub fn links_up_elsewhere(&self) -> Result<bool> {
+        let me = self.inner.instance.clone();
+        let Some(down_since) = self.record_of(&me)?.and_then(|r| r.link_down_since_ms) else {
+            return Ok(false);
+        };
+        for name in self.instance_names()? {
+            // Alive first, the record then: a live instance's record is its own, never the
+            // one a killed process left (see `register_instance`).
+            if name == me || !self.inner.engine.instance_alive(&name)? {
+                continue;
+            }
+            let Some(record) = self.record_of(&name)? else {
+                continue;
+            };
+            if record.link_up && record.link_up_since_ms.is_some_and(|t| t < down_since) {
                 return Ok(true);
             }
         }
@@ -770,21 +813,30 @@ impl Store {
     /// the names adopted.
     pub fn adopt_gone_instances(&self, now: u64) -> Result<Vec<String>> {
         let me = self.inner.instance.clone();
-        let mut names: Vec<String> = self.read(|tx| {
-            Ok(tx
-                .txn
-                .scan(INSTANCES, &KeyRange::all(), usize::MAX)?
-                .into_iter()
-                .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
-                .collect())
-        })?;
+        let mut names = self.instance_names()?;
         // Outboxes of processes that never registered (an admin command's).
         names.extend(self.outbox_owners()?);
         names.sort();
         names.dedup();
+        let my_link_up = self.record_of(&me)?.is_some_and(|r| r.link_up);
+        let now_ms = crate::clock::now_ms();
         let mut adopted = Vec::new();
         for name in names {
-            if name == me || self.inner.engine.instance_alive(&name)? {
+            if name == me {
+                continue;
+            }
+            let gone = !self.inner.engine.instance_alive(&name)?;
+            // Alive, but cut off from the server for a while: what it queues would wait for
+            // its link; this instance's link is up, so it sends that (its claims stay its own:
+            // its senders work).
+            let cut_off = !gone
+                && my_link_up
+                && self.record_of(&name)?.is_some_and(|r| {
+                    !r.link_up
+                        && r.link_down_since_ms
+                            .is_some_and(|t| now_ms.saturating_sub(t) >= LINK_DOWN_ADOPTION_MS)
+                });
+            if !gone && !cut_off {
                 continue;
             }
             let moved = self.write(|tx| {
@@ -801,8 +853,13 @@ impl Store {
                     tx.txn.remove(OUTBOX, &k);
                     moved += 1;
                 }
-                let released = Store::release_claims(tx, &name, now)?;
-                tx.txn.remove(INSTANCES, name.as_bytes());
+                let (released, known) = if gone {
+                    let known = tx.txn.contains(INSTANCES, name.as_bytes())?;
+                    tx.txn.remove(INSTANCES, name.as_bytes());
+                    (Store::release_claims(tx, &name, now)?, known)
+                } else {
+                    (0, false)
+                };
                 if moved > 0 {
                     tx.stanzas = true;
                 }
@@ -810,15 +867,24 @@ impl Store {
                     tx.emails = true;
                     tx.texts = true;
                 }
-                Ok(Some((moved, released)))
+                // Another instance took it over a moment before: nothing to say.
+                Ok((moved > 0 || released > 0 || known).then_some((moved, released)))
             })?;
             if let Some((stanzas, claims)) = moved {
-                tracing::info!(
-                    instance = name.as_str(),
-                    stanzas,
-                    claims,
-                    "took over what a stopped instance left"
-                );
+                if gone {
+                    tracing::info!(
+                        instance = name.as_str(),
+                        stanzas,
+                        claims,
+                        "took over what a stopped instance left"
+                    );
+                } else {
+                    tracing::info!(
+                        instance = name.as_str(),
+                        stanzas,
+                        "sent what an instance cut off from the server queued"
+                    );
+                }
                 adopted.push(name);
             }
         }
@@ -1302,6 +1368,25 @@ impl Transaction for Tx<'_> {
             .put(HOST_PRIVILEGES, host.as_bytes(), encode(privileges))
     }
 
+    fn put_resource_gone(&mut self, jid: &str, resource: &str, at: u64) -> Result<()> {
+        self.locked_user(jid)?;
+        self.txn.put(
+            RESOURCES_GONE,
+            &key(jid, resource),
+            at.to_be_bytes().to_vec(),
+        )
+    }
+
+    fn take_resource_gone(&mut self, jid: &str, resource: &str) -> Result<Option<u64>> {
+        self.locked_user(jid)?;
+        let k = key(jid, resource);
+        let found = self.txn.get(RESOURCES_GONE, &k)?.and_then(|v| seq_of(&v));
+        if found.is_some() {
+            self.txn.remove(RESOURCES_GONE, &k);
+        }
+        Ok(found)
+    }
+
     fn claim_user(&mut self, jid: &str) -> Result<bool> {
         self.txn.try_lock(&user_lock(jid))
     }
@@ -1432,6 +1517,7 @@ impl Transaction for Tx<'_> {
             (BUDDY_ALERTS, jid),
             (BUDDY_ALERT_RECHECKS, jid),
             (RESOURCES, jid),
+            (RESOURCES_GONE, jid),
             (SESSIONS, jid),
             (HELD, jid),
             (HELD_COUNTS, jid),

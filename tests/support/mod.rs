@@ -9,6 +9,7 @@
 // Each test file uses only part of the re-exports below.
 #![allow(unused_imports)]
 
+pub mod balancer;
 pub mod client;
 pub mod component;
 pub mod kannel;
