@@ -1624,6 +1624,8 @@ mod tests {
             "format",
             "[metrics]",
             "listen",
+            "[integrated]",
+            "hosts",
         ] {
             assert!(EXAMPLE.contains(key), "config.toml.example lacks {key}");
         }
@@ -1638,6 +1640,10 @@ mod tests {
                     format!("secret_file = {:?}", secret.0.display().to_string())
                 } else if let Some(rest) = line.strip_prefix("# ping_to = ") {
                     format!("ping_to = {rest}")
+                } else if line == "# [integrated]" {
+                    "[integrated]".to_owned()
+                } else if let Some(rest) = line.strip_prefix("# hosts = ") {
+                    format!("hosts = {rest}")
                 } else {
                     line.to_owned()
                 }
@@ -1647,6 +1653,7 @@ mod tests {
         let config = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(config.secret().expose(), "s3cret");
         assert_eq!(config.component.ping_to(), "example.org");
+        assert_eq!(config.integrated.unwrap().hosts, ["example.org"]);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | prosody.md | prosody-global, prosody-component, prosody-reach | Prosody + Reach; a user finds Reach and registers |
 //! | ejabberd.md | ejabberd-listener, ejabberd-reach | ejabberd + Reach; the same |
+//! | integrated-mode.md | integrated-virtualhost, integrated-component, integrated-firewall, integrated-reach | Prosody (prosody.md's global block, then these: mod_privilege, mod_firewall with the copy rules) + Reach + a mail sink; Alice chooses her own address, Bob's message to `alice@localhost` reaches her mailbox, her reply reaches Bob from `alice@localhost`, and the rules copy nothing Reach sends |
 //! | kannel.md | kannel-core, kannel-smsbox, kannel-sendsms-user, kannel-sms-service, kannel-reach | Kannel (fake SMSC) + Reach + Prosody; code to the phone, code back, delivery report as receipt |
 //! | postfix.md | postfix-inbound, postfix-transport, postfix-outbound, postfix-reach | Postfix + Reach + Prosody + a mail sink; mail out through Postfix, the reply in through Postfix |
 //! | instances.md | instances-database, instances-pg-hba, instances-listener, instances-reach, instances-postfix-transport | a private PostgreSQL set up by the doc's SQL and pg_hba lines + ejabberd + two Reach instances + Postfix; a name in use is refused, a user registers, a buddy's message reaches her, `stats` and `check-config` beside the instances, one is killed and the other takes over, reply mail fails over to it |
@@ -43,6 +44,15 @@ const EXERCISED: &[(&str, &[&str])] = &[
         &["prosody-global", "prosody-component", "prosody-reach"],
     ),
     ("ejabberd", &["ejabberd-listener", "ejabberd-reach"]),
+    (
+        "integrated-mode",
+        &[
+            "integrated-virtualhost",
+            "integrated-component",
+            "integrated-firewall",
+            "integrated-reach",
+        ],
+    ),
     (
         "kannel",
         &[
@@ -370,6 +380,210 @@ async fn prosody_doc_plugs_reach_in() {
             body(s).is_some_and(|b| !b.is_empty())
         })
         .await;
+}
+
+// ---- Integrated mode (Prosody) ---------------------------------------------------------------
+
+/// The existing Prosody site with prosody.md's global block, and integrated-mode.md's lines
+/// under its VirtualHost and its Component block (which replaces prosody.md's); the rules file
+/// goes to `rules` instead of `/etc/prosody/reach-copy.pfw`.
+fn integrated_prosody_config(server: &Server, rules: &Path) -> String {
+    let dir = server.dir().display().to_string();
+    let global = fill(
+        &block("prosody", "prosody-global"),
+        "{ 5347 }",
+        &format!("{{ {} }}", server.component_port()),
+    );
+    let host = site(&fill(
+        &block("integrated-mode", "integrated-virtualhost"),
+        "/etc/prosody/reach-copy.pfw",
+        &rules.display().to_string(),
+    ));
+    let component = site(&block("integrated-mode", "integrated-component"));
+    format!(
+        "-- The site's own settings (tests/admin_docs.rs).\n\
+         pidfile = \"{dir}/prosody.pid\"\n\
+         data_path = \"{dir}/data\"\n\
+         certificates = \"{dir}/certs\"\n\
+         run_as_root = true\n\
+         log = {{ debug = \"{dir}/debug.log\"; info = \"*console\" }}\n\
+         interfaces = {{ \"127.0.0.1\" }}\n\
+         c2s_ports = {{ {c2s} }}\n\
+         c2s_direct_tls_ports = {{ }}\n\
+         s2s_ports = {{ }}\n\
+         http_ports = {{ }}\n\
+         https_ports = {{ }}\n\
+         modules_enabled = {{ \"roster\"; \"saslauth\"; \"disco\"; \"ping\"; \"posix\"; \"carbons\"; \"offline\"; }}\n\
+         modules_disabled = {{ \"s2s\"; \"tls\" }}\n\
+         c2s_require_encryption = false\n\
+         allow_unencrypted_plain_auth = true\n\
+         authentication = \"internal_hashed\"\n\
+         storage = \"internal\"\n\
+         \n\
+         -- ---- docs/prosody.md, reach-doc=prosody-global ----\n\
+         {global}\n\
+         VirtualHost \"localhost\"\n\
+         -- ---- docs/integrated-mode.md, reach-doc=integrated-virtualhost ----\n\
+         {host}\n\
+         -- ---- docs/integrated-mode.md, reach-doc=integrated-component ----\n\
+         {component}",
+        c2s = server.c2s_port(),
+    )
+}
+
+/// Copies Reach's link logged as coming from the host `localhost` to `D/KIND`.
+fn copies_seen(reach: &Reach, kind: &str) -> usize {
+    let marker = format!("from=Some(Jid(\"localhost\")) to=Some(Jid(\"{D}/{kind}\"))");
+    reach
+        .log()
+        .lines()
+        .filter(|l| l.contains("inbound stanza kind=\"message\"") && l.contains(&marker))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrated_mode_doc_reaches_a_users_own_address_by_email() {
+    let mut server = Server::start(ServerKind::Prosody).await;
+    server.stop().await;
+    let rules = server.dir().join("reach-copy.pfw");
+    std::fs::write(
+        &rules,
+        site(&block("integrated-mode", "integrated-firewall")),
+    )
+    .unwrap();
+    let config_path = server.dir().join("prosody.cfg.lua");
+    std::fs::write(&config_path, integrated_prosody_config(&server, &rules)).unwrap();
+    let check = Command::new("prosodyctl")
+        .arg("--config")
+        .arg(&config_path)
+        .args(["check", "config"])
+        .output()
+        .expect("run prosodyctl check config");
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        !said.contains("that should be") && !said.contains("deprecated"),
+        "prosodyctl check config:\n{said}"
+    );
+    server.restart().await;
+    for user in ["alice", "bob"] {
+        server.register(user, &format!("{user}pw")).await;
+    }
+    let debug_log = std::fs::read_to_string(server.dir().join("debug.log")).unwrap_or_default();
+    assert!(
+        debug_log.contains(&format!("Loaded {}", rules.display())),
+        "mod_firewall did not load the doc's rules:\n{}",
+        server.log_tail(30)
+    );
+
+    let sink = MailSink::start().await;
+    let listen_port = support::free_port();
+    let state = tempfile::tempdir().unwrap();
+    let base = reach_base(
+        "prosody",
+        "prosody-reach",
+        &server.component_addr(),
+        state.path(),
+    );
+    let integrated = site(&block("integrated-mode", "integrated-reach"));
+    // Test only: the mail sink as relay, and a short digest window.
+    let config = format!(
+        "{base}\n{integrated}\n[email]\nrelay = \"smtp://127.0.0.1:{}\"\nfrom_address = \"reach@{D}\"\n\
+         reply_domain = \"{D}\"\nlisten = \"127.0.0.1:{listen_port}\"\ndigest_window_secs = 1\n",
+        sink.port
+    );
+    check_config("integrated-reach", &config);
+    let reach = Reach::start_config(state.path(), &config).await;
+    let _logs = Logs::new(&reach, vec![("prosody", server.dir().join("console.log"))]);
+    // "Reach's side": the log line the doc quotes.
+    assert!(
+        reach
+            .wait_for_log(
+                "the server's privileges for Reach host=\"localhost\" send_as_users=true roster=\"none\" presence=\"none\"",
+                T
+            )
+            .await,
+        "{}",
+        reach.log()
+    );
+
+    // Alice registers with her mailbox, confirms it, and chooses her own address.
+    let mut alice = Client::connect(&server, "alice", "alicepw", "pc").await;
+    support::wait_for_component(&mut alice, D).await;
+    alice.presence("").await;
+    let ok = alice
+        .iq(&format!(
+            "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'><username>alice</username><email>{ALICE_MAIL}</email></query></iq>"
+        ))
+        .await;
+    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+    let mails = sink.wait_for(1, T).await;
+    let subject = mails[0].header("Subject").unwrap_or_default();
+    let code: String = subject.chars().filter(char::is_ascii_digit).collect();
+    for (line, answer) in [
+        (format!("verify {code}"), "is verified"),
+        ("address own".to_owned(), "your own address alice@localhost"),
+    ] {
+        alice
+            .send(&format!(
+                "<message type='chat' to='{D}'><body>{line}</body></message>"
+            ))
+            .await;
+        alice
+            .expect(answer, T, |s| body(s).is_some_and(|b| b.contains(answer)))
+            .await;
+    }
+    alice.close().await;
+
+    // Bob writes to her own address: the message reaches her mailbox.
+    let mut bob = Client::connect(&server, "bob", "bobpw", "pc").await;
+    bob.presence("").await;
+    bob.send(
+        "<message type='chat' id='b1' to='alice@localhost'><body>Hi Alice, lunch?</body></message>",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + T;
+    let mail = loop {
+        if let Some(m) = forwards(&sink).into_iter().next() {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no forwarded mail");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(mail.text().contains("Hi Alice, lunch?"), "{}", mail.text());
+    // Bob is a user of the same host: his message was copied as sent and as delivered, and
+    // nothing else was (Alice's chat with the service, its answers, the verification).
+    assert_eq!(
+        (copies_seen(&reach, "sent"), copies_seen(&reach, "received")),
+        (1, 1)
+    );
+
+    // Her reply reaches Bob from her own address; the rules copy nothing of it.
+    let reply = format!(
+        "From: Alice <{ALICE_MAIL}>\nTo: {}\nSubject: Re: IM\nMessage-ID: <reply-1@mail.example>\n\
+         In-Reply-To: <{}>\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n\
+         Yes, 12:30\n",
+        mail.reply_to(),
+        mail.message_id()
+    );
+    let answer = submit(listen_port, ALICE_MAIL, &[&mail.reply_to()], &reply).await;
+    assert_eq!(answer.outcome().0, 250, "{answer:?}");
+    let got = bob
+        .expect("Alice's reply", T, |s| {
+            body(s).as_deref() == Some("Yes, 12:30")
+        })
+        .await;
+    assert_eq!(got.attr("from"), Some("alice@localhost"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        (copies_seen(&reach, "sent"), copies_seen(&reach, "received")),
+        (1, 1)
+    );
+    assert_eq!(forwards(&sink).len(), 1, "nothing more by email");
+    let log = server.log();
+    assert!(
+        !log.contains("Traceback") && !log.contains("Error compiling"),
+        "{log}"
+    );
 }
 
 // ---- ejabberd ------------------------------------------------------------------------------
@@ -1521,8 +1735,10 @@ fn every_reach_block_in_the_docs_passes_check_config() {
     let ejabberd = block("ejabberd", "ejabberd-reach");
     let sms = block("kannel", "kannel-reach");
     let email = block("postfix", "postfix-reach");
+    let integrated = block("integrated-mode", "integrated-reach");
     check_config("prosody-reach", &prosody);
     check_config("ejabberd-reach", &ejabberd);
+    check_config("integrated-reach", &format!("{prosody}\n{integrated}"));
     check_config("kannel-reach", &format!("{prosody}\n{sms}"));
     check_config("postfix-reach", &format!("{prosody}\n{email}"));
     let said = check_config("all", &format!("{ejabberd}\n{email}\n{sms}"));

@@ -272,3 +272,78 @@ fn base64_vectors() {
     assert_eq!(base64(b"foo"), "Zm9v");
     assert_eq!(base64(b"\0alice\0pw"), "AGFsaWNlAHB3");
 }
+
+/// Two Prosodies on loopback (`localhost` and `remote.localhost`) with s2s between them:
+/// `tests/servers/mod_s2s_loopback.lua` sends each domain's s2s to the other's free port,
+/// without DNS, and dialback authenticates without TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_s2s_on_loopback_carries_chat_both_ways() {
+    let t0 = Instant::now();
+    let routes = vec![
+        ("localhost".to_owned(), free_port()),
+        ("remote.localhost".to_owned(), free_port()),
+    ];
+    let home = Server::start_prosody(ProsodySetup::new("localhost", routes[0].1, &routes)).await;
+    let remote =
+        Server::start_prosody(ProsodySetup::new("remote.localhost", routes[1].1, &routes)).await;
+    assert_eq!(remote.host(), "remote.localhost");
+    assert_eq!(remote.component_domain(), "reach.remote.localhost");
+    home.register("alice", "alicepw").await;
+    remote.register("carol", "carolpw").await;
+    let mut alice = Client::connect(&home, "alice", "alicepw", "pc").await;
+    let mut carol = Client::connect(&remote, "carol", "carolpw", "pc").await;
+    assert_eq!(carol.bare, "carol@remote.localhost");
+    alice.presence("").await;
+    carol.presence("").await;
+
+    carol
+        .send(&format!(
+            "<message to='alice@localhost' type='chat' id='{}'><body>hi from afar</body></message>",
+            new_id()
+        ))
+        .await;
+    let got = alice
+        .expect(
+            "carol's message over s2s",
+            T,
+            is_chat_with_body("hi from afar"),
+        )
+        .await;
+    assert_eq!(bare(attr(&got, "from")), "carol@remote.localhost");
+    alice
+        .send(&format!(
+            "<message to='carol@remote.localhost' type='chat' id='{}'><body>hi back</body></message>",
+            new_id()
+        ))
+        .await;
+    let got = carol
+        .expect("alice's answer over s2s", T, is_chat_with_body("hi back"))
+        .await;
+    assert_eq!(bare(attr(&got, "from")), "alice@localhost");
+    // Through the loopback routes, authenticated by dialback, both ways.
+    for (server, other) in [(&home, &remote), (&remote, &home)] {
+        let log = std::fs::read_to_string(server.dir().join("debug.log")).unwrap_or_default();
+        let routed = format!(
+            "s2s to {} goes to 127.0.0.1:{}",
+            other.host(),
+            other.s2s_port().unwrap()
+        );
+        let authenticated = format!(
+            "connection {}->{} is now authenticated for {}",
+            server.host(),
+            other.host(),
+            other.host()
+        );
+        assert!(
+            log.contains(&routed),
+            "{}: {routed:?} not logged",
+            server.host()
+        );
+        assert!(
+            log.contains(&authenticated),
+            "{}: {authenticated:?} not logged",
+            server.host()
+        );
+    }
+    eprintln!("s2s selftest took {:?}", t0.elapsed());
+}

@@ -4,7 +4,9 @@
 //! Reach what it may do: when the component connects, each host sends an XEP-0356 `<privilege/>`
 //! message, kept per host ([`HostPrivileges`]). It also copies to Reach, wrapped in an XEP-0297
 //! `<forwarded/>` message from the host, the messages it delivers to its users (also while they
-//! are offline) and those they send.
+//! are offline), to `D/received`, and those they send, to `D/sent` ([`CopyKind`]). A message
+//! between two users of the host is copied twice, once each way, and each copy is read for its
+//! side only.
 //!
 //! For a user who chose her own address (`address own`, [`User::integrated`]):
 //! - a copy of what a buddy sent her is routed as a message to her reach address would be, with
@@ -22,7 +24,6 @@
 //! choose their own address are dropped unread.
 
 use minidom::Element;
-use xmpp_parsers::ns;
 
 use super::model::{HostPrivileges, StoreError, User};
 use super::{Addressing, Core, Failure, Handled, Out, Transaction};
@@ -40,6 +41,35 @@ pub const CLIENT: &str = "jabber:client";
 /// Reach's mark on what it sends as a user: the server's copy of such a message is Reach's
 /// own, not the user's (and the shipped firewall rules do not copy it at all).
 pub const SENT_AS_USER: &str = "urn:reach:sent-as-user:0";
+/// XEP-0045: a private message through a chat room carries this; its sender is not a buddy
+/// Reach could answer.
+const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+
+/// What a copy from the server shows, by the resource of `D` it was forwarded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyKind {
+    /// `D/received`: a message the server delivered to one of its users.
+    Received,
+    /// `D/sent`: a message one of its users sent.
+    Sent,
+    /// Bare `D` (rules that forward everything to one address): delivered to its recipient if
+    /// she is reached at her own address, else sent by its sender.
+    Either,
+}
+
+impl CopyKind {
+    fn of(wrapper: &Element) -> CopyKind {
+        let resource = attr(wrapper, "to")
+            .parse::<jid::Jid>()
+            .ok()
+            .and_then(|to| to.resource().map(|r| r.as_str().to_owned()));
+        match resource.as_deref() {
+            Some("received") => CopyKind::Received,
+            Some("sent") => CopyKind::Sent,
+            _ => CopyKind::Either,
+        }
+    }
+}
 
 /// Whether buddies reach `user` at her own JID now: she chose it, and her server allows Reach
 /// to send as her. Otherwise her reach address is her public identity.
@@ -168,7 +198,7 @@ pub(super) fn on_host_message(
     {
         // Read like any stanza of the component stream from here on.
         let copied = in_namespace(copied, STANZA_NS);
-        match on_copy(core, store, now, host, &copied, out) {
+        match on_copy(core, store, now, host, CopyKind::of(stanza), &copied, out) {
             Err(Failure::Store(e)) => return Err(Failure::Store(e)),
             // The server delivered the original whatever Reach thinks of it: a copy is never
             // answered (e.g. past a storage cap it is only not forwarded).
@@ -195,14 +225,24 @@ fn record_privileges(
         at: now,
         ..HostPrivileges::default()
     };
+    // Reach sends as a user in XEP-0356's second version (Prosody's mod_privilege); ejabberd
+    // 23.01 speaks the first one only and refuses the other's <privilege/> as a bad request.
+    let speaks_ours = privilege.ns() == PRIVILEGE;
     for perm in privilege.children().filter(|c| c.name() == "perm") {
         let kind = attr(perm, "type");
         match attr(perm, "access") {
-            "message" => granted.send_as_users = kind == "outgoing",
+            "message" => granted.send_as_users = speaks_ours && kind == "outgoing",
             "roster" if kind != "none" => granted.roster = Some(kind.to_owned()),
             "presence" if kind != "none" => granted.presence = Some(kind.to_owned()),
             _ => {}
         }
+    }
+    if !speaks_ours {
+        tracing::warn!(
+            host,
+            "the server speaks XEP-0356 {PRIVILEGE_V1} only (ejabberd): Reach cannot send as its \
+             users, who keep their reach addresses (integrated mode needs Prosody's mod_privilege)"
+        );
     }
     tracing::info!(
         host,
@@ -221,11 +261,13 @@ fn on_copy(
     store: &mut dyn Transaction,
     now: u64,
     host: &str,
+    copy: CopyKind,
     copied: &Element,
     out: &mut Out,
 ) -> Handled {
     // What Reach sent itself (as a user, or from its own addresses) comes back as a copy too.
-    if copied.has_child("sent-as-user", SENT_AS_USER) {
+    // A private message through a chat room is no buddy's either.
+    if copied.has_child("sent-as-user", SENT_AS_USER) || copied.has_child("x", MUC_USER) {
         return Ok(());
     }
     let (Ok(from), Ok(to)) = (
@@ -248,7 +290,7 @@ fn on_copy(
         return Ok(());
     }
     // Delivered to one of the host's users: a buddy's message to her.
-    if to.domain().as_str() == host && from_bare != to_bare {
+    if copy != CopyKind::Sent && to.domain().as_str() == host && from_bare != to_bare {
         if let Some(user) = store.user(&to_bare)? {
             if uses_own_address(core, store, &user)? {
                 let who = Addressing {
@@ -261,7 +303,7 @@ fn on_copy(
         }
     }
     // Sent by one of the host's users: her answer or read marker from a client.
-    if from.domain().as_str() == host && from_bare != to_bare {
+    if copy != CopyKind::Received && from.domain().as_str() == host && from_bare != to_bare {
         if let Some(user) = store.user(&from_bare)? {
             if uses_own_address(core, store, &user)? {
                 return on_sent_by_user(store, now, &user, &to_bare, copied);
@@ -272,7 +314,8 @@ fn on_copy(
 }
 
 /// The user answered or read a conversation from one of her clients: nothing of it needs
-/// forwarding any more.
+/// forwarding any more. A delivery receipt (XEP-0184) or a `received` marker is sent by her
+/// client on its own, read or not: it cancels nothing.
 fn on_sent_by_user(
     store: &mut dyn Transaction,
     now: u64,
@@ -281,9 +324,7 @@ fn on_sent_by_user(
     copied: &Element,
 ) -> Handled {
     let answered = copied.has_child("body", STANZA_NS);
-    let read = copied
-        .children()
-        .any(|c| c.is("displayed", CHAT_MARKERS) || c.is("received", ns::RECEIPTS));
+    let read = copied.has_child("displayed", CHAT_MARKERS);
     if answered {
         store.touch_session(&user.jid, peer, now)?;
     }
@@ -351,6 +392,19 @@ mod tests {
         t.actions(Event::Stanza(
             format!(
                 "<message xmlns='jabber:component:accept' from='{HOST}' to='{D}'>\
+                 <forwarded xmlns='{FORWARD}'><message xmlns='{CLIENT}' from='{from}' to='{to}' \
+                 type='chat' id='c1'>{inner}</message></forwarded></message>"
+            )
+            .parse()
+            .unwrap(),
+        ))
+    }
+
+    /// The same, forwarded to `D/RESOURCE` as the shipped rules do (`received`, `sent`).
+    fn copy_to(t: &Harness, resource: &str, from: &str, to: &str, inner: &str) -> Vec<Action> {
+        t.actions(Event::Stanza(
+            format!(
+                "<message xmlns='jabber:component:accept' from='{HOST}' to='{D}/{resource}'>\
                  <forwarded xmlns='{FORWARD}'><message xmlns='{CLIENT}' from='{from}' to='{to}' \
                  type='chat' id='c1'>{inner}</message></forwarded></message>"
             )
@@ -597,5 +651,100 @@ mod tests {
         let (_, out) = reply(&t, &mails[0].email.from_address, "answer");
         assert_eq!(out[0].attr("from"), Some(format!("alice@{D}").as_str()));
         assert_eq!(out[0].attr("to"), Some(BOB));
+    }
+
+    #[test]
+    fn a_message_between_two_users_of_the_host_is_read_once_from_each_copy() {
+        // Carol is a user of the same host: her message is copied as sent by her and as
+        // delivered to Alice. Only the second is Alice's to route: one email, not two.
+        const CAROL: &str = "carol@example.org";
+        let t = Harness::new();
+        integrated_alice(&t);
+        let from_carol = |text: &str| {
+            let body = format!("<body>{text}</body>");
+            assert!(copy_to(&t, "sent", &format!("{CAROL}/pc"), ALICE, &body).is_empty());
+            assert!(copy_to(&t, "received", &format!("{CAROL}/pc"), ALICE, &body).is_empty());
+        };
+        from_carol("same host");
+        let mails = forwarded_after_the_digest(&t);
+        assert_eq!(mails.len(), 1);
+        assert_eq!(mails[0].email.paragraphs, ["same host"]);
+        // Alice answers from a client, copied both ways too: the copy delivered to Carol (who
+        // is no Reach user) is nothing to Reach; the sent one cancels what waits.
+        from_carol("waiting");
+        let answer = "<body>answered</body>";
+        copy_to(&t, "received", &format!("{ALICE}/pc"), CAROL, answer);
+        assert_eq!(t.store.tx().pending_for(ALICE).unwrap().len(), 1);
+        copy_to(&t, "sent", &format!("{ALICE}/pc"), CAROL, answer);
+        assert!(t.store.tx().pending_for(ALICE).unwrap().is_empty());
+        // A copy of Carol's message as sent by her is routed nowhere.
+        let body = "<body>not routed</body>";
+        copy_to(&t, "sent", &format!("{CAROL}/pc"), ALICE, body);
+        assert!(t.store.tx().pending_for(ALICE).unwrap().is_empty());
+        assert!(forwarded_after_the_digest(&t).is_empty());
+    }
+
+    #[test]
+    fn her_clients_automatic_receipts_are_no_reading_but_a_displayed_marker_is() {
+        let t = Harness::new();
+        integrated_alice(&t);
+        t.run(&format!(
+            "<presence from='{ALICE}/phone' to='{D}'><show>away</show></presence>"
+        ));
+        from_bob(&t, "did you get this?");
+        for automatic in [
+            "<received xmlns='urn:xmpp:receipts' id='c1'/>",
+            "<received xmlns='urn:xmpp:chat-markers:0' id='c1'/>",
+        ] {
+            copy_to(&t, "sent", &format!("{ALICE}/phone"), BOB, automatic);
+        }
+        t.advance(200);
+        let mails = emails(&t.actions(Event::Tick));
+        assert_eq!(mails.len(), 1, "delivered to her phone is not read");
+        from_bob(&t, "and this?");
+        copy_to(
+            &t,
+            "sent",
+            &format!("{ALICE}/phone"),
+            BOB,
+            "<displayed xmlns='urn:xmpp:chat-markers:0' id='c1'/>",
+        );
+        t.advance(200);
+        assert!(emails(&t.actions(Event::Tick)).is_empty(), "read");
+    }
+
+    #[test]
+    fn a_private_message_through_a_chat_room_is_not_forwarded() {
+        let t = Harness::new();
+        integrated_alice(&t);
+        let pm = copy_to(
+            &t,
+            "received",
+            "room@chat.example.net/bob",
+            &format!("{ALICE}/pc"),
+            "<body>psst</body><x xmlns='http://jabber.org/protocol/muc#user'/>",
+        );
+        assert!(pm.is_empty(), "{pm:?}");
+        assert!(forwarded_after_the_digest(&t).is_empty());
+        assert!(t.store.tx().pending_for(ALICE).unwrap().is_empty());
+    }
+
+    #[test]
+    fn ejabberds_first_version_of_the_privileges_does_not_let_users_choose_their_own_address() {
+        // ejabberd 23.01 grants the message permission in urn:xmpp:privilege:1 and refuses
+        // what Reach sends in the second version: its users keep their reach addresses.
+        let t = Harness::new();
+        alice_with_email(&t);
+        t.run(&format!(
+            "<message from='{HOST}' to='{D}'><privilege xmlns='{PRIVILEGE_V1}'>\
+             <perm access='message' type='outgoing'/><perm access='roster' type='both'/>\
+             <perm access='presence' type='roster'/></privilege></message>"
+        ));
+        let granted = t.store.tx().host_privileges(HOST).unwrap().unwrap();
+        assert!(!granted.send_as_users);
+        assert_eq!(granted.roster.as_deref(), Some("both"));
+        let said = say(&t, "address own");
+        assert!(said.contains("has not allowed Reach"), "{said}");
+        assert!(!t.store.tx().user(ALICE).unwrap().unwrap().integrated);
     }
 }

@@ -12,6 +12,7 @@
 pub mod balancer;
 pub mod client;
 pub mod component;
+pub mod docs;
 pub mod kannel;
 pub mod mail;
 pub mod postfix;
@@ -31,7 +32,7 @@ pub use client::{attr, bare, body, child_text, Client, NS_CLIENT};
 pub use component::RawComponent;
 pub use minidom::Element;
 pub use reach::{Reach, StoreAt};
-pub use server::{Server, ServerKind};
+pub use server::{ProsodySetup, Server, ServerKind};
 pub use xml::{escape, to_xml};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago and that this process has

@@ -12,6 +12,8 @@ use super::free_port;
 use super::process::{alive, append_log, is_root, signal, tail, terminate, wait_child, wait_gone};
 
 const PROSODY_CFG: &str = include_str!("../servers/prosody.cfg.lua.in");
+const PROSODY_S2S_CFG: &str = include_str!("../servers/prosody-s2s.cfg.lua.in");
+const S2S_LOOPBACK_MODULE: &str = include_str!("../servers/mod_s2s_loopback.lua");
 const EJABBERD_YML: &str = include_str!("../servers/ejabberd.yml.in");
 const EJABBERDCTL_CFG: &str = include_str!("../servers/ejabberdctl.cfg.in");
 
@@ -27,6 +29,45 @@ pub const COMPONENT_DOMAIN: &str = "reach.localhost";
 pub enum ServerKind {
     Prosody,
     Ejabberd,
+}
+
+/// A Prosody of the integrated-mode tests (`tests/servers/prosody-s2s.cfg.lua.in`): its own
+/// users' domain, s2s on loopback to the other test servers, message archives, and on the
+/// integrated server XEP-0356 privileges for the component plus a mod_firewall script.
+#[derive(Debug, Clone)]
+pub struct ProsodySetup {
+    /// The users' domain, e.g. `localhost` or `remote.localhost`.
+    pub host: String,
+    /// The component's domain on this server, `reach.` + `host`.
+    pub component_domain: String,
+    /// Where this server takes s2s connections.
+    pub s2s_port: u16,
+    /// Every domain of the test with its s2s port, this server's own included (dialback
+    /// connects back to the sender's domain).
+    pub s2s_routes: Vec<(String, u16)>,
+    /// Integrated mode: the mod_firewall script (its text) that copies the users' messages to
+    /// the component. With it, mod_privilege grants the component `message = "outgoing"`,
+    /// `roster = "both"` and `presence = "roster"`.
+    pub firewall: Option<String>,
+}
+
+impl ProsodySetup {
+    /// A server for `host`, taking s2s on `s2s_port`, reaching the domains of `routes`.
+    pub fn new(host: &str, s2s_port: u16, routes: &[(String, u16)]) -> ProsodySetup {
+        ProsodySetup {
+            host: host.to_owned(),
+            component_domain: format!("reach.{host}"),
+            s2s_port,
+            s2s_routes: routes.to_vec(),
+            firewall: None,
+        }
+    }
+
+    /// The same, with the integrated-mode privileges and `firewall` as the copy rules.
+    pub fn integrated(mut self, firewall: &str) -> ProsodySetup {
+        self.firewall = Some(firewall.to_owned());
+        self
+    }
 }
 
 /// A running (or stopped) XMPP server owned by one test.
@@ -45,11 +86,27 @@ pub struct Server {
     beam_pid: Option<u32>,
     /// How long the last (re)start took until both ports accepted connections.
     pub startup_time: Duration,
+    /// The users' domain.
+    host: String,
+    /// The component's domain.
+    component_domain: String,
+    /// The integrated-mode set-up (Prosody only), if this server has one.
+    setup: Option<ProsodySetup>,
 }
 
 impl Server {
     /// Starts a fresh server and waits until its c2s and component ports accept connections.
     pub async fn start(kind: ServerKind) -> Server {
+        Server::start_with(kind, None).await
+    }
+
+    /// Starts a fresh Prosody set up by `setup` (its own domain, s2s, integrated mode), and
+    /// waits until its c2s, component and s2s ports accept connections.
+    pub async fn start_prosody(setup: ProsodySetup) -> Server {
+        Server::start_with(ServerKind::Prosody, Some(setup)).await
+    }
+
+    async fn start_with(kind: ServerKind, setup: Option<ProsodySetup>) -> Server {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = match kind {
@@ -80,6 +137,14 @@ impl Server {
             child: None,
             beam_pid: None,
             startup_time: Duration::ZERO,
+            host: setup
+                .as_ref()
+                .map_or_else(|| HOST.to_owned(), |s| s.host.clone()),
+            component_domain: setup.as_ref().map_or_else(
+                || COMPONENT_DOMAIN.to_owned(),
+                |s| s.component_domain.clone(),
+            ),
+            setup,
         };
         server.write_config();
         server.spawn().await;
@@ -99,14 +164,20 @@ impl Server {
         format!("127.0.0.1:{}", self.component_port)
     }
 
-    /// The XMPP domain users live on ("localhost").
+    /// The XMPP domain users live on ("localhost" unless a [`ProsodySetup`] says otherwise).
     pub fn host(&self) -> &str {
-        HOST
+        &self.host
     }
 
-    /// The component domain configured on the server ("reach.localhost").
+    /// The component domain configured on the server ("reach.localhost" unless a
+    /// [`ProsodySetup`] says otherwise).
     pub fn component_domain(&self) -> &str {
-        COMPONENT_DOMAIN
+        &self.component_domain
+    }
+
+    /// The port this server takes s2s connections on (a [`ProsodySetup`] server only).
+    pub fn s2s_port(&self) -> Option<u16> {
+        self.setup.as_ref().map(|s| s.s2s_port)
     }
 
     /// The component secret configured on the server.
@@ -145,12 +216,13 @@ impl Server {
             }
             ServerKind::Ejabberd => self.ejabberdctl(),
         };
-        cmd.args(["register", user, HOST, password]);
+        cmd.args(["register", user, &self.host, password]);
         let (status, out) = run_blocking(cmd, Duration::from_secs(30)).await;
         assert!(
             status,
-            "{:?}: registering {user}@{HOST} failed:\n{out}\n--- server log tail ---\n{}",
+            "{:?}: registering {user}@{} failed:\n{out}\n--- server log tail ---\n{}",
             self.kind,
+            self.host,
             self.log_tail(30)
         );
     }
@@ -221,7 +293,36 @@ impl Server {
             .replace("@DIST_PORT@", &self.dist_port.to_string())
             .replace("@NODE@", &self.node)
             .replace("@SECRET@", &self.secret)
-            .replace("@COMPONENT_DOMAIN@", COMPONENT_DOMAIN)
+            .replace("@COMPONENT_DOMAIN@", &self.component_domain)
+    }
+
+    /// The integrated-mode template filled for `setup`.
+    fn fill_s2s(&self, setup: &ProsodySetup) -> String {
+        let routes: String = setup
+            .s2s_routes
+            .iter()
+            .map(|(domain, port)| format!("[{domain:?}] = {port}; "))
+            .collect();
+        let (modules, host_settings, component_modules) = match setup.firewall {
+            Some(_) => (
+                "\"privilege\"; \"firewall\";",
+                format!(
+                    "  privileged_entities = {{\n    [\"{d}\"] = {{ roster = \"both\"; message = \"outgoing\"; presence = \"roster\" }};\n  }}\n  \
+                     firewall_scripts = {{ \"{dir}/reach-copy.pfw\" }}\n",
+                    d = setup.component_domain,
+                    dir = self.dir().display()
+                ),
+                "\"privilege\";",
+            ),
+            None => ("", String::new(), ""),
+        };
+        self.fill(PROSODY_S2S_CFG)
+            .replace("@HOST@", &setup.host)
+            .replace("@S2S_PORT@", &setup.s2s_port.to_string())
+            .replace("@S2S_ROUTES@", routes.trim_end())
+            .replace("@INTEGRATED_MODULES@", modules)
+            .replace("@VIRTUALHOST_SETTINGS@", &host_settings)
+            .replace("@COMPONENT_MODULES@", component_modules)
     }
 
     fn write_config(&self) {
@@ -231,9 +332,22 @@ impl Server {
         };
         match self.kind {
             ServerKind::Prosody => {
-                write("prosody.cfg.lua", self.fill(PROSODY_CFG));
                 for sub in ["data", "certs"] {
                     std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+                }
+                match &self.setup {
+                    None => write("prosody.cfg.lua", self.fill(PROSODY_CFG)),
+                    Some(setup) => {
+                        std::fs::create_dir_all(dir.join("modules")).expect("mkdir");
+                        write("prosody.cfg.lua", self.fill_s2s(setup));
+                        write(
+                            "modules/mod_s2s_loopback.lua",
+                            S2S_LOOPBACK_MODULE.to_owned(),
+                        );
+                        if let Some(rules) = &setup.firewall {
+                            write("reach-copy.pfw", rules.clone());
+                        }
+                    }
                 }
             }
             ServerKind::Ejabberd => {
@@ -323,6 +437,10 @@ impl Server {
             // Mnesia tables; `register` then aborts. It is ready once it says so.
             if port_open(self.c2s_port).await
                 && port_open(self.component_port).await
+                && match self.s2s_port() {
+                    Some(port) => port_open(port).await,
+                    None => true,
+                }
                 && (self.kind == ServerKind::Prosody
                     || self.log().matches(EJABBERD_READY).count() > starts_before)
             {
