@@ -427,8 +427,6 @@ pub fn dead_letters(store: &Store, command: DeadLetterCommand) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::address::Handle;
-    use crate::store::User;
 
     fn config(store: &std::path::Path, metrics: Option<&str>) -> Config {
         let mut text = format!(
@@ -443,19 +441,7 @@ mod tests {
         Config::from_toml(&text, std::path::Path::new("/etc/reach/config.toml")).unwrap()
     }
 
-    fn alice() -> User {
-        User {
-            jid: "alice@example.org".into(),
-            handle: Handle::parse("alice").unwrap(),
-            email: None,
-            phone: None,
-            registered_at: 1,
-            primary: None,
-            subscription_policy: Default::default(),
-            time_zone: None,
-            integrated: false,
-        }
-    }
+    use crate::store::conformance::alice;
 
     #[test]
     fn user_jids_are_bare_and_checked() {

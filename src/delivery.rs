@@ -408,16 +408,8 @@ mod tests {
 
     fn job(text: &str) -> SmsJob {
         SmsJob {
-            user: "a@x".into(),
-            peer: None,
-            to: "+15550001111".into(),
-            text: text.into(),
-            reference: text.into(),
-            items: Vec::new(),
-            attempts: 0,
-            next_attempt_at: 0,
             queued_at: now(),
-            claimed_by: None,
+            ..crate::store::conformance::sms_job(text, 0)
         }
     }
 

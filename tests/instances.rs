@@ -2,7 +2,8 @@
 //! stories: the built `reach` run two or three times under distinct `[store] instance` names,
 //! against a real ejabberd 23.01 (which spreads the stanzas for the component domain over the
 //! instances' connections at random), a real PostgreSQL (`PgCluster`), the aiosmtpd relay and a
-//! real Kannel with its fake SMSC. A site's load balancer "behind the same names" is
+//! real Kannel with its fake SMSC, all built by `support::site` (shared with
+//! `tests/instances_soak.rs`). A site's load balancer "behind the same names" is
 //! `support::balancer`: one SMTP port and one webhook URL in front of every instance.
 //!
 //! Each instance has its own state folder (config, log), SMTP listener port and webhook port;
@@ -18,493 +19,170 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::balancer::{Balancer, Mode};
-use support::kannel::{Handset, Kannel, Mt};
+use support::account::{self, ALICE_MAIL, PHONE, SERVICE_NUMBER};
+use support::balancer::Mode;
+use support::kannel::{Handset, Mt};
+use support::logs::{count_lines, strip_ansi};
 use support::mail::{submit, MailSink, SinkMail};
 use support::postgres::PgCluster;
-use support::{attr, body, Client, Element, Reach, Server, ServerKind, StoreAt};
+use support::site::{Site, SiteOptions};
+use support::tokens::{reordering, token_number, tokens};
+use support::{attr, body, Client, Element, Reach, StoreAt};
 
 const D: &str = "reach.localhost";
 const T: Duration = Duration::from_secs(20);
-const ALICE_MAIL: &str = "alice@mail.example";
-const PHONE: &str = "+15551234567";
-const SERVICE_NUMBER: &str = "+15550000000";
-const SECRET: &str = "instancesecret7";
+/// What an instance logs when it skips the walk over the users as its link comes up.
+const WALK_SKIPPED: &str = "another instance's link is up";
 /// Bob's per-session JID at Alice's client.
 const BOB_SESSION: &str = "bob\\40localhost@reach.localhost";
 
-// ---- one Reach instance ----
-
-/// A `reach` process under one instance name, with its own folder and ports; it can be killed
-/// and started again under the same name.
-struct Instance {
-    name: String,
-    dir: tempfile::TempDir,
-    config: String,
-    reach: Reach,
-    smtp_port: u16,
-    /// Length of the log when the running process started: what it wrote is after this.
-    log_from: usize,
-}
-
-impl Instance {
-    /// Everything every process of this instance wrote, colours removed.
-    fn log_all(&self) -> String {
-        strip_ansi(&self.reach.log())
-    }
-
-    /// What the running (or last) process wrote.
-    fn log(&self) -> String {
-        let all = self.reach.log();
-        strip_ansi(all.get(self.log_from..).unwrap_or(""))
-    }
-
-    fn kill(&mut self) {
-        self.reach.kill();
-    }
-
-    async fn start_again(&mut self) {
-        self.log_from = self.reach.log().len();
-        self.reach = Reach::start_config(self.dir.path(), &self.config).await;
-    }
-
-    async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until the running process has its component link up.
-    async fn wait_link_up(&self) {
-        assert!(
-            self.wait_for_log("component link up", T).await,
-            "instance {}: no component link within {T:?}\n{}",
-            self.name,
-            tail(&self.log(), 40)
-        );
-    }
-}
-
-/// Text without ANSI colour sequences (Reach logs in colour to its log file).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// How many lines of `log` contain `what`.
-fn count_lines(log: &str, what: &str) -> usize {
-    log.lines().filter(|l| l.contains(what)).count()
-}
-
-/// How many of the stanza ids in `ids` the link of this log read (its `inbound stanza` lines).
-fn inbound_ids(log: &str, ids: &[String]) -> usize {
+/// How many of the stanza ids in `ids` the link of each instance's running process read (its
+/// `inbound stanza` lines).
+fn stanzas_read(site: &Site, ids: &[String]) -> Vec<usize> {
     let wanted: std::collections::HashSet<String> =
         ids.iter().map(|id| format!("\"{id}\"")).collect();
-    log.lines()
-        .filter(|l| l.contains("inbound stanza"))
-        .filter(|l| wanted.iter().any(|w| l.contains(w.as_str())))
-        .count()
-}
-
-/// Words of `text` that look like `PREFIX-DIGITS`.
-fn tokens(text: &str, prefix: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-        .filter(|w| {
-            w.strip_prefix(prefix)
-                .and_then(|r| r.strip_prefix('-'))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    site.instances
+        .iter()
+        .map(|i| {
+            i.log()
+                .lines()
+                .filter(|l| l.contains("inbound stanza"))
+                .filter(|l| wanted.iter().any(|w| l.contains(w.as_str())))
+                .count()
         })
-        .map(str::to_owned)
         .collect()
 }
 
-/// Reordering of a sequence of arrivals (numbers in the order they were sent): how many arrived
-/// after one sent later ("late"), and the largest such distance.
-fn reordering(arrivals: &[u64]) -> (usize, u64) {
-    let mut highest = None::<u64>;
-    let (mut late, mut farthest) = (0, 0);
-    for &n in arrivals {
-        match highest {
-            Some(h) if n < h => {
-                late += 1;
-                farthest = farthest.max(h - n);
-            }
-            _ => highest = Some(n),
-        }
+/// Alice logs in, registers (with the email address and phone number given), accepts Reach's
+/// subscription and verifies each terminal; she stays online.
+async fn alice_registers(site: &mut Site, email: bool, phone: bool) -> Client {
+    let mut alice = site.client("alice", "pc").await;
+    alice.presence("").await;
+    let mut fields = String::from("<username>alice</username>");
+    if email {
+        fields.push_str(&format!("<email>{ALICE_MAIL}</email>"));
     }
-    (late, farthest)
+    if phone {
+        fields.push_str(&format!("<phone>{PHONE}</phone>"));
+    }
+    account::register(&mut alice, &fields, T).await;
+    if email {
+        let mail = site.sink().wait_for(1, T).await.remove(0);
+        let code = account::email_code(&mail);
+        assert_eq!(code.len(), 6, "subject: {:?}", mail.header("Subject"));
+        let said = account::say(&mut alice, &format!("verify {code}"), T).await;
+        assert!(said.contains("is verified"), "{said}");
+    }
+    if phone {
+        let code = account::phone_code(site.phone(), T).await;
+        site.phone().send_mo(PHONE, SERVICE_NUMBER, &code).await;
+        alice
+            .expect("the phone verified", T, |s| {
+                body(s).is_some_and(|b| b.contains("is verified"))
+            })
+            .await;
+    }
+    alice
 }
 
-// ---- the site: ejabberd, PostgreSQL, the instances and their doors ----
+/// A site of `instances` instances with email (forwards go out after 1 s).
+async fn site_with_email(instances: usize) -> Site {
+    Site::new(SiteOptions {
+        instances,
+        email: true,
+        digest_secs: 1,
+        ..SiteOptions::default()
+    })
+    .await
+}
 
-#[derive(Default)]
-struct Options {
+/// Alice registers with her email address, verifies it and goes offline.
+async fn alice_verifies_email_and_leaves(site: &mut Site) {
+    let alice = alice_registers(site, true, false).await;
+    alice.close().await;
+}
+
+/// Bob's client, online.
+async fn bob_online(site: &Site) -> Client {
+    let mut bob = site.client("bob", "pc").await;
+    bob.presence("").await;
+    bob
+}
+
+/// Once Reach has seen Alice leave (500 ms), Bob writes `first-1` to her: the reply alias of the
+/// email it is forwarded in.
+async fn alias_of_a_first_forward(site: &Site, bob: &mut Client) -> String {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bob_sends(bob, "first", 1, Duration::ZERO).await;
+    wait_mail_with(site.sink(), "first-1").await.reply_to()
+}
+
+/// The start of the stories where instance a loses ejabberd: a site of `instances` with email,
+/// whose instance a reaches ejabberd through a forwarder the test can cut (and with
+/// `cuttable_relay` its relay too); Alice offline with a verified email address; Bob online.
+/// Returns the site, Bob's client and the reply alias of a first forward.
+async fn site_where_a_can_be_cut_off(
     instances: usize,
-    email: bool,
-    sms: bool,
-    /// The first instance reaches ejabberd through a forwarder the test can cut.
-    cuttable_link: bool,
-    /// The first instance reaches the mail relay through a forwarder that can swallow.
     cuttable_relay: bool,
-    digest_secs: u64,
+) -> (Site, Client, String) {
+    let mut site = Site::new(SiteOptions {
+        instances,
+        email: true,
+        cuttable_links: 1,
+        cuttable_relay,
+        digest_secs: 1,
+        ..SiteOptions::default()
+    })
+    .await;
+    alice_verifies_email_and_leaves(&mut site).await;
+    let mut bob = bob_online(&site).await;
+    let alias = alias_of_a_first_forward(&site, &mut bob).await;
+    (site, bob, alias)
 }
 
-struct Site {
-    server: Server,
-    pg: Arc<PgCluster>,
-    url: String,
-    instances: Vec<Instance>,
-    sink: Option<MailSink>,
-    kannel: Option<Kannel>,
-    phone: Option<Handset>,
-    /// One SMTP port in front of every instance's listener.
-    smtp: Option<Balancer>,
-    /// One webhook address (Kannel's get-url and dlr-url) in front of every instance's webhook.
-    webhook: Option<Balancer>,
-    /// Between the first instance and ejabberd (with `cuttable_link`).
-    link_cut: Option<Balancer>,
-    /// Between the first instance and the relay (with `cuttable_relay`).
-    relay_cut: Option<Balancer>,
+/// Cuts instance a off from ejabberd and waits until its link is down.
+async fn cut_a_off_from_the_server(site: &Site) {
+    site.cut_link(0);
+    assert!(
+        site.instances[0]
+            .wait_for_log("component link down", T)
+            .await,
+        "instance a's link went down"
+    );
 }
 
-impl Drop for Site {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let keep = std::env::temp_dir().join(format!(
-                "reach-instances-{}-{}",
-                std::process::id(),
-                std::thread::current().name().unwrap_or("test")
-            ));
-            let _ = std::fs::create_dir_all(&keep);
-            for i in &self.instances {
-                eprintln!(
-                    "--- instance {} (tail) ---\n{}",
-                    i.name,
-                    tail(&i.log_all(), 60)
-                );
-                let _ = std::fs::write(keep.join(format!("reach-{}.log", i.name)), i.log_all());
-            }
-            let _ = std::fs::write(keep.join("ejabberd.log"), self.server.log());
-            eprintln!("logs kept in {}", keep.display());
-            if let Some(k) = &self.kannel {
-                eprintln!("--- kannel ---\n{}", k.logs(20));
-            }
-            eprintln!("--- ejabberd ---\n{}", self.server.log_tail(20));
-        }
-    }
+/// Alice's email reply to `alias`, with `token` in its Message-ID and text.
+fn reply_mail(alias: &str, token: &str) -> String {
+    format!(
+        "From: Alice <{ALICE_MAIL}>\nTo: <{alias}>\nSubject: Re: IM\nMessage-ID: <{token}@mail.example>\n\
+         Content-Type: text/plain; charset=utf-8\n\n{token}\n"
+    )
 }
 
-const NAMES: [&str; 3] = ["a", "b", "c"];
-
-impl Site {
-    async fn new(o: Options) -> Site {
-        let pg = PgCluster::shared();
-        let url = pg.create_database();
-        let server = Server::start(ServerKind::Ejabberd).await;
-        for user in ["alice", "bob"] {
-            server.register(user, &format!("{user}pw")).await;
-        }
-        let n = o.instances;
-        let smtp_ports: Vec<u16> = (0..n).map(|_| support::free_port()).collect();
-        let webhook_ports: Vec<u16> = (0..n).map(|_| support::free_port()).collect();
-        let sink = if o.email {
-            Some(MailSink::start().await)
-        } else {
-            None
-        };
-        let smtp = if o.email {
-            Some(Balancer::on_ports(&smtp_ports).await)
-        } else {
-            None
-        };
-        let webhook = if o.sms {
-            Some(Balancer::on_ports(&webhook_ports).await)
-        } else {
-            None
-        };
-        let (kannel, phone) = match &webhook {
-            Some(w) => {
-                let kannel = Kannel::start(&format!(
-                    "http://127.0.0.1:{}/sms/mo?secret={SECRET}",
-                    w.port()
-                ))
-                .await;
-                let phone = Handset::connect(&kannel).await;
-                (Some(kannel), Some(phone))
-            }
-            None => (None, None),
-        };
-        let link_cut = if o.cuttable_link {
-            Some(Balancer::on_ports(&[server.component_port()]).await)
-        } else {
-            None
-        };
-        let relay_cut = match (&sink, o.cuttable_relay) {
-            (Some(sink), true) => Some(Balancer::on_ports(&[sink.port]).await),
-            _ => None,
-        };
-        let mut instances = Vec::new();
-        for i in 0..n {
-            let dir = tempfile::Builder::new()
-                .prefix(&format!("reach-instance-{}-", NAMES[i]))
-                .tempdir()
-                .unwrap();
-            let store = StoreAt::Postgres {
-                url: url.clone(),
-                instance: NAMES[i].to_owned(),
-            };
-            let mut config = Reach::config_at(&server, dir.path(), &store);
-            if let (0, Some(cut)) = (i, &link_cut) {
-                config = config.replace(&server.component_addr(), &cut.addr());
-            }
-            config.push_str(
-                "\n[routing]\ngrace_delay_secs = 3\n\n[limits]\nemails_per_user_per_hour = 100000\n",
-            );
-            if let Some(sink) = &sink {
-                let relay_port = match (i, &relay_cut) {
-                    (0, Some(cut)) => cut.port(),
-                    _ => sink.port,
-                };
-                config.push_str(&format!(
-                    "\n[email]\nrelay = \"smtp://127.0.0.1:{relay_port}\"\nfrom_address = \"reach@{D}\"\n\
-                     reply_domain = \"{D}\"\nlisten = \"127.0.0.1:{}\"\ndigest_window_secs = {}\n",
-                    smtp_ports[i],
-                    o.digest_secs.max(1)
-                ));
-            }
-            if let (Some(kannel), Some(webhook)) = (&kannel, &webhook) {
-                config.push_str(&format!(
-                    "\n[sms]\nsendsms_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nfrom = \"{SERVICE_NUMBER}\"\n\
-                     webhook_listen = \"127.0.0.1:{}\"\nwebhook_url = \"http://127.0.0.1:{}\"\n\
-                     webhook_secret = \"{SECRET}\"\ndaily_cap = 1000\nallowed_prefixes = [\"+1\"]\n",
-                    kannel.sendsms_url(),
-                    kannel.username(),
-                    kannel.password(),
-                    webhook_ports[i],
-                    webhook.port()
-                ));
-            }
-            let reach = Reach::start_config(dir.path(), &config).await;
-            instances.push(Instance {
-                name: NAMES[i].to_owned(),
-                dir,
-                config,
-                reach,
-                smtp_port: smtp_ports[i],
-                log_from: 0,
-            });
-        }
-        let site = Site {
-            server,
-            pg,
-            url,
-            instances,
-            sink,
-            kannel,
-            phone,
-            smtp,
-            webhook,
-            link_cut,
-            relay_cut,
-        };
-        for i in &site.instances {
-            i.wait_link_up().await;
-        }
-        site
-    }
-
-    /// Adds an instance (the next name) without email or SMS.
-    async fn add_instance(&mut self) -> &Instance {
-        let name = NAMES[self.instances.len()];
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("reach-instance-{name}-"))
-            .tempdir()
-            .unwrap();
-        let store = StoreAt::Postgres {
-            url: self.url.clone(),
-            instance: name.to_owned(),
-        };
-        let config = Reach::config_at(&self.server, dir.path(), &store);
-        let reach = Reach::start_config(dir.path(), &config).await;
-        self.instances.push(Instance {
-            name: name.to_owned(),
-            dir,
-            config,
-            reach,
-            smtp_port: 0,
-            log_from: 0,
-        });
-        let added = self.instances.last().unwrap();
-        added.wait_link_up().await;
-        added
-    }
-
-    async fn client(&self, user: &str, resource: &str) -> Client {
-        let mut c = Client::connect(&self.server, user, &format!("{user}pw"), resource).await;
-        support::wait_for_component(&mut c, D).await;
-        c
-    }
-
-    fn sink(&self) -> &MailSink {
-        self.sink.as_ref().expect("a site with email")
-    }
-
-    fn phone(&mut self) -> &mut Handset {
-        self.phone.as_mut().expect("a site with SMS")
-    }
-
-    /// Alice logs in, registers (with the email address and phone number given), accepts
-    /// Reach's subscription and verifies each terminal; she stays online.
-    async fn alice_registers(&mut self, email: bool, phone: bool) -> Client {
-        let mut alice = self.client("alice", "pc").await;
-        alice.presence("").await;
-        let mut fields = String::from("<username>alice</username>");
-        if email {
-            fields.push_str(&format!("<email>{ALICE_MAIL}</email>"));
-        }
-        if phone {
-            fields.push_str(&format!("<phone>{PHONE}</phone>"));
-        }
-        let ok = alice
-            .iq(&format!(
-                "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'>{fields}</query></iq>"
-            ))
-            .await;
-        assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
-        alice
-            .expect("Reach's subscription request", T, |s| {
-                s.attr("type") == Some("subscribe")
-            })
-            .await;
-        alice
-            .send(&format!("<presence type='subscribed' to='{D}'/>"))
-            .await;
-        if email {
-            let mail = self.sink().wait_for(1, T).await.remove(0);
-            let subject = mail.header("Subject").unwrap();
-            let code: String = subject.chars().filter(char::is_ascii_digit).collect();
-            assert_eq!(code.len(), 6, "subject: {subject}");
-            let said = say(&mut alice, &format!("verify {code}")).await;
-            assert!(said.contains("is verified"), "{said}");
-        }
-        if phone {
-            let deadline = Instant::now() + T;
-            let code = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let mt = self.phone().recv_mt(left).await.expect("the phone's code");
-                if let Some(code) = mt
-                    .text
-                    .split(|c: char| !c.is_ascii_digit())
-                    .find(|w| w.len() == 6)
-                {
-                    break code.to_owned();
-                }
-            };
-            self.phone().send_mo(PHONE, SERVICE_NUMBER, &code).await;
-            alice
-                .expect("the phone verified", T, |s| {
-                    body(s).is_some_and(|b| b.contains("is verified"))
-                })
-                .await;
-        }
-        alice
-    }
-
-    /// Email and SMS counts of every instance's logs: (emails handed over, SMS webhook calls).
-    fn door_counts(&self) -> Vec<(usize, usize)> {
-        self.instances
-            .iter()
-            .map(|i| {
-                let log = i.log_all();
-                (
-                    count_lines(&log, "email handed over"),
-                    count_lines(&log, "SMS webhook: incoming SMS"),
-                )
-            })
-            .collect()
-    }
-
-    /// How many stanzas wait in instance `name`'s outbox (read in the database).
-    fn outbox_len(&self, name: &str) -> usize {
-        let sql = format!(
-            "SELECT count(*) FROM reach_records WHERE tree = 'stanza_outbox' \
-             AND substring(key from 1 for {}) = '\\x{}00'::bytea",
-            name.len() + 1,
-            hex(name)
-        );
-        let db = self.url.rsplit('/').next().unwrap().to_owned();
-        self.pg.psql(&db, &sql).trim().parse().unwrap_or(usize::MAX)
-    }
-
-    /// How many XMPP resources of users Reach records as online (read in the database).
-    fn resources_of_users(&self) -> usize {
-        let db = self.url.rsplit('/').next().unwrap().to_owned();
-        self.pg
-            .psql(
-                &db,
-                "SELECT count(*) FROM reach_records WHERE tree = 'resources'",
-            )
-            .trim()
-            .parse()
-            .unwrap_or(usize::MAX)
-    }
-
-    /// How many email jobs instance `name` holds claimed (read in the database).
-    fn email_claims(&self, name: &str) -> usize {
-        let sql = format!(
-            "SELECT count(*) FROM reach_records WHERE tree = 'email_jobs' \
-             AND convert_from(value, 'UTF8')::json->>'claimed_by' = '{name}'"
-        );
-        let db = self.url.rsplit('/').next().unwrap().to_owned();
-        self.pg.psql(&db, &sql).trim().parse().unwrap_or(usize::MAX)
-    }
+/// Alice's email reply is submitted to instance a's own SMTP listener, which takes it (250).
+async fn alice_replies_through_a(site: &Site, alias: &str, token: &str) {
+    let answer = submit(
+        site.instances[0].smtp_port,
+        ALICE_MAIL,
+        &[alias],
+        &reply_mail(alias, token),
+    )
+    .await
+    .outcome();
+    assert_eq!(answer.0, 250, "{answer:?}");
 }
 
-fn hex(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A chat line to the service; returns its answer.
-async fn say(client: &mut Client, line: &str) -> String {
-    client
-        .send(&format!(
-            "<message type='chat' to='{D}'><body>{line}</body></message>"
-        ))
-        .await;
-    let reply = client
-        .expect(line, T, |s| {
-            s.attr("from") == Some(D) && body(s).is_some_and(|b| !b.contains("on its way"))
-        })
-        .await;
-    body(&reply).unwrap()
+/// Whether a mail with `token` is at the relay within `within`.
+async fn mailed_within(sink: &MailSink, token: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut mailed = false;
+    while Instant::now() < deadline && !mailed {
+        mailed = sink.mails().iter().any(|m| m.text().contains(token));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mailed
 }
 
 /// Bob sends `count` messages `PREFIX-1` … to alice@D, `gap` apart (none: back to back).
@@ -555,7 +233,7 @@ async fn alice_collects(alice: &mut Client, prefix: &str, count: u64, quiet: Dur
                 "Bob's message comes from his per-session JID: {}",
                 support::to_xml(&el)
             );
-            let n: u64 = t[prefix.len() + 1..].parse().unwrap();
+            let n = token_number(&t);
             arrivals.push(n);
             distinct.insert(n);
         }
@@ -588,14 +266,13 @@ fn assert_each_once(what: &str, arrivals: &[u64], count: u64) {
 /// back to back (or 5 or 20 ms apart) arrive out of order is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stanza_is_handled_once_by_two_and_by_three_instances() {
-    let mut site = Site::new(Options {
+    let mut site = Site::new(SiteOptions {
         instances: 2,
-        ..Options::default()
+        ..SiteOptions::default()
     })
     .await;
-    let mut alice = site.alice_registers(false, false).await;
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
+    let mut alice = alice_registers(&mut site, false, false).await;
+    let mut bob = bob_online(&site).await;
     // Reach has seen Alice's client once a first message reaches it.
     bob.send(&format!(
         "<message type='chat' id='hello' to='alice@{D}'><body>hello-0</body></message>"
@@ -615,7 +292,7 @@ async fn every_stanza_is_handled_once_by_two_and_by_three_instances() {
         (3, "paced", Duration::from_millis(20)),
     ] {
         if site.instances.len() < instances {
-            site.add_instance().await;
+            site.add_instance(T).await;
             // Give ejabberd a moment to route to the new connection.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -623,11 +300,7 @@ async fn every_stanza_is_handled_once_by_two_and_by_three_instances() {
         let ids = bob_sends(&mut bob, prefix, N, gap).await;
         let arrivals = alice_collects(&mut alice, prefix, N, Duration::from_secs(2)).await;
         assert_each_once(prefix, &arrivals, N);
-        let handled: Vec<usize> = site
-            .instances
-            .iter()
-            .map(|i| inbound_ids(&i.log_all(), &ids))
-            .collect();
+        let handled = stanzas_read(&site, &ids);
         assert_eq!(
             handled.iter().sum::<usize>(),
             N as usize,
@@ -657,17 +330,9 @@ async fn every_stanza_is_handled_once_by_two_and_by_three_instances() {
 /// exactly as many mails as the instances handed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn due_forwards_go_out_once_from_one_instance() {
-    let mut site = Site::new(Options {
-        instances: 3,
-        email: true,
-        digest_secs: 1,
-        ..Options::default()
-    })
-    .await;
-    let alice = site.alice_registers(true, false).await;
-    alice.close().await;
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
+    let mut site = site_with_email(3).await;
+    alice_verifies_email_and_leaves(&mut site).await;
+    let mut bob = bob_online(&site).await;
     // Reach has seen Alice leave once its presence says so.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -707,7 +372,7 @@ async fn due_forwards_go_out_once_from_one_instance() {
     let mut arrivals = Vec::new();
     for m in &mails {
         for t in tokens(&m.text(), "fwd") {
-            arrivals.push(t[4..].parse::<u64>().unwrap());
+            arrivals.push(token_number(&t));
         }
     }
     assert_each_once("forwarded emails", &arrivals, N);
@@ -732,15 +397,15 @@ async fn due_forwards_go_out_once_from_one_instance() {
 /// the phone through Kannel's one webhook URL to each instance in turn, reach Bob once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_through_any_instance_reach_the_buddy_once() {
-    let mut site = Site::new(Options {
+    let mut site = Site::new(SiteOptions {
         instances: 2,
         email: true,
         sms: true,
         digest_secs: 1,
-        ..Options::default()
+        ..SiteOptions::default()
     })
     .await;
-    let mut alice = site.alice_registers(true, true).await;
+    let mut alice = alice_registers(&mut site, true, true).await;
     // The phone's confirmation and anything else it got so far.
     while site
         .phone()
@@ -748,11 +413,10 @@ async fn replies_through_any_instance_reach_the_buddy_once() {
         .await
         .is_some()
     {}
-    let said = say(&mut alice, "primary email").await;
+    let said = account::say(&mut alice, "primary email", T).await;
     assert!(!said.contains("Nothing was changed"), "{said}");
     alice.close().await;
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
+    let mut bob = bob_online(&site).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // By email first: the forward comes from one instance's alias.
@@ -775,9 +439,9 @@ async fn replies_through_any_instance_reach_the_buddy_once() {
 
     // Then by SMS: her email address is away, the phone available.
     let mut alice = site.client("alice", "pc").await;
-    let said = say(&mut alice, "state email away").await;
+    let said = account::say(&mut alice, "state email away", T).await;
     assert!(!said.contains("Nothing was changed"), "{said}");
-    let said = say(&mut alice, "state phone available").await;
+    let said = account::say(&mut alice, "state phone available", T).await;
     assert!(!said.contains("Nothing was changed"), "{said}");
     alice.close().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -790,24 +454,17 @@ async fn replies_through_any_instance_reach_the_buddy_once() {
     let mut report = Vec::new();
     for target in 0..n {
         for other in 0..n {
-            site.smtp.as_ref().unwrap().set_down(other, other != target);
-            site.webhook
-                .as_ref()
-                .unwrap()
-                .set_down(other, other != target);
+            site.smtp().set_down(other, other != target);
+            site.webhook().set_down(other, other != target);
         }
-        site.smtp.as_ref().unwrap().cut();
-        site.webhook.as_ref().unwrap().cut();
+        site.smtp().cut();
+        site.webhook().cut();
         let before = site.door_counts();
         let name = site.instances[target].name.clone();
 
         let token = format!("emailreply-{}", target + 1);
-        let message = format!(
-            "From: Alice <{ALICE_MAIL}>\nTo: <{alias}>\nSubject: Re: IM\nMessage-ID: <{token}@mail.example>\n\
-             Content-Type: text/plain; charset=utf-8\n\n{token}\n"
-        );
-        let port = site.smtp.as_ref().unwrap().port();
-        let answer = submit(port, ALICE_MAIL, &[&alias], &message)
+        let port = site.smtp().port();
+        let answer = submit(port, ALICE_MAIL, &[&alias], &reply_mail(&alias, &token))
             .await
             .outcome();
         assert_eq!(
@@ -829,7 +486,7 @@ async fn replies_through_any_instance_reach_the_buddy_once() {
             "instance {name}: email reply 250 and delivered once, SMS through its webhook delivered once"
         ));
     }
-    let smtp_served = site.smtp.as_ref().unwrap().served();
+    let smtp_served = site.smtp().served();
     assert!(
         smtp_served.iter().all(|&s| s > 0),
         "each instance's SMTP listener took a reply: {smtp_served:?}"
@@ -886,30 +543,15 @@ async fn expect_once(bob: &mut Client, token: &str) -> Element {
 /// the same name, it rejoins and handles stanzas again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_is_taken_over_and_rejoins_under_its_name() {
-    let mut site = Site::new(Options {
-        instances: 3,
-        email: true,
-        cuttable_link: true,
-        cuttable_relay: true,
-        digest_secs: 1,
-        ..Options::default()
-    })
-    .await;
-    let alice = site.alice_registers(true, false).await;
-    alice.close().await;
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    bob_sends(&mut bob, "first", 1, Duration::ZERO).await;
-    let alias = wait_mail_with(site.sink(), "first-1").await.reply_to();
+    let (mut site, mut bob, alias) = site_where_a_can_be_cut_off(3, true).await;
 
     // Instance a's relay hangs: Bob writes until a holds an email job it cannot send (its
     // relay swallowed a connection and the job is claimed by a in the database).
-    site.relay_cut.as_ref().unwrap().set_mode(Mode::Swallow);
-    site.relay_cut.as_ref().unwrap().cut();
+    site.relay_cut().set_mode(Mode::Swallow);
+    site.relay_cut().cut();
     let mut sent = 0u64;
     let deadline = Instant::now() + Duration::from_secs(40);
-    while site.relay_cut.as_ref().unwrap().swallowed() == 0 || site.email_claims("a") == 0 {
+    while site.relay_cut().swallowed() == 0 || site.email_claims("a") == 0 {
         assert!(
             Instant::now() < deadline,
             "instance a never claimed an email job ({sent} messages sent)"
@@ -926,24 +568,9 @@ async fn a_killed_instance_is_taken_over_and_rejoins_under_its_name() {
 
     // Then a loses ejabberd, and takes Alice's reply: committed (250) into a's outbox, which
     // cannot drain.
-    let link = site.link_cut.as_ref().unwrap();
-    link.set_mode(Mode::Refuse);
-    link.cut();
-    assert!(
-        site.instances[0]
-            .wait_for_log("component link down", T)
-            .await,
-        "instance a's link went down"
-    );
+    cut_a_off_from_the_server(&site).await;
     let token = "stuckreply-1";
-    let message = format!(
-        "From: Alice <{ALICE_MAIL}>\nTo: <{alias}>\nSubject: Re: IM\nMessage-ID: <{token}@mail.example>\n\
-         Content-Type: text/plain; charset=utf-8\n\n{token}\n"
-    );
-    let answer = submit(site.instances[0].smtp_port, ALICE_MAIL, &[&alias], &message)
-        .await
-        .outcome();
-    assert_eq!(answer.0, 250, "{answer:?}");
+    alice_replies_through_a(&site, &alias, token).await;
     let has_reply = |s: &Element| body(s).is_some_and(|b| b.contains(token));
     assert_eq!(site.outbox_len("a"), 1, "the reply waits in a's outbox");
 
@@ -994,7 +621,7 @@ async fn a_killed_instance_is_taken_over_and_rejoins_under_its_name() {
     let mut arrivals = Vec::new();
     for m in site.sink().mails() {
         for t in tokens(&m.text(), "stuck") {
-            arrivals.push(t[6..].parse::<u64>().unwrap());
+            arrivals.push(token_number(&t));
         }
     }
     assert_each_once("messages a had claimed", &arrivals, sent);
@@ -1008,20 +635,16 @@ async fn a_killed_instance_is_taken_over_and_rejoins_under_its_name() {
     assert_each_once("after the kill", &arrivals, 20);
 
     // a comes back under its name, with ejabberd and its relay reachable again, and rejoins.
-    site.link_cut.as_ref().unwrap().set_mode(Mode::Forward);
-    site.relay_cut.as_ref().unwrap().set_mode(Mode::Forward);
-    site.relay_cut.as_ref().unwrap().cut();
+    site.mend_link(0);
+    site.relay_cut().set_mode(Mode::Forward);
+    site.relay_cut().cut();
     site.instances[0].start_again().await;
-    site.instances[0].wait_link_up().await;
+    site.instances[0].wait_link_up(T).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ids = bob_sends(&mut bob, "rejoined", 60, Duration::ZERO).await;
     let arrivals = alice_collects(&mut alice, "rejoined", 60, Duration::from_secs(2)).await;
     assert_each_once("after a rejoined", &arrivals, 60);
-    let handled: Vec<usize> = site
-        .instances
-        .iter()
-        .map(|i| inbound_ids(&i.log(), &ids))
-        .collect();
+    let handled = stanzas_read(&site, &ids);
     assert!(
         handled[0] > 0,
         "the restarted instance a handles stanzas again: {handled:?}"
@@ -1044,40 +667,11 @@ async fn a_killed_instance_is_taken_over_and_rejoins_under_its_name() {
 /// reply within seconds, since two instances are connected all along.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_taken_by_an_instance_cut_off_from_the_server_reaches_the_buddy() {
-    let mut site = Site::new(Options {
-        instances: 2,
-        email: true,
-        cuttable_link: true,
-        digest_secs: 1,
-        ..Options::default()
-    })
-    .await;
-    let alice = site.alice_registers(true, false).await;
-    alice.close().await;
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    bob_sends(&mut bob, "first", 1, Duration::ZERO).await;
-    let alias = wait_mail_with(site.sink(), "first-1").await.reply_to();
+    let (site, mut bob, alias) = site_where_a_can_be_cut_off(2, false).await;
 
-    let link = site.link_cut.as_ref().unwrap();
-    link.set_mode(Mode::Refuse);
-    link.cut();
-    assert!(
-        site.instances[0]
-            .wait_for_log("component link down", T)
-            .await,
-        "instance a's link went down"
-    );
+    cut_a_off_from_the_server(&site).await;
     let token = "partitionreply-1";
-    let message = format!(
-        "From: Alice <{ALICE_MAIL}>\nTo: <{alias}>\nSubject: Re: IM\nMessage-ID: <{token}@mail.example>\n\
-         Content-Type: text/plain; charset=utf-8\n\n{token}\n"
-    );
-    let answer = submit(site.instances[0].smtp_port, ALICE_MAIL, &[&alias], &message)
-        .await
-        .outcome();
-    assert_eq!(answer.0, 250, "{answer:?}");
+    alice_replies_through_a(&site, &alias, token).await;
     let got = bob
         .wait_for(Duration::from_secs(30), |s| {
             body(s).is_some_and(|b| b.contains(token))
@@ -1100,17 +694,9 @@ async fn a_reply_taken_by_an_instance_cut_off_from_the_server_reaches_the_buddy(
 /// available on XMPP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_comes_and_goes_at_once_is_seen_gone() {
-    let mut site = Site::new(Options {
-        instances: 3,
-        email: true,
-        digest_secs: 1,
-        ..Options::default()
-    })
-    .await;
-    let alice = site.alice_registers(true, false).await;
-    alice.close().await;
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
+    let mut site = site_with_email(3).await;
+    alice_verifies_email_and_leaves(&mut site).await;
+    let mut bob = bob_online(&site).await;
     let stale = || site.resources_of_users();
     let deadline = Instant::now() + T;
     while stale() > 0 {
@@ -1134,16 +720,7 @@ async fn a_client_that_comes_and_goes_at_once_is_seen_gone() {
     let left = stale();
     // What Bob's next message shows: by email if Reach knows she is offline.
     bob_sends(&mut bob, "afterflap", 1, Duration::ZERO).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut mailed = false;
-    while Instant::now() < deadline && !mailed {
-        mailed = site
-            .sink()
-            .mails()
-            .iter()
-            .any(|m| m.text().contains("afterflap-1"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mailed = mailed_within(site.sink(), "afterflap-1", Duration::from_secs(10)).await;
     assert!(
         left == 0 && mailed,
         "after {flaps} clients of Alice's that came and went at once, Reach still records {left} \
@@ -1158,16 +735,9 @@ async fn a_client_that_comes_and_goes_at_once_is_seen_gone() {
 /// way Reach knows Alice is gone: Bob's next message goes to her email.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_server_restarts_the_instances_know_who_is_gone() {
-    let mut site = Site::new(Options {
-        instances: 2,
-        email: true,
-        digest_secs: 1,
-        ..Options::default()
-    })
-    .await;
-    let mut alice = site.alice_registers(true, false).await;
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
+    let mut site = site_with_email(2).await;
+    let mut alice = alice_registers(&mut site, true, false).await;
+    let mut bob = bob_online(&site).await;
     bob_sends(&mut bob, "before", 1, Duration::ZERO).await;
     alice
         .expect("Bob's message on her client", T, |s| {
@@ -1176,16 +746,8 @@ async fn after_the_server_restarts_the_instances_know_who_is_gone() {
         .await;
     drop(alice);
     drop(bob);
-    let skipped_before: Vec<usize> = site
-        .instances
-        .iter()
-        .map(|i| count_lines(&i.log(), "another instance's link is up"))
-        .collect();
-    let ups: Vec<usize> = site
-        .instances
-        .iter()
-        .map(|i| count_lines(&i.log(), "component link up"))
-        .collect();
+    let skipped_before = site.count_in_logs(WALK_SKIPPED);
+    let ups = site.count_in_logs("component link up");
     site.server.restart().await;
     let deadline = Instant::now() + Duration::from_secs(40);
     for (i, up) in site.instances.iter().zip(&ups) {
@@ -1204,15 +766,9 @@ async fn after_the_server_restarts_the_instances_know_who_is_gone() {
         .instances
         .iter()
         .zip(&skipped_before)
-        .map(|(i, before)| {
-            (
-                i.name.clone(),
-                count_lines(&i.log(), "another instance's link is up") - before,
-            )
-        })
+        .map(|(i, before)| (i.name.clone(), count_lines(&i.log(), WALK_SKIPPED) - before))
         .collect();
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
+    let mut bob = bob_online(&site).await;
     bob_sends(&mut bob, "after", 1, Duration::ZERO).await;
     let mail = wait_mail_with(site.sink(), "after-1").await;
     assert!(mail.text().contains("after-1"));
@@ -1231,15 +787,8 @@ async fn after_the_server_restarts_the_instances_know_who_is_gone() {
 /// is gone, so Bob's next message goes to her email.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_started_together_still_learn_who_left_meanwhile() {
-    let mut site = Site::new(Options {
-        instances: 2,
-        email: true,
-        digest_secs: 1,
-        ..Options::default()
-    })
-    .await;
-    let alice = site.alice_registers(true, false).await;
-    alice.close().await;
+    let mut site = site_with_email(2).await;
+    alice_verifies_email_and_leaves(&mut site).await;
     // A race: each round is one restart of every instance; it goes wrong about one time in three.
     let mut rounds = Vec::new();
     for round in 1..=10 {
@@ -1259,14 +808,10 @@ async fn instances_started_together_still_learn_who_left_meanwhile() {
             i.start_again().await;
         }
         for i in &site.instances {
-            i.wait_link_up().await;
+            i.wait_link_up(T).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let skipped: Vec<usize> = site
-            .instances
-            .iter()
-            .map(|i| count_lines(&i.log(), "another instance's link is up"))
-            .collect();
+        let skipped = site.count_in_logs(WALK_SKIPPED);
         let stale = site.resources_of_users();
         rounds.push(format!(
             "round {round}: walks skipped {skipped:?}, resources online {stale}"
@@ -1276,19 +821,9 @@ async fn instances_started_together_still_learn_who_left_meanwhile() {
         }
     }
     // What Bob sees now: by email if Reach knows Alice is gone.
-    let mut bob = site.client("bob", "pc").await;
-    bob.presence("").await;
+    let mut bob = bob_online(&site).await;
     bob_sends(&mut bob, "afterrestart", 1, Duration::ZERO).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut mailed = false;
-    while Instant::now() < deadline && !mailed {
-        mailed = site
-            .sink()
-            .mails()
-            .iter()
-            .any(|m| m.text().contains("afterrestart-1"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mailed = mailed_within(site.sink(), "afterrestart-1", Duration::from_secs(10)).await;
     assert!(
         mailed,
         "Alice left while no instance ran; after they started again Reach still records her \

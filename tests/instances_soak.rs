@@ -60,70 +60,24 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use support::balancer::Balancer;
-use support::kannel::{Handset, Kannel};
-use support::mail::MailSink;
-use support::postgres::PgCluster;
-use support::{attr, body, Client, Element, Reach, Server, ServerKind, StoreAt};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use rand::Rng;
+use support::logs::strip_ansi;
+use support::site::{Site, SiteOptions, INSTANCE_NAMES as NAMES};
+use support::soak::{
+    env_num, write_flow_table, write_phases, Conversation, Pace, ReplyRows, Route, Row,
+};
+use support::tokens::{reordering, token_number};
 
-const D: &str = "reach.localhost";
 const T: Duration = Duration::from_secs(15);
-const PHONE: &str = "+15551234567";
-const SERVICE_NUMBER: &str = "+15550000000";
-const ALICE_MAIL: &str = "alice@mail.example";
-const SECRET: &str = "soaksecret9";
-const NAMES: [&str; 3] = ["a", "b", "c"];
-/// The buddy writes this often.
-const BOB_EVERY: Duration = Duration::from_millis(70);
-/// Alice's terminal changes this often (XMPP, email, SMS in turn).
-const MODE_EVERY: Duration = Duration::from_millis(2500);
-/// After logging in, Alice's session counts for the reordering figures once this has passed.
-const SETTLED: Duration = Duration::from_millis(500);
 /// A message never read by any instance is explained by a kill or a link cut at most this long
 /// after it.
 const KILL_WINDOW: Duration = Duration::from_secs(2);
 /// How often a kill is preceded by a cut of the instance's link to ejabberd (0.3 to 1.5 s
 /// before), so that its outbox holds what it took meanwhile (replies by email and SMS).
 const CUT_FIRST: f64 = 0.4;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Route {
-    Xmpp,
-    Email,
-    Sms,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Xmpp,
-    Email,
-    Sms,
-}
-
-struct BobMsg {
-    n: u64,
-    id: String,
-    token: String,
-    sent_at: Instant,
-    /// Alice's XMPP session that was online (and settled) when it was sent.
-    session: Option<usize>,
-}
-
-struct MailReply {
-    token: String,
-    attempts: u32,
-    acked: bool,
-    refused: Option<String>,
-    done: bool,
-}
 
 /// One process of one instance.
 struct Incarnation {
@@ -134,78 +88,6 @@ struct Incarnation {
     killed: Option<(Instant, SystemTime)>,
     /// When its link to ejabberd was cut (before the kill).
     link_cut: Option<Instant>,
-}
-
-#[derive(Default)]
-struct Ledger {
-    bob: Vec<BobMsg>,
-    bob_errors: HashMap<String, String>,
-    at_alice: HashMap<String, Vec<Route>>,
-    /// Buddy messages at Alice's client, in arrival order: (session, n).
-    xmpp_arrivals: Vec<(usize, u64)>,
-    mo_sent: Vec<String>,
-    at_bob: HashMap<String, usize>,
-    /// Reply tokens at the buddy, first copies, in arrival order.
-    bob_arrivals: Vec<String>,
-    trace: Vec<String>,
-    t0: Option<Instant>,
-}
-
-impl Ledger {
-    fn trace(&mut self, what: impl Into<String>) {
-        let t0 = *self.t0.get_or_insert_with(Instant::now);
-        self.trace.push(format!(
-            "{:9.3} {}",
-            t0.elapsed().as_secs_f64(),
-            what.into()
-        ));
-    }
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-/// Words of `text` that look like `PREFIX-DIGITS`.
-fn tokens(text: &str, prefix: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-        .filter(|w| {
-            w.strip_prefix(prefix)
-                .and_then(|r| r.strip_prefix('-'))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(str::to_owned)
-        .collect()
-}
-
-fn token_number(token: &str) -> u64 {
-    token
-        .rsplit('-')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Text without ANSI colour sequences.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The time at the start of a log line (`2026-12-07T10:37:42.123456Z …`), as seconds since
@@ -246,568 +128,75 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     Some(rest[..end].trim_matches('"'))
 }
 
-/// Reordering of a sequence (numbers in sending order): how many arrived after one sent
-/// later, and the largest such distance.
-fn reordering(arrivals: &[u64]) -> (usize, u64) {
-    let mut highest = None::<u64>;
-    let (mut late, mut farthest) = (0, 0);
-    for &n in arrivals {
-        match highest {
-            Some(h) if n < h => {
-                late += 1;
-                farthest = farthest.max(h - n);
-            }
-            _ => highest = Some(n),
-        }
-    }
-    (late, farthest)
-}
-
-/// One SMTP transaction that never panics: Ok(final code) or Err(why it did not finish).
-async fn try_submit(port: u16, from: &str, rcpt: &str, message: &str) -> Result<u16, String> {
-    let step = Duration::from_secs(10);
-    let stream = tokio::time::timeout(step, TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .map_err(|_| "connect timeout".to_owned())?
-        .map_err(|e| format!("connect: {e}"))?;
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    async fn reply(
-        reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-        step: Duration,
-    ) -> Result<u16, String> {
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(step, reader.read_line(&mut line))
-                .await
-                .map_err(|_| "reply timeout".to_owned())?
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                return Err("connection closed".into());
-            }
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return line
-                    .get(..3)
-                    .and_then(|c| c.parse().ok())
-                    .ok_or_else(|| format!("bad reply {line:?}"));
-            }
-        }
-    }
-    let greeting = reply(&mut reader, step).await?;
-    if greeting != 220 {
-        return Ok(greeting);
-    }
-    let mut data = String::new();
-    for line in message.split('\n') {
-        if line.starts_with('.') {
-            data.push('.');
-        }
-        data.push_str(line);
-        data.push_str("\r\n");
-    }
-    data.push_str(".\r\n");
-    for (command, want) in [
-        ("EHLO soak.example\r\n".to_owned(), 250),
-        (format!("MAIL FROM:<{from}>\r\n"), 250),
-        (format!("RCPT TO:<{rcpt}>\r\n"), 250),
-        ("DATA\r\n".to_owned(), 354),
-        (data, 0),
-    ] {
-        write
-            .write_all(command.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let code = reply(&mut reader, step).await?;
-        if want == 0 || code != want {
-            let _ = write.write_all(b"QUIT\r\n").await;
-            return Ok(code);
-        }
-    }
-    unreachable!("the data answer returns")
-}
-
-/// Submits one reply like an MTA: retries (same Message-ID) until 250 or a 5xx, for up to 60 s.
-async fn deliver_reply(
-    port: u16,
-    alias: String,
-    token: String,
-    slot: usize,
-    replies: Arc<Mutex<Vec<MailReply>>>,
-) {
-    let message = format!(
-        "From: Alice <{ALICE_MAIL}>\nTo: <{alias}>\nSubject: Re: IM\nMessage-ID: <{token}@mail.example>\n\
-         Date: Tue, 25 Nov 2025 10:00:00 +0000\nContent-Type: text/plain; charset=utf-8\n\n{token}\n"
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let outcome = try_submit(port, ALICE_MAIL, &alias, &message).await;
-        let finished = {
-            let mut all = replies.lock().unwrap();
-            let r = &mut all[slot];
-            r.attempts += 1;
-            match outcome {
-                Ok(250) => r.acked = true,
-                Ok(code) if code >= 500 => r.refused = Some(format!("{code}")),
-                _ => {}
-            }
-            r.done = r.acked || r.refused.is_some() || Instant::now() >= deadline;
-            r.done
-        };
-        if finished {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// One instance: its folder, config and current process.
-struct Node {
-    name: &'static str,
-    dir: tempfile::TempDir,
-    config: String,
-    reach: Reach,
-    running: bool,
-}
-
-impl Node {
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("reach.log")
-    }
-
-    fn log_len(&self) -> usize {
-        std::fs::metadata(self.log_path()).map_or(0, |m| m.len() as usize)
-    }
-}
-
+/// The site, the conversation kept going on it, and the processes each instance ran.
 struct World {
-    _pg: Arc<PgCluster>,
-    server: Server,
-    _kannel: Kannel,
-    phone: Handset,
-    sink: MailSink,
-    smtp: Balancer,
-    webhook: Balancer,
-    /// Each instance's way to ejabberd, which the test can cut.
-    links: Vec<Balancer>,
+    /// Three instances, each reaching ejabberd through a forwarder the test can cut; the relay
+    /// and the phone belong to the conversation.
+    site: Site,
+    conversation: Conversation,
     /// When links were cut.
     cuts: Vec<Instant>,
-    nodes: Vec<Node>,
     incarnations: Vec<Incarnation>,
     /// When each incarnation (by index) was started again after a kill.
     restarted_at: HashMap<usize, Instant>,
-    bob: Client,
-    alice: Option<Client>,
-    /// Alice's sessions so far, and when the current one logged in.
-    sessions: usize,
-    alice_since: Option<Instant>,
-    ledger: Ledger,
-    replies: Arc<Mutex<Vec<MailReply>>>,
-    reply_tasks: Vec<tokio::task::JoinHandle<()>>,
-    seen_mails: HashSet<PathBuf>,
-    rng: StdRng,
-    next_token: u64,
-    sms_conversation: bool,
-    replying: bool,
-    alias: Option<String>,
 }
 
 impl Drop for World {
     fn drop(&mut self) {
+        // The site keeps the instances' logs and ejabberd's next to this trace.
         if std::thread::panicking() || std::env::var_os("REACH_SOAK_KEEP").is_some() {
-            let keep =
-                std::env::temp_dir().join(format!("reach-soak-instances-{}", std::process::id()));
-            let _ = std::fs::create_dir_all(&keep);
-            for node in &self.nodes {
-                let _ = std::fs::copy(
-                    node.log_path(),
-                    keep.join(format!("reach-{}.log", node.name)),
-                );
-            }
-            let _ = std::fs::write(keep.join("ejabberd.log"), self.server.log());
-            let _ = std::fs::write(keep.join("trace.txt"), self.ledger.trace.join("\n"));
-            eprintln!("logs kept in {}", keep.display());
+            let keep = self.site.keep_logs_in();
+            let _ = std::fs::create_dir_all(keep);
+            let trace = self.conversation.ledger.trace.join("\n");
+            let _ = std::fs::write(keep.join("trace.txt"), trace);
         }
     }
-}
-
-async fn login(server: &Server, user: &str) -> Client {
-    let mut c = Client::connect(server, user, &format!("{user}pw"), "soak").await;
-    c.presence("").await;
-    c
 }
 
 impl World {
     async fn new(seed: u64) -> World {
-        let pg = PgCluster::shared();
-        let url = pg.create_database();
-        let server = Server::start(ServerKind::Ejabberd).await;
-        for user in ["alice", "bob"] {
-            server.register(user, &format!("{user}pw")).await;
-        }
-        let smtp_ports: Vec<u16> = NAMES.iter().map(|_| support::free_port()).collect();
-        let webhook_ports: Vec<u16> = NAMES.iter().map(|_| support::free_port()).collect();
-        let smtp = Balancer::on_ports(&smtp_ports).await;
-        let webhook = Balancer::on_ports(&webhook_ports).await;
-        let kannel = Kannel::start(&format!(
-            "http://127.0.0.1:{}/sms/mo?secret={SECRET}",
-            webhook.port()
-        ))
+        let mut site = Site::new(SiteOptions {
+            instances: NAMES.len(),
+            email: true,
+            sms: true,
+            cuttable_links: NAMES.len(),
+            digest_secs: 1,
+            sms_daily_cap: 100_000,
+            sms_per_second: Some(100),
+            link_up_within: T,
+            keep_logs_in: Some(
+                std::env::temp_dir().join(format!("reach-soak-instances-{}", std::process::id())),
+            ),
+            keep_logs_always: std::env::var_os("REACH_SOAK_KEEP").is_some(),
+            ..SiteOptions::default()
+        })
         .await;
-        let phone = Handset::connect(&kannel).await;
-        let sink = MailSink::start().await;
-        let mut nodes = Vec::new();
-        let mut incarnations = Vec::new();
-        let mut links = Vec::new();
-        for (i, name) in NAMES.iter().enumerate() {
-            let link = Balancer::on_ports(&[server.component_port()]).await;
-            let dir = tempfile::Builder::new()
-                .prefix(&format!("reach-soak-{name}-"))
-                .tempdir()
-                .unwrap();
-            let store = StoreAt::Postgres {
-                url: url.clone(),
-                instance: (*name).to_owned(),
-            };
-            let mut config = Reach::config_at(&server, dir.path(), &store)
-                .replace(&server.component_addr(), &link.addr());
-            links.push(link);
-            config.push_str(&format!(
-                "\n[limits]\nemails_per_user_per_hour = 100000\n\n[routing]\ngrace_delay_secs = 3\n\n\
-                 [email]\nrelay = \"smtp://127.0.0.1:{}\"\nfrom_address = \"reach@{D}\"\nreply_domain = \"{D}\"\n\
-                 listen = \"127.0.0.1:{}\"\ndigest_window_secs = 1\n\n\
-                 [sms]\nsendsms_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nfrom = \"{SERVICE_NUMBER}\"\n\
-                 webhook_listen = \"127.0.0.1:{}\"\nwebhook_url = \"http://127.0.0.1:{}\"\n\
-                 webhook_secret = \"{SECRET}\"\ndaily_cap = 100000\nrate_per_second = 100\nallowed_prefixes = [\"+1\"]\n",
-                sink.port,
-                smtp_ports[i],
-                kannel.sendsms_url(),
-                kannel.username(),
-                kannel.password(),
-                webhook_ports[i],
-                webhook.port(),
-            ));
-            let reach = Reach::start_config(dir.path(), &config).await;
-            incarnations.push(Incarnation {
-                instance: i,
+        let phone = site.phone.take().expect("the site's handset");
+        let sink = site.sink.take().expect("the site's relay");
+        let smtp_port = site.smtp().port();
+        let conversation =
+            Conversation::new(&site.server, phone, sink, smtp_port, seed, true).await;
+        let incarnations = (0..NAMES.len())
+            .map(|instance| Incarnation {
+                instance,
                 from: 0,
                 to: None,
                 killed: None,
                 link_cut: None,
-            });
-            nodes.push(Node {
-                name,
-                dir,
-                config,
-                reach,
-                running: true,
-            });
-        }
-        for node in &nodes {
-            assert!(
-                node.reach.wait_for_log("component link up", T).await,
-                "instance {}: no link\n{}",
-                node.name,
-                node.reach.log()
-            );
-        }
-        let mut bob = login(&server, "bob").await;
-        support::wait_for_component(&mut bob, D).await;
+            })
+            .collect();
         World {
-            _pg: pg,
-            server,
-            _kannel: kannel,
-            phone,
-            sink,
-            smtp,
-            webhook,
-            links,
+            site,
+            conversation,
             cuts: Vec::new(),
-            nodes,
             incarnations,
             restarted_at: HashMap::new(),
-            bob,
-            alice: None,
-            sessions: 0,
-            alice_since: None,
-            ledger: Ledger::default(),
-            replies: Arc::new(Mutex::new(Vec::new())),
-            reply_tasks: Vec::new(),
-            seen_mails: HashSet::new(),
-            rng: StdRng::seed_from_u64(seed),
-            next_token: 1,
-            sms_conversation: false,
-            replying: true,
-            alias: None,
-        }
-    }
-
-    async fn say(alice: &mut Client, line: &str) -> String {
-        alice
-            .send(&format!(
-                "<message type='chat' to='{D}'><body>{line}</body></message>"
-            ))
-            .await;
-        let reply = alice
-            .expect(line, T, |s| {
-                s.attr("from") == Some(D) && body(s).is_some_and(|b| !b.contains("on its way"))
-            })
-            .await;
-        body(&reply).unwrap()
-    }
-
-    /// Alice registers her phone and email and verifies both; email is `away` and primary, so
-    /// the phone gets messages while it is `available` (`/back`) and email while it is `away`.
-    async fn setup_alice(&mut self) {
-        let mut alice = login(&self.server, "alice").await;
-        let ok = alice
-            .iq(&format!(
-                "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'><username>alice</username><phone>{PHONE}</phone><email>{ALICE_MAIL}</email></query></iq>"
-            ))
-            .await;
-        assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
-        alice
-            .expect("Reach's subscription request", T, |s| {
-                s.attr("type") == Some("subscribe")
-            })
-            .await;
-        alice
-            .send(&format!("<presence type='subscribed' to='{D}'/>"))
-            .await;
-        let deadline = Instant::now() + T;
-        let code = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mt = self.phone.recv_mt(left).await.expect("the phone's code");
-            if let Some(code) = mt
-                .text
-                .split(|c: char| !c.is_ascii_digit())
-                .find(|w| w.len() == 6)
-            {
-                break code.to_owned();
-            }
-        };
-        let said = World::say(&mut alice, &format!("verify {code}")).await;
-        assert!(said.contains("is verified"), "{said}");
-        let mail = self.sink.wait_for(1, T).await.remove(0);
-        self.seen_mails.insert(mail.path.clone());
-        let subject = mail.header("Subject").unwrap();
-        let code: String = subject.chars().filter(char::is_ascii_digit).collect();
-        let said = World::say(&mut alice, &format!("verify {code}")).await;
-        assert!(said.contains("is verified"), "{said}");
-        for line in ["state email away", "state phone away", "primary email"] {
-            let said = World::say(&mut alice, line).await;
-            assert!(!said.contains("Nothing was changed"), "{line}: {said}");
-        }
-        self.sessions += 1;
-        self.alice_since = Some(Instant::now());
-        self.alice = Some(alice);
-    }
-
-    fn token(&mut self, prefix: &str) -> String {
-        let t = format!("{prefix}-{}", self.next_token);
-        self.next_token += 1;
-        t
-    }
-
-    /// Alice's settled XMPP session, if she is online.
-    fn settled_session(&self) -> Option<usize> {
-        match (&self.alice, self.alice_since) {
-            (Some(_), Some(since)) if since.elapsed() >= SETTLED => Some(self.sessions),
-            _ => None,
-        }
-    }
-
-    async fn bob_writes(&mut self) {
-        let token = self.token("msg");
-        let id = format!("b-{token}");
-        self.bob
-            .send(&format!(
-                "<message type='chat' id='{id}' to='alice@{D}'><body>{token}</body></message>"
-            ))
-            .await;
-        self.ledger.trace(format!("bob sends {token}"));
-        let session = self.settled_session();
-        self.ledger.bob.push(BobMsg {
-            n: token_number(&token),
-            id,
-            token,
-            sent_at: Instant::now(),
-            session,
-        });
-    }
-
-    fn note_bob(&mut self, el: &Element) {
-        if el.name() != "message" {
-            return;
-        }
-        if attr(el, "type") == "error" {
-            let condition = el
-                .get_child("error", support::NS_CLIENT)
-                .and_then(|e| e.children().next().map(|c| c.name().to_owned()))
-                .unwrap_or_default();
-            self.ledger
-                .trace(format!("bob gets error {condition} for {}", attr(el, "id")));
-            self.ledger
-                .bob_errors
-                .insert(attr(el, "id").to_owned(), condition);
-            return;
-        }
-        if let Some(text) = body(el) {
-            for t in tokens(&text, "mail")
-                .into_iter()
-                .chain(tokens(&text, "sms"))
-            {
-                let copies = self.ledger.at_bob.entry(t.clone()).or_default();
-                *copies += 1;
-                if *copies == 1 {
-                    self.ledger.bob_arrivals.push(t);
-                }
-            }
-        }
-    }
-
-    fn note_alice_text(&mut self, text: &str, route: Route) {
-        let found = tokens(text, "msg");
-        if !found.is_empty() {
-            self.ledger
-                .trace(format!("at Alice by {route:?}: {}", found.join(" ")));
-        }
-        for t in found {
-            if route == Route::Xmpp {
-                self.ledger
-                    .xmpp_arrivals
-                    .push((self.sessions, token_number(&t)));
-            }
-            self.ledger.at_alice.entry(t).or_default().push(route);
-        }
-    }
-
-    /// Reads whatever has arrived at every end, without waiting.
-    async fn poll(&mut self) {
-        while let Some(el) = self.bob.recv(Duration::from_millis(1)).await {
-            self.note_bob(&el);
-        }
-        if let Some(mut alice) = self.alice.take() {
-            while let Some(el) = alice.recv(Duration::from_millis(1)).await {
-                if el.name() == "message" && attr(&el, "type") != "error" {
-                    if let Some(text) = body(&el) {
-                        self.note_alice_text(&text, Route::Xmpp);
-                    }
-                }
-            }
-            self.alice = Some(alice);
-        }
-        while let Some(mt) = self.phone.recv_mt(Duration::from_millis(1)).await {
-            let before = self.ledger.at_alice.len();
-            self.ledger.trace(format!("MT {:?}", mt.text));
-            self.note_alice_text(&mt.text, Route::Sms);
-            if !tokens(&mt.text, "msg").is_empty() {
-                self.sms_conversation = true;
-                if self.replying && self.rng.gen_bool(0.5) && before > 0 {
-                    self.text_back().await;
-                }
-            }
-        }
-    }
-
-    /// Checks the relay's mailbox: new forwards are noted, and some answered.
-    fn poll_mail(&mut self) {
-        for mail in self.sink.mails() {
-            if !self.seen_mails.insert(mail.path.clone()) {
-                continue;
-            }
-            let text = mail.text();
-            self.note_alice_text(&text, Route::Email);
-            if !tokens(&text, "msg").is_empty() {
-                self.alias = Some(mail.reply_to());
-                if self.replying && self.rng.gen_bool(0.5) {
-                    self.mail_back();
-                }
-            }
-        }
-    }
-
-    /// Alice answers the newest forwarded email, through the site's SMTP balancer.
-    fn mail_back(&mut self) {
-        let Some(alias) = self.alias.clone() else {
-            return;
-        };
-        let token = self.token("mail");
-        let slot = {
-            let mut all = self.replies.lock().unwrap();
-            all.push(MailReply {
-                token: token.clone(),
-                attempts: 0,
-                acked: false,
-                refused: None,
-                done: false,
-            });
-            all.len() - 1
-        };
-        self.ledger.trace(format!("alice mails {token}"));
-        self.reply_tasks.push(tokio::spawn(deliver_reply(
-            self.smtp.port(),
-            alias,
-            token,
-            slot,
-            self.replies.clone(),
-        )));
-    }
-
-    async fn text_back(&mut self) {
-        if !self.sms_conversation {
-            return;
-        }
-        let token = self.token("sms");
-        self.phone.send_mo(PHONE, SERVICE_NUMBER, &token).await;
-        self.ledger.trace(format!("phone texts {token}"));
-        self.ledger.mo_sent.push(token);
-    }
-
-    /// Alice leaves XMPP: unavailable, then what is still on the way is read before the close.
-    async fn alice_leaves(&mut self) {
-        let Some(mut alice) = self.alice.take() else {
-            return;
-        };
-        self.alice_since = None;
-        alice.send("<presence type='unavailable'/>").await;
-        let until = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < until {
-            if let Some(el) = alice.recv(Duration::from_millis(50)).await {
-                if let Some(text) = body(&el).filter(|_| attr(&el, "type") != "error") {
-                    self.note_alice_text(&text, Route::Xmpp);
-                }
-            }
-        }
-        alice.send("</stream:stream>").await;
-        while let Some(el) = alice.recv(Duration::from_secs(2)).await {
-            if let Some(text) = body(&el).filter(|_| attr(&el, "type") != "error") {
-                self.note_alice_text(&text, Route::Xmpp);
-            }
-        }
-    }
-
-    async fn set_mode(&mut self, mode: Mode) {
-        self.ledger.trace(format!("mode {mode:?}"));
-        match mode {
-            Mode::Xmpp => {
-                if self.alice.is_none() {
-                    self.sessions += 1;
-                    self.alice = Some(login(&self.server, "alice").await);
-                    self.alice_since = Some(Instant::now());
-                }
-            }
-            Mode::Email | Mode::Sms => {
-                self.alice_leaves().await;
-                let line = if mode == Mode::Sms { "/back" } else { "/away" };
-                self.phone.send_mo(PHONE, SERVICE_NUMBER, line).await;
-            }
         }
     }
 
     /// Cuts instance `i` off from ejabberd (its link goes down and cannot come back).
     fn cut_link(&mut self, i: usize) {
-        self.links[i].set_mode(support::balancer::Mode::Refuse);
-        self.links[i].cut();
+        self.site.cut_link(i);
         self.cuts.push(Instant::now());
         if let Some(inc) = self
             .incarnations
@@ -817,15 +206,16 @@ impl World {
         {
             inc.link_cut = Some(Instant::now());
         }
-        self.ledger.trace(format!("cut {}'s link", NAMES[i]));
+        self.conversation
+            .ledger
+            .trace(format!("cut {}'s link", NAMES[i]));
     }
 
     fn kill(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        node.reach.kill();
-        node.running = false;
+        let instance = &mut self.site.instances[i];
+        instance.kill();
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let len = node.log_len();
+        let len = instance.log_len();
         let inc = self
             .incarnations
             .iter_mut()
@@ -834,33 +224,34 @@ impl World {
             .expect("an incarnation");
         inc.to = Some(len);
         inc.killed = Some((now, wall));
-        self.ledger.trace(format!("kill {}", NAMES[i]));
+        self.conversation.ledger.trace(format!("kill {}", NAMES[i]));
     }
 
     async fn restart(&mut self, i: usize) {
-        self.links[i].set_mode(support::balancer::Mode::Forward);
-        let node = &mut self.nodes[i];
-        let from = node.log_len();
-        node.reach = Reach::start_config(node.dir.path(), &node.config).await;
-        node.running = true;
+        self.site.mend_link(i);
+        let instance = &mut self.site.instances[i];
+        instance.start_again().await;
         self.incarnations.push(Incarnation {
             instance: i,
-            from,
+            from: instance.log_from,
             to: None,
             killed: None,
             link_cut: None,
         });
         self.restarted_at
             .insert(self.incarnations.len() - 1, Instant::now());
-        self.ledger.trace(format!("restart {}", NAMES[i]));
+        self.conversation
+            .ledger
+            .trace(format!("restart {}", NAMES[i]));
     }
 
     /// Each incarnation's part of its instance's log, colours removed.
     fn incarnation_logs(&self) -> Vec<String> {
         let logs: Vec<Vec<u8>> = self
-            .nodes
+            .site
+            .instances
             .iter()
-            .map(|n| std::fs::read(n.log_path()).unwrap_or_default())
+            .map(|i| std::fs::read(i.log_path()).unwrap_or_default())
             .collect();
         self.incarnations
             .iter()
@@ -873,19 +264,6 @@ impl World {
     }
 }
 
-#[derive(Default, Debug)]
-struct Row {
-    sent: usize,
-    refused: usize,
-    acked: usize,
-    delivered: usize,
-    duplicates: usize,
-    lost: usize,
-    in_flight: usize,
-    late: usize,
-    ordered_of: usize,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
     let kills = env_num("REACH_SOAK_KILLS", 4) as usize;
@@ -893,21 +271,16 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
     let seed = env_num("REACH_SOAK_SEED", rand::random::<u32>() as u64);
     let started = Instant::now();
     let mut w = World::new(seed).await;
-    w.setup_alice().await;
+    w.conversation.setup_alice(&w.site.server).await;
     let setup_time = started.elapsed();
 
-    let modes = [Mode::Xmpp, Mode::Email, Mode::Sms];
-    let mut mode_index = 0;
-    let mut next_mode = Instant::now() + MODE_EVERY;
-    let mut next_bob = Instant::now();
-    let mut next_mail_poll = Instant::now();
-    let mut next_mo = Instant::now() + Duration::from_secs(1);
-    let mut by_mail = false;
+    let mut pace = Pace::start();
     let mut killed = 0usize;
     let mut down: Option<(usize, Instant)> = None;
     // An instance whose link was cut, and when it is to be killed.
     let mut cut: Option<(usize, Instant)> = None;
-    let mut next_kill = Instant::now() + Duration::from_millis(w.rng.gen_range(1000..3000));
+    let mut next_kill =
+        Instant::now() + Duration::from_millis(w.conversation.rng.gen_range(1000..3000));
     let chaos_start = Instant::now();
     while killed < kills
         || down.is_some()
@@ -915,36 +288,16 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
         || chaos_start.elapsed() < Duration::from_secs(min_secs)
     {
         let now = Instant::now();
-        if now >= next_bob {
-            w.bob_writes().await;
-            next_bob = now + BOB_EVERY;
-        }
-        w.poll().await;
-        if now >= next_mail_poll {
-            w.poll_mail();
-            next_mail_poll = now + Duration::from_millis(250);
-        }
-        if now >= next_mo {
-            by_mail = !by_mail;
-            if w.alias.is_some() && by_mail {
-                w.mail_back();
-            } else {
-                w.text_back().await;
-            }
-            next_mo = now + Duration::from_millis(w.rng.gen_range(150..700));
-        }
-        if now >= next_mode {
-            mode_index += 1;
-            w.set_mode(modes[mode_index % modes.len()]).await;
-            next_mode = Instant::now() + MODE_EVERY;
-        }
+        pace.step(&mut w.conversation, &w.site.server, now).await;
+        let rng = &mut w.conversation.rng;
         match (down, cut) {
             (None, None) if killed < kills && now >= next_kill => {
-                let i = w.rng.gen_range(0..NAMES.len());
-                if w.rng.gen_bool(CUT_FIRST) {
+                let i = rng.gen_range(0..NAMES.len());
+                if rng.gen_bool(CUT_FIRST) {
                     // Its link goes first: what it takes meanwhile waits in its outbox.
+                    let at = now + Duration::from_millis(rng.gen_range(300..1500));
                     w.cut_link(i);
-                    cut = Some((i, now + Duration::from_millis(w.rng.gen_range(300..1500))));
+                    cut = Some((i, at));
                 } else {
                     next_kill = now;
                     cut = Some((i, now));
@@ -956,17 +309,19 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
                 killed += 1;
                 // Mostly long enough for another instance's watch (every 5 s) to take over,
                 // sometimes back within a second.
-                let back = if w.rng.gen_bool(0.2) {
-                    w.rng.gen_range(200..1000)
+                let rng = &mut w.conversation.rng;
+                let back = if rng.gen_bool(0.2) {
+                    rng.gen_range(200..1000)
                 } else {
-                    w.rng.gen_range(2000..9000)
+                    rng.gen_range(2000..9000)
                 };
                 down = Some((i, Instant::now() + Duration::from_millis(back)));
             }
             (Some((i, at)), _) if now >= at => {
                 w.restart(i).await;
                 down = None;
-                next_kill = Instant::now() + Duration::from_millis(w.rng.gen_range(500..3000));
+                next_kill =
+                    Instant::now() + Duration::from_millis(w.conversation.rng.gen_range(500..3000));
             }
             _ => {}
         }
@@ -974,64 +329,12 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
     }
     let chaos_time = chaos_start.elapsed();
 
-    // Drain: no new traffic; all instances up. A few seconds in the current mode, then Alice
-    // comes back to XMPP so that anything held for her client arrives; stop when nothing moved
-    // for 8 s and every acknowledged reply arrived (bounded).
-    let drain_start = Instant::now();
-    let drain_cap = Duration::from_secs(if kills <= 5 { 40 } else { 120 });
-    w.replying = false;
-    let mut last_change = Instant::now();
-    let mut last_seen = (0usize, 0usize, 0usize);
-    let mut alice_back = false;
-    loop {
-        w.poll().await;
-        w.poll_mail();
-        if !alice_back && drain_start.elapsed() > Duration::from_secs(4) {
-            w.set_mode(Mode::Xmpp).await;
-            alice_back = true;
-        }
-        let seen = (
-            w.ledger.at_alice.values().map(Vec::len).sum::<usize>(),
-            w.ledger.at_bob.values().sum::<usize>(),
-            w.ledger.bob_errors.len(),
-        );
-        if seen != last_seen {
-            last_seen = seen;
-            last_change = Instant::now();
-        }
-        let (replies_done, replies_in) = {
-            let all = w.replies.lock().unwrap();
-            (
-                all.iter().all(|r| r.done),
-                all.iter()
-                    .filter(|r| r.acked)
-                    .all(|r| w.ledger.at_bob.contains_key(&r.token))
-                    && w.ledger
-                        .mo_sent
-                        .iter()
-                        .all(|t| w.ledger.at_bob.contains_key(t)),
-            )
-        };
-        if alice_back
-            && replies_done
-            && replies_in
-            && last_change.elapsed() > Duration::from_secs(8)
-        {
-            break;
-        }
-        if drain_start.elapsed() > drain_cap {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let drain_time = drain_start.elapsed();
-    for task in std::mem::take(&mut w.reply_tasks) {
-        task.abort();
-    }
+    // Drain: no new traffic; all instances up.
+    let drain_time = w.conversation.drain(&w.site.server, kills).await;
 
     // ---- counting: the buddy's messages ----
     let logs = w.incarnation_logs();
-    let l = &w.ledger;
+    let l = &w.conversation.ledger;
     let by_id: HashMap<&str, usize> = l
         .bob
         .iter()
@@ -1146,45 +449,13 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
     }
 
     // ---- the replies ----
-    let replies = w.replies.lock().unwrap();
-    let mut mail = Row::default();
-    let mut mail_attempts = 0;
-    let mut mail_lost = Vec::new();
-    for r in replies.iter() {
-        mail.sent += 1;
-        mail_attempts += r.attempts;
-        if r.refused.is_some() {
-            mail.refused += 1;
-        }
-        let copies = l.at_bob.get(&r.token).copied().unwrap_or(0);
-        if copies > 0 {
-            mail.delivered += 1;
-            mail.duplicates += copies - 1;
-        }
-        if r.acked {
-            mail.acked += 1;
-            if copies == 0 {
-                mail.lost += 1;
-                mail_lost.push(r.token.clone());
-            }
-        } else if copies == 0 {
-            mail.in_flight += 1;
-        }
-    }
-    let mut sms = Row::default();
-    let mut sms_lost = Vec::new();
-    for t in &l.mo_sent {
-        sms.sent += 1;
-        sms.acked += 1;
-        let copies = l.at_bob.get(t).copied().unwrap_or(0);
-        if copies > 0 {
-            sms.delivered += 1;
-            sms.duplicates += copies - 1;
-        } else {
-            sms.lost += 1;
-            sms_lost.push(t.clone());
-        }
-    }
+    let ReplyRows {
+        mut mail,
+        mail_attempts,
+        mail_lost,
+        mut sms,
+        sms_lost,
+    } = w.conversation.reply_rows();
     for (row, prefix) in [(&mut mail, "mail"), (&mut sms, "sms")] {
         let order: Vec<u64> = l
             .bob_arrivals
@@ -1195,10 +466,7 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
         row.late = reordering(&order).0;
         row.ordered_of = order.len();
     }
-    let mut conditions: BTreeMap<&str, usize> = BTreeMap::new();
-    for c in l.bob_errors.values() {
-        *conditions.entry(c.as_str()).or_default() += 1;
-    }
+    let conditions = w.conversation.error_conditions();
 
     // ---- takeovers: how long after each kill another instance took over ----
     struct Takeover {
@@ -1303,38 +571,13 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
         "Reach soak with {} instances on PostgreSQL behind ejabberd (seed {seed}): {killed} SIGKILLs, one instance down at a time",
         NAMES.len()
     );
-    let _ = writeln!(
+    write_phases(r, setup_time, chaos_time, drain_time, started);
+    write_flow_table(
         r,
-        "setup {:.1} s, chaos {:.1} s, drain {:.1} s, total {:.1} s",
-        setup_time.as_secs_f64(),
-        chaos_time.as_secs_f64(),
-        drain_time.as_secs_f64(),
-        started.elapsed().as_secs_f64()
+        "arrived after a later one",
+        [&xmpp, &mail, &sms],
+        |row| format!("{} of {}", row.late, row.ordered_of),
     );
-    let _ = writeln!(
-        r,
-        "| flow | sent | refused | acknowledged | delivered | duplicates | lost (acknowledged) | in flight (unacknowledged, not delivered) | arrived after a later one |"
-    );
-    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|");
-    for (name, row) in [
-        ("buddy XMPP -> Alice", &xmpp),
-        ("Alice email reply -> buddy", &mail),
-        ("Alice SMS reply -> buddy", &sms),
-    ] {
-        let _ = writeln!(
-            r,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} of {} |",
-            row.sent,
-            row.refused,
-            row.acked,
-            row.delivered,
-            row.duplicates,
-            row.lost,
-            row.in_flight,
-            row.late,
-            row.ordered_of
-        );
-    }
     let _ = writeln!(
         r,
         "buddy messages: read per instance {:?} (a b c), read twice {read_twice}; acknowledged as read by a process that ran to the end {acked_by_survivor}, by a later delivered one {acked_by_later}; in flight: read by a process killed before its commit {flight_read}, never read {flight_unread} (of which not within {} s before a kill: {}); first delivered by XMPP {}, email {}, SMS {}; farthest reordering at Alice's client {farthest_xmpp} places",
@@ -1350,8 +593,8 @@ async fn three_instances_lose_nothing_acknowledged_across_sigkills() {
         "replies: {} SMTP attempts for {} email replies (through the balancer: connections per instance {:?}); SMS webhook connections per instance {:?}; errors the buddy got: {conditions:?}",
         mail_attempts,
         mail.sent,
-        w.smtp.served(),
-        w.webhook.served(),
+        w.site.smtp().served(),
+        w.site.webhook().served(),
     );
     let median = delays.get(delays.len() / 2).copied().unwrap_or(f64::NAN);
     let _ = writeln!(

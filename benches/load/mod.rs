@@ -1,9 +1,13 @@
 //! Load generators and baselines for `benches/throughput.rs`: raw XMPP senders and counters, a
 //! null component, SMTP clients and servers (smtp-sink, smtp-source, a private Postfix), a
-//! keep-alive sendsms client and a counting SMS handset, and seeding Reach's store through its
-//! library API. Everything runs on 127.0.0.1, in temporary folders, and stops by PID.
+//! keep-alive sendsms client and a counting SMS handset, seeding Reach's store through its
+//! library API (sled or PostgreSQL), a private PostgreSQL with statement counts, and the CPU
+//! time of each process taking part. Everything runs on 127.0.0.1, in temporary folders, and
+//! stops by PID.
 
 pub mod mail;
+pub mod pg;
+pub mod procs;
 pub mod seed;
 pub mod sms;
 pub mod xmpp;

@@ -29,6 +29,46 @@ pub fn phone_of(i: usize) -> String {
 /// Writes users `{prefix}{i}@localhost` with handle `{prefix}{i}` for `i` in `range`.
 pub fn users(store_dir: &Path, prefix: &str, range: std::ops::Range<usize>, terminals: Terminals) {
     let store = Store::open(store_dir).expect("open Reach's store");
+    users_into(&store, prefix, range, terminals);
+}
+
+/// [`users`] into the PostgreSQL store at `url` (on a thread of its own: the PostgreSQL engine
+/// is synchronous and must not run inside the bench's async tasks).
+pub fn users_pg(url: &str, prefix: &str, range: std::ops::Range<usize>, terminals: Terminals) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let store = Store::postgres(url, "bench-seed").expect("open the PostgreSQL store");
+            make_lock_rows(url, prefix, &range);
+            users_into(&store, prefix, range, terminals);
+        })
+        .join()
+        .expect("seeding PostgreSQL");
+    });
+}
+
+/// Makes the rows of the users' locks in PostgreSQL's `reach_locks` at once: the engine makes
+/// each on first use with a commit of its own (a WAL flush, ~3 ms per user here), which would
+/// make seeding thousands of users slow. Only a shortcut: if the engine names its locks
+/// otherwise, these rows are unused and seeding is merely slower.
+fn make_lock_rows(url: &str, prefix: &str, range: &std::ops::Range<usize>) {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    let (from, to) = (range.start as i64, range.end as i64 - 1);
+    client
+        .execute(
+            "INSERT INTO reach_locks (name) SELECT 'user:' || $1 || i || '@localhost' \
+             FROM generate_series($2::bigint, $3::bigint) AS i ON CONFLICT DO NOTHING",
+            &[&prefix, &from, &to],
+        )
+        .expect("lock rows");
+}
+
+/// Writes the users in one transaction of `store`.
+pub fn users_into(
+    store: &Store,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    terminals: Terminals,
+) {
     let mut tx = store.begin().expect("a transaction");
     let now = reach::clock::now();
     for i in range {

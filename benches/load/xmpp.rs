@@ -122,10 +122,41 @@ pub async fn measure_closed_loop(
     warmup: Duration,
     measure: Duration,
 ) -> (f64, u64, u64) {
+    let (rate, sent, delivered, _) =
+        measure_closed_loop_probed(gate, senders, warmup, measure, &mut ()).await;
+    (rate, sent, delivered)
+}
+
+/// Something looked at when the measured window opens and when it closes (CPU times, the
+/// database's statement counts).
+#[allow(async_fn_in_trait)]
+pub trait Probe {
+    /// Just before the window's first count.
+    async fn open(&mut self);
+    /// Just after the window's last count; `messages` were delivered in the window.
+    async fn close(&mut self, messages: u64);
+}
+
+impl Probe for () {
+    async fn open(&mut self) {}
+    async fn close(&mut self, _messages: u64) {}
+}
+
+/// [`measure_closed_loop`] with `probe` opened and closed around the measured window. Also
+/// returns the messages delivered in the window.
+pub async fn measure_closed_loop_probed(
+    gate: &Arc<Gate>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+    warmup: Duration,
+    measure: Duration,
+    probe: &mut impl Probe,
+) -> (f64, u64, u64, u64) {
     tokio::time::sleep(warmup).await;
+    probe.open().await;
     let (c0, t0) = (gate.delivered.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(measure).await;
     let (c1, t1) = (gate.delivered.load(Ordering::Relaxed), Instant::now());
+    probe.close(c1 - c0).await;
     gate.stop.store(true, Ordering::Relaxed);
     for s in senders {
         let _ = s.await;
@@ -139,6 +170,7 @@ pub async fn measure_closed_loop(
         super::rate(c1 - c0, t1 - t0),
         sent,
         gate.delivered.load(Ordering::Relaxed),
+        c1 - c0,
     )
 }
 

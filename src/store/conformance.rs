@@ -20,7 +20,7 @@ pub(crate) fn alice() -> User {
     }
 }
 
-fn sms_job(text: &str, next_attempt_at: u64) -> SmsJob {
+pub(crate) fn sms_job(text: &str, next_attempt_at: u64) -> SmsJob {
     SmsJob {
         user: "a@x".into(),
         peer: None,

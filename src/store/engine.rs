@@ -21,7 +21,7 @@
 //!   the same key first, this commit fails with [`StoreError::Conflict`] and the caller runs the
 //!   transaction again, where the key is then seen.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 
 pub use crate::core::model::StoreError;
@@ -173,9 +173,16 @@ pub trait Backend {
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// A new id, greater than every id handed out before (by any instance) and never reused.
     fn next_id(&mut self) -> Result<u64>;
+    /// `n` new ids at once, in increasing order, each as [`Backend::next_id`] gives them.
+    fn next_ids(&mut self, n: usize) -> Result<Vec<u64>> {
+        (0..n).map(|_| self.next_id()).collect()
+    }
     /// Applies the writes atomically (all or none) and ends the transaction.
     fn commit(self: Box<Self>, commit: Commit) -> Result<()>;
 }
+
+/// How many ids [`Txn::next_id`] takes from the engine at once.
+const IDS_AHEAD: usize = 16;
 
 /// A transaction: a [`Backend`] and the writes made so far, applied at [`Txn::commit`].
 pub struct Txn<'e> {
@@ -186,6 +193,12 @@ pub struct Txn<'e> {
     savepoint: Option<Savepoint>,
     locks: HashSet<String>,
     notices: BTreeSet<&'static str>,
+    /// What the engine answered to point reads (see [`Txn::base_get`]): a batch reads a
+    /// user's records several times.
+    reads: HashMap<(Tree, Vec<u8>), Option<Vec<u8>>>,
+    counts: HashMap<(Tree, Vec<u8>), i64>,
+    /// Ids taken from the engine ahead, in increasing order (see [`Txn::next_id`]).
+    ids: std::collections::VecDeque<u64>,
 }
 
 struct Savepoint {
@@ -202,7 +215,45 @@ impl<'e> Txn<'e> {
             savepoint: None,
             locks: HashSet::new(),
             notices: BTreeSet::new(),
+            reads: HashMap::new(),
+            counts: HashMap::new(),
+            ids: std::collections::VecDeque::new(),
         }
+    }
+
+    /// A record as the engine has it, read once per transaction. What a transaction reads of a
+    /// user is under that user's lock, taken before (or with) the first read, so another
+    /// instance cannot change it until the commit; the rest it reads (aliases, handles, ids
+    /// taken) another instance rarely changes, and where it matters the commit checks (keys
+    /// that must be new). The answers are forgotten whenever a lock or a claim is asked of the
+    /// engine: what it waited for may have changed things.
+    fn base_get(&mut self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let slot = (tree, key.to_vec());
+        if let Some(found) = self.reads.get(&slot) {
+            return Ok(found.clone());
+        }
+        let found = self.backend.get(tree, key)?;
+        self.reads.insert(slot, found.clone());
+        Ok(found)
+    }
+
+    /// A count as the engine has it, read once per transaction (see [`Txn::base_get`]).
+    fn base_count(&mut self, tree: Tree, key: &[u8]) -> Result<i64> {
+        let slot = (tree, key.to_vec());
+        if let Some(n) = self.counts.get(&slot) {
+            return Ok(*n);
+        }
+        let n = self.backend.count(tree, key)?;
+        self.counts.insert(slot, n);
+        Ok(n)
+    }
+
+    /// Forgets what the engine answered: the next reads ask it again.
+    fn forget_reads(&mut self) {
+        self.reads.clear();
+        self.counts.clear();
+        // Ids taken before a lock may be smaller than those its last holder used.
+        self.ids.clear();
     }
 
     fn record(&mut self, tree: Tree, key: &[u8], write: Write) {
@@ -228,7 +279,7 @@ impl<'e> Txn<'e> {
                 "{}: a count read as a record",
                 tree.name
             ))),
-            None => self.backend.get(tree, key),
+            None => self.base_get(tree, key),
         }
     }
 
@@ -258,7 +309,7 @@ impl<'e> Txn<'e> {
             // Removed by this transaction: a plain write if the engine has it, else still a
             // key that must be new at commit.
             Some(Write::Remove) => {
-                if self.backend.get(tree, key)?.is_some() {
+                if self.base_get(tree, key)?.is_some() {
                     Write::Put(value)
                 } else {
                     Write::Insert(value)
@@ -266,7 +317,7 @@ impl<'e> Txn<'e> {
             }
             Some(_) => return Err(StoreError::Corrupt(format!("{}: not a record", tree.name))),
             None => {
-                if self.backend.get(tree, key)?.is_some() {
+                if self.base_get(tree, key)?.is_some() {
                     return Ok(false);
                 }
                 Write::Insert(value)
@@ -284,9 +335,9 @@ impl<'e> Txn<'e> {
             Some(Write::Remove) => 0,
             Some(Write::Add(delta)) => {
                 let delta = *delta;
-                self.backend.count(tree, key)?.saturating_add(delta).max(0)
+                self.base_count(tree, key)?.saturating_add(delta).max(0)
             }
-            _ => self.backend.count(tree, key)?,
+            _ => self.base_count(tree, key)?,
         })
     }
 
@@ -307,12 +358,12 @@ impl<'e> Txn<'e> {
             }
             Some(Write::Add(before)) => {
                 let before = *before;
-                let base = self.backend.count(tree, key)?;
+                let base = self.base_count(tree, key)?;
                 let total = before.saturating_add(delta);
                 (Write::Add(total), base.saturating_add(total).max(0))
             }
             _ => {
-                let base = self.backend.count(tree, key)?;
+                let base = self.base_count(tree, key)?;
                 (Write::Add(delta), base.saturating_add(delta).max(0))
             }
         };
@@ -410,6 +461,7 @@ impl<'e> Txn<'e> {
             return Ok(());
         }
         let wait = self.locks.is_empty();
+        self.forget_reads();
         if self.backend.lock(name, wait)? {
             self.locks.insert(name.to_owned());
             Ok(())
@@ -427,6 +479,7 @@ impl<'e> Txn<'e> {
         if self.locks.contains(name) {
             return Ok(true);
         }
+        self.forget_reads();
         let taken = self.backend.lock(name, false)?;
         if taken {
             self.locks.insert(name.to_owned());
@@ -442,6 +495,7 @@ impl<'e> Txn<'e> {
         range: &KeyRange,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.forget_reads();
         let claimed = self.backend.claim(tree, range, limit)?;
         Ok(claimed
             .into_iter()
@@ -453,8 +507,17 @@ impl<'e> Txn<'e> {
             .collect())
     }
 
+    /// A new id, greater than every id the engine handed out before the transaction last took
+    /// a lock (so, for what a user's lock guards, greater than every id its previous holders
+    /// used: a user's held messages and pending items keep their order). Taken from the engine
+    /// [`IDS_AHEAD`] at a time; the ids left when a lock is taken are dropped (gaps are fine).
     pub fn next_id(&mut self) -> Result<u64> {
-        self.backend.next_id()
+        if self.ids.is_empty() {
+            self.ids.extend(self.backend.next_ids(IDS_AHEAD)?);
+        }
+        self.ids
+            .pop_front()
+            .ok_or_else(|| StoreError::Engine("the engine gave no id".to_owned()))
     }
 
     /// Tells the instances listening on `channel` once this transaction commits.

@@ -599,34 +599,44 @@ impl Store {
     /// Makes the jobs `instance` claimed due now (it is gone, or it is this instance starting
     /// again: nothing is in flight).
     fn release_claims(tx: &mut Tx<'_>, instance: &str, now: u64) -> Result<usize> {
+        Ok(
+            Store::release_claims_of::<EmailJob>(tx, EMAIL_QUEUE, instance, now)?
+                + Store::release_claims_of::<SmsJob>(tx, SMS_QUEUE, instance, now)?,
+        )
+    }
+
+    fn release_claims_of<J: DeserializeOwned + Serialize + QueuedJob>(
+        tx: &mut Tx<'_>,
+        queue: Queue,
+        instance: &str,
+        now: u64,
+    ) -> Result<usize> {
         let mut released = 0;
-        for queue in [EMAIL_QUEUE, SMS_QUEUE] {
-            // Claimed jobs are due in the future, at most CLAIM_SECS ahead.
-            let entries = tx.txn.scan(
-                queue.due,
-                &KeyRange {
-                    start: now.to_be_bytes().to_vec(),
-                    end: Some(now.saturating_add(CLAIM_SECS + 1).to_be_bytes().to_vec()),
-                },
-                usize::MAX,
-            )?;
-            for (entry, _) in entries {
-                let Some((_, record)) = split_due(&entry) else {
-                    continue;
-                };
-                let Some(seq) = seq_of(record) else { continue };
-                let Some(mut job) = tx.job::<EmailOrSms>(queue, seq)? else {
-                    continue;
-                };
-                if job.claimed_by.as_deref() != Some(instance) {
-                    continue;
-                }
-                tx.txn.remove(queue.due, &entry);
-                let attempts = job.attempts;
-                job.reschedule(attempts, now);
-                tx.put_job(queue, seq, &job)?;
-                released += 1;
+        // Claimed jobs are due in the future, at most CLAIM_SECS ahead.
+        let entries = tx.txn.scan(
+            queue.due,
+            &KeyRange {
+                start: now.to_be_bytes().to_vec(),
+                end: Some(now.saturating_add(CLAIM_SECS + 1).to_be_bytes().to_vec()),
+            },
+            usize::MAX,
+        )?;
+        for (entry, _) in entries {
+            let Some((_, record)) = split_due(&entry) else {
+                continue;
+            };
+            let Some(seq) = seq_of(record) else { continue };
+            let Some(mut job) = tx.job::<J>(queue, seq)? else {
+                continue;
+            };
+            if job.claimed_by() != Some(instance) {
+                continue;
             }
+            tx.txn.remove(queue.due, &entry);
+            let attempts = job.attempts();
+            job.reschedule(attempts, now);
+            tx.put_job(queue, seq, &job)?;
+            released += 1;
         }
         Ok(released)
     }
@@ -913,17 +923,7 @@ impl Store {
 
     /// Every dead letter, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>> {
-        self.read(|tx| {
-            tx.txn
-                .scan(DEAD_LETTERS, &KeyRange::all(), usize::MAX)?
-                .into_iter()
-                .map(|(k, v)| {
-                    let id =
-                        seq_of(&k).ok_or_else(|| StoreError::Corrupt("dead_letters key".into()))?;
-                    Ok((id, decode(DEAD_LETTERS, &v)?))
-                })
-                .collect()
-        })
+        self.read(|tx| tx.dead_letters())
     }
 
     /// Asks for the dead letter `id` to be handled again at the next start. False if none.
@@ -949,12 +949,9 @@ impl Store {
     pub fn take_redrives(&self) -> Result<Vec<DeadLetter>> {
         self.write(|tx| {
             let mut out = Vec::new();
-            for (k, v) in tx.txn.scan(DEAD_LETTERS, &KeyRange::all(), usize::MAX)? {
-                let letter: DeadLetter = decode(DEAD_LETTERS, &v)?;
+            for (id, letter) in tx.dead_letters()? {
                 if letter.redrive {
-                    if let Some(id) = seq_of(&k) {
-                        tx.remove_dead_letter(id)?;
-                    }
+                    tx.remove_dead_letter(id)?;
                     out.push(letter);
                 }
             }
@@ -973,42 +970,6 @@ impl Store {
             email_queue: engine.len(EMAIL_JOBS)? as usize,
             sms_queue: engine.len(SMS_JOBS)? as usize,
         })
-    }
-}
-
-/// Either job, for what is the same in both (their claim).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct EmailOrSms {
-    attempts: u32,
-    next_attempt_at: u64,
-    queued_at: u64,
-    #[serde(default)]
-    claimed_by: Option<String>,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, serde_json::Value>,
-}
-
-impl QueuedJob for EmailOrSms {
-    fn next_attempt_at(&self) -> u64 {
-        self.next_attempt_at
-    }
-    fn attempts(&self) -> u32 {
-        self.attempts
-    }
-    fn queued_at(&self) -> u64 {
-        self.queued_at
-    }
-    fn reschedule(&mut self, attempts: u32, next_attempt_at: u64) {
-        self.attempts = attempts;
-        self.next_attempt_at = next_attempt_at;
-        self.claimed_by = None;
-    }
-    fn claimed_by(&self) -> Option<&str> {
-        self.claimed_by.as_deref()
-    }
-    fn claim(&mut self, instance: &str, until: u64) {
-        self.claimed_by = Some(instance.to_owned());
-        self.next_attempt_at = until;
     }
 }
 

@@ -142,6 +142,7 @@ const LOCK_ROW: &str = "INSERT INTO reach_locks (name) VALUES ($1) ON CONFLICT D
 const ENSURE_IDS_ABOVE: &str =
     "SELECT setval('reach_ids', GREATEST($1::bigint, (SELECT last_value FROM reach_ids)))";
 const NEXT_ID: &str = "SELECT nextval('reach_ids')";
+const NEXT_IDS: &str = "SELECT nextval('reach_ids') FROM generate_series(1, $1::int)";
 const PUT: &str = "INSERT INTO reach_records (tree, key, value) \
      SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
      ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value";
@@ -584,6 +585,22 @@ impl Backend for PgTxn<'_> {
         let id: i64 = column(&row, 0)?;
         u64::try_from(id)
             .map_err(|_| StoreError::Corrupt(format!("postgres: sequence reach_ids gave {id}")))
+    }
+
+    fn next_ids(&mut self, n: usize) -> Result<Vec<u64>> {
+        let n = i32::try_from(n.clamp(1, 1000)).unwrap_or(1);
+        let mut ids = self
+            .query("next ids", NEXT_IDS, &[&n])?
+            .iter()
+            .map(|row| {
+                let id: i64 = column(row, 0)?;
+                u64::try_from(id).map_err(|_| {
+                    StoreError::Corrupt(format!("postgres: sequence reach_ids gave {id}"))
+                })
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     fn commit(mut self: Box<Self>, commit: Commit) -> Result<()> {

@@ -9,17 +9,22 @@
 // Each test file uses only part of the re-exports below.
 #![allow(unused_imports)]
 
+pub mod account;
 pub mod balancer;
 pub mod client;
 pub mod component;
 pub mod docs;
 pub mod kannel;
+pub mod logs;
 pub mod mail;
 pub mod postfix;
 pub mod postgres;
 pub mod process;
 pub mod reach;
 pub mod server;
+pub mod site;
+pub mod soak;
+pub mod tokens;
 pub mod xml;
 
 use std::collections::HashSet;
