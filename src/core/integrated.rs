@@ -214,6 +214,32 @@ pub(super) fn on_host_message(
     Ok(())
 }
 
+/// A new link: what the hosts allowed Reach on the last one no longer counts. A host that
+/// still grants it says so again right away (mod_privilege advertises on every connection);
+/// one whose admin took the grant away says nothing, and its users are answered from their
+/// reach addresses again instead of through a server that would refuse.
+pub(crate) fn on_link_up(
+    core: &Core,
+    store: &mut dyn Transaction,
+    now: u64,
+) -> Result<(), StoreError> {
+    for host in &core.settings.integrated_hosts {
+        if store
+            .host_privileges(host)?
+            .is_some_and(|p| p.send_as_users || p.roster.is_some() || p.presence.is_some())
+        {
+            store.put_host_privileges(
+                host,
+                &HostPrivileges {
+                    at: now,
+                    ..HostPrivileges::default()
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Keeps what the host allows Reach (its `<privilege/>` message).
 fn record_privileges(
     store: &mut dyn Transaction,
@@ -452,7 +478,8 @@ mod tests {
             envelope_from: ALICE_MAIL.into(),
             rcpt: alias.into(),
             reply: Reply {
-                message_id: Some("<r1@mail.example.org>".into()),
+                // One per text: a second reply is no duplicate of the first.
+                message_id: Some(format!("<{}@mail.example.org>", text.replace(' ', "."))),
                 from: Some(ALICE_MAIL.into()),
                 subject: Some("Re: IM".into()),
                 in_reply_to: vec![],
@@ -727,6 +754,39 @@ mod tests {
         assert!(pm.is_empty(), "{pm:?}");
         assert!(forwarded_after_the_digest(&t).is_empty());
         assert!(t.store.tx().pending_for(ALICE).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_grant_counts_for_the_link_it_was_advertised_on() {
+        // The admin took Reach out of privileged_entities and restarted: the server says
+        // nothing on the new link, so Alice is answered from her reach address again.
+        let t = Harness::new();
+        integrated_alice(&t);
+        from_bob(&t, "hello Alice");
+        let mails = forwarded_after_the_digest(&t);
+        t.actions(Event::LinkUp);
+        assert!(
+            !t.store
+                .tx()
+                .host_privileges(HOST)
+                .unwrap()
+                .unwrap()
+                .send_as_users
+        );
+        let (answer, out) = reply(&t, &mails[0].email.from_address, "from the reach address");
+        assert_eq!(answer.code, 250, "{answer:?}");
+        assert_eq!(out[0].attr("from"), Some(format!("alice@{D}").as_str()));
+        assert_eq!(out[0].attr("to"), Some(BOB));
+        assert!(
+            t.store.tx().user(ALICE).unwrap().unwrap().integrated,
+            "her choice stays"
+        );
+        // Granted again on the next link: her own JID again.
+        t.actions(Event::LinkUp);
+        privileges(&t, HOST, "outgoing");
+        let (_, out) = reply(&t, &mails[0].email.from_address, "as her again");
+        assert_eq!(out[0].attr("to"), Some(HOST));
+        assert!(out[0].has_child("privilege", PRIVILEGE));
     }
 
     #[test]

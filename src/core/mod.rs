@@ -216,7 +216,10 @@ impl Core {
     ) -> Result<Vec<Action>, StoreError> {
         let mut out = Out::default();
         match event {
-            Event::LinkUp => presence::on_link_up(self, store, now, &mut out)?,
+            Event::LinkUp => {
+                integrated::on_link_up(self, store, now)?;
+                presence::on_link_up(self, store, now, &mut out)?
+            }
             Event::Stanza(stanza) => self.on_stanza(store, now, stanza, &mut out)?,
             Event::Tick => {
                 store.prune_counters(now)?;
