@@ -707,7 +707,7 @@ async fn a_client_that_comes_and_goes_at_once_is_seen_gone() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut flaps = 0;
-    while flaps < 40 && stale() == 0 {
+    while flaps < 20 && stale() == 0 {
         flaps += 1;
         let mut client =
             Client::connect(&site.server, "alice", "alicepw", &format!("flap{flaps}")).await;
@@ -789,9 +789,10 @@ async fn after_the_server_restarts_the_instances_know_who_is_gone() {
 async fn instances_started_together_still_learn_who_left_meanwhile() {
     let mut site = site_with_email(2).await;
     alice_verifies_email_and_leaves(&mut site).await;
-    // A race: each round is one restart of every instance; it goes wrong about one time in three.
+    // A race: each round is one restart of every instance; before the fix it went wrong about
+    // one time in three, so six rounds show it again in nine runs out of ten.
     let mut rounds = Vec::new();
-    for round in 1..=10 {
+    for round in 1..=6 {
         let mut alice = Client::connect(&site.server, "alice", "alicepw", "pc").await;
         alice.presence("").await;
         let deadline = Instant::now() + T;
