@@ -9,7 +9,7 @@
 //! sends could in principle arrive just after the marker: that could hide an extra SMS or two
 //! of a broken build (which sent 27 extra), never fail a correct one.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! `verify`, fill in the form; set her preferences with the `preferences` form (a typo first),
 //! read them back in a chat with the service, and set her email terminal away with `state`.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

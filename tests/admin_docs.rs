@@ -21,7 +21,7 @@
 //! a doc that drifts fails here. Every Reach block also passes `reach check-config`, and the
 //! systemd units in `contrib/` (`reach.service`, the template `reach@.service`) run the real CLI.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

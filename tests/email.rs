@@ -1,7 +1,7 @@
 //! The email terminal end to end: the built `reach` against a real Prosody, a real SMTP relay
 //! (aiosmtpd storing what Reach sends) and real SMTP submissions to Reach's own listener.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -11,7 +11,7 @@
 //!   reported as skipped, not failed.
 //!
 //! Every fixture is checked as written (LF line ends) and with CRLF line ends, as SMTP delivers
-//! it. All mismatches are reported together. `REACH_BLESS=1 cargo test --test extract_golden`
+//! it. All mismatches are reported together. `REACH_BLESS=1 cargo test --test integration extract_golden`
 //! rewrites the `.txt` files from the current output (review the diff before committing).
 //!
 //! The robustness test feeds every prefix of every fixture, byte mutations and random garbage

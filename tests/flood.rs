@@ -6,7 +6,7 @@
 //! The exact errors and "nothing changed in the store" are unit-tested in `src/core/relay.rs`
 //! and `src/core/presence.rs`; here we check what users of a real server see.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! ejabberd, driven by real c2s clients. Each scenario reads as what users do and what they see,
 //! and runs once per server.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

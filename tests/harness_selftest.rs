@@ -1,6 +1,6 @@
 //! Proves the test harness (tests/support) against real Prosody and ejabberd.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

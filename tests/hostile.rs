@@ -3,7 +3,7 @@
 //! The exact errors and "nothing changed" are unit-tested in `src/core/hostile.rs`; here we check
 //! what really reaches Reach, that it answers, and that the link survives or comes back.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -17,7 +17,7 @@
 //! RELIABILITY.md, "Several instances on PostgreSQL". The tests marked `ignore` show bugs found
 //! in Reach: they fail until it is fixed.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -57,7 +57,7 @@
 //! stopped instance left` naming the killed instance in another instance's log, its timestamp
 //! minus the kill's.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;

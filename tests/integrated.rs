@@ -11,7 +11,7 @@
 //! show that Reach copes with the presence Prosody then forwards to it. The last story checks
 //! what ejabberd 23.01 offers instead, and that its users keep their reach addresses.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //!
 //! Each test runs its own Kannel on free ports (about 0.2 s to start; a clean stop about 2 s).
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

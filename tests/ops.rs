@@ -2,7 +2,7 @@
 //! export` and `reach purge`, and stopping with SIGTERM in the middle of traffic. Against a real
 //! Prosody, a real SMTP relay (aiosmtpd) and the built `reach` binary.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! sees of alice@D as Alice leaves XMPP and sets her terminals' local states (the global presence,
 //! DESIGN.md "Presence"), what `status` says of it, and the buddy alerts her phone gets.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

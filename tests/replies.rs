@@ -9,7 +9,7 @@
 //! the golden test expects an error for must be refused with a 5xx; a fixture whose expected text
 //! is empty (it only quoted) must be refused with a 5xx too, so Alice learns it did not go out.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! (the test holds the fake SMSC's socket as Alice's phone) and a real SMTP relay (aiosmtpd).
 //! A grace delay cancelled by reading, and quiet hours on the phone.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The SMS terminal end to end: the built `reach` against a real Prosody and a real Kannel
 //! (bearerbox + smsbox with the fake SMSC), the test holding the fake SMSC's socket as the phone.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -13,7 +13,7 @@
 //! Deadlines are configured in seconds here; the assertions are that the disconnect comes, and
 //! not before its deadline, never how fast anything is.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -41,7 +41,7 @@
 //! than once, e.g. a stanza or mail re-sent after a crash before its dequeue was committed) are
 //! counted and removed by token. Lost acknowledged items must be 0.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
