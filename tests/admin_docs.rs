@@ -322,6 +322,22 @@ fn prosody_config(server: &Server) -> String {
     )
 }
 
+/// Prosody's own checker finds nothing misplaced in the config at `path` (e.g. a component port
+/// under a VirtualHost) and nothing deprecated.
+fn prosodyctl_finds_nothing_misplaced(path: &std::path::Path) {
+    let check = Command::new("prosodyctl")
+        .arg("--config")
+        .arg(path)
+        .args(["check", "config"])
+        .output()
+        .expect("run prosodyctl check config");
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        !said.contains("that should be") && !said.contains("deprecated"),
+        "prosodyctl check config:\n{said}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_doc_plugs_reach_in() {
     // A Prosody from tests/servers gives the ports and folder; its config is then replaced by
@@ -331,18 +347,7 @@ async fn prosody_doc_plugs_reach_in() {
     let config_path = server.dir().join("prosody.cfg.lua");
     std::fs::write(&config_path, prosody_config(&server)).unwrap();
 
-    // Prosody's own checker finds nothing misplaced (a component port under a VirtualHost).
-    let check = Command::new("prosodyctl")
-        .arg("--config")
-        .arg(&config_path)
-        .args(["check", "config"])
-        .output()
-        .expect("run prosodyctl check config");
-    let said = String::from_utf8_lossy(&check.stdout).into_owned();
-    assert!(
-        !said.contains("that should be") && !said.contains("deprecated"),
-        "prosodyctl check config:\n{said}"
-    );
+    prosodyctl_finds_nothing_misplaced(&config_path);
 
     server.restart().await;
     server.register("alice", "alicepw").await;
@@ -453,17 +458,7 @@ async fn integrated_mode_doc_reaches_a_users_own_address_by_email() {
     .unwrap();
     let config_path = server.dir().join("prosody.cfg.lua");
     std::fs::write(&config_path, integrated_prosody_config(&server, &rules)).unwrap();
-    let check = Command::new("prosodyctl")
-        .arg("--config")
-        .arg(&config_path)
-        .args(["check", "config"])
-        .output()
-        .expect("run prosodyctl check config");
-    let said = String::from_utf8_lossy(&check.stdout).into_owned();
-    assert!(
-        !said.contains("that should be") && !said.contains("deprecated"),
-        "prosodyctl check config:\n{said}"
-    );
+    prosodyctl_finds_nothing_misplaced(&config_path);
     server.restart().await;
     for user in ["alice", "bob"] {
         server.register(user, &format!("{user}pw")).await;
@@ -517,8 +512,7 @@ async fn integrated_mode_doc_reaches_a_users_own_address_by_email() {
         .await;
     assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
     let mails = sink.wait_for(1, T).await;
-    let subject = mails[0].header("Subject").unwrap_or_default();
-    let code: String = subject.chars().filter(char::is_ascii_digit).collect();
+    let code = support::account::email_code(&mails[0]);
     for (line, answer) in [
         (format!("verify {code}"), "is verified"),
         ("address own".to_owned(), "your own address alice@localhost"),
@@ -949,9 +943,8 @@ async fn postfix_doc_carries_mail_out_and_replies_in() {
         "Reach's mail did not go through Postfix\n{}",
         postfix.logs()
     );
-    let subject = mails[0].header("Subject").unwrap_or_default();
-    let code: String = subject.chars().filter(char::is_ascii_digit).collect();
-    assert_eq!(code.len(), 6, "subject: {subject}");
+    let code = support::account::email_code(&mails[0]);
+    assert_eq!(code.len(), 6, "subject: {:?}", mails[0].header("Subject"));
     alice
         .send(&format!(
             "<message type='chat' to='{D}'><body>verify {code}</body></message>"

@@ -1091,8 +1091,7 @@ async fn ejabberd_grants_too_little_for_integrated_mode_and_its_users_keep_their
         .await;
     assert_eq!(attr(&ok, "type"), "result", "{}", String::from(&ok));
     let mail = sink.wait_for(1, T).await.remove(0);
-    let subject = mail.header("Subject").unwrap();
-    let code: String = subject.chars().filter(char::is_ascii_digit).collect();
+    let code = support::account::email_code(&mail);
     alice
         .expect("the note that a code is on its way", T, |s| {
             body(s).is_some_and(|b| b.contains("verification code"))
