@@ -1223,58 +1223,102 @@ async fn idle_round_trip(pg: &Pg) -> Duration {
     rtt
 }
 
-/// XMPP routing and XMPP -> email (scenarios 1 and 2's loads, on Prosody) with the store on sled
-/// and on PostgreSQL (one instance), alternately; then one shorter run of each on PostgreSQL with
-/// the statement log on, to say which store operation costs how many round trips.
-async fn store_engines(size: Size) -> (Vec<Row>, Vec<String>) {
-    let rounds = size.pick(2, 1);
-    let pairs = size.pick(8, 4);
-    let window = 4000;
-    let buddies = 4;
-    let burst = size.pick(STORE_BURST.0, STORE_BURST.1);
-    let paced = (STORE_PACED_RATE * size.measure.as_secs_f64()) as usize;
-    let pg = Pg::start().await;
-    let rtt = idle_round_trip(&pg).await;
-    let server = Server::start(ServerKind::Prosody).await;
-    load::xmpp::register_accounts(&server, "bob", pairs.max(buddies)).await;
-    load::xmpp::register_accounts(&server, "alice", pairs).await;
+/// The two loads both store comparisons run: routing between `pairs` pairs with `window`
+/// messages in flight, and an email burst then a paced run from `buddies` buddies.
+#[derive(Clone, Copy)]
+struct StoreLoads {
+    size: Size,
+    rounds: usize,
+    pairs: usize,
+    window: u64,
+    buddies: usize,
+    burst: usize,
+    paced: usize,
+}
 
-    let (routing_sled, routing_pg) = alternate(rounds, Setup::SLED, Setup::PG, |setup, _| {
-        let (server, pg) = (&server, &pg);
-        async move {
+impl StoreLoads {
+    fn new(size: Size) -> StoreLoads {
+        StoreLoads {
+            size,
+            rounds: size.pick(2, 1),
+            pairs: size.pick(8, 4),
+            window: 4000,
+            buddies: 4,
+            burst: size.pick(STORE_BURST.0, STORE_BURST.1),
+            paced: (STORE_PACED_RATE * size.measure.as_secs_f64()) as usize,
+        }
+    }
+
+    /// Both loads on set-ups `a` and `b`, alternately (see [`alternate`]): the routing runs of
+    /// each, then the email runs of each.
+    #[allow(clippy::type_complexity)]
+    async fn alternate(
+        self,
+        server: &Server,
+        pg: &Pg,
+        a: Setup,
+        b: Setup,
+    ) -> ((Vec<Run>, Vec<Run>), (Vec<EmailRun>, Vec<EmailRun>)) {
+        let routing = alternate(self.rounds, a, b, |setup, _| async move {
             routing_once(
                 server,
                 setup,
                 Some(pg),
                 false,
-                pairs,
-                window,
-                size.measure,
+                self.pairs,
+                self.window,
+                self.size.measure,
                 &setup.label(),
             )
             .await
-        }
-    })
-    .await;
-    let (email_sled, email_pg) = alternate(rounds, Setup::SLED, Setup::PG, |setup, _| {
-        let (server, pg) = (&server, &pg);
-        async move {
+        })
+        .await;
+        let email = alternate(self.rounds, a, b, |setup, _| async move {
             email_once(
                 server,
                 setup,
                 Some(pg),
                 false,
-                buddies,
-                burst,
+                self.buddies,
+                self.burst,
                 STORE_BURST_LIMIT,
-                paced,
+                self.paced,
                 STORE_PACED_RATE,
                 &setup.label(),
             )
             .await
-        }
-    })
-    .await;
+        })
+        .await;
+        (routing, email)
+    }
+}
+
+/// A private PostgreSQL (and its idle read round trip) and an XMPP server of `kind` with the
+/// loads' accounts.
+async fn store_site(kind: ServerKind, loads: &StoreLoads) -> (Pg, Duration, Server) {
+    let pg = Pg::start().await;
+    let rtt = idle_round_trip(&pg).await;
+    let server = Server::start(kind).await;
+    load::xmpp::register_accounts(&server, "bob", loads.pairs.max(loads.buddies)).await;
+    load::xmpp::register_accounts(&server, "alice", loads.pairs).await;
+    (pg, rtt, server)
+}
+
+/// XMPP routing and XMPP -> email (scenarios 1 and 2's loads, on Prosody) with the store on sled
+/// and on PostgreSQL (one instance), alternately; then one shorter run of each on PostgreSQL with
+/// the statement log on, to say which store operation costs how many round trips.
+async fn store_engines(size: Size) -> (Vec<Row>, Vec<String>) {
+    let loads = StoreLoads::new(size);
+    let StoreLoads {
+        pairs,
+        window,
+        buddies,
+        burst,
+        ..
+    } = loads;
+    let (pg, rtt, server) = store_site(ServerKind::Prosody, &loads).await;
+    let ((routing_sled, routing_pg), (email_sled, email_pg)) =
+        loads.alternate(&server, &pg, Setup::SLED, Setup::PG).await;
     // The statement logs (slower: not measured for speed).
     println!("   with the statement log on (counts only):");
     let traced_routing = routing_once(
@@ -1339,54 +1383,17 @@ async fn store_engines(size: Size) -> (Vec<Row>, Vec<String>) {
 /// connections) with the store on one PostgreSQL database: one Reach instance, then two
 /// (each with its own state folder, SMTP listener and instance name), alternately.
 async fn store_instances(size: Size) -> (Vec<Row>, Vec<String>) {
-    let rounds = size.pick(2, 1);
-    let pairs = size.pick(8, 4);
-    let window = 4000;
-    let buddies = 4;
-    let burst = size.pick(STORE_BURST.0, STORE_BURST.1);
-    let paced = (STORE_PACED_RATE * size.measure.as_secs_f64()) as usize;
-    let pg = Pg::start().await;
-    let rtt = idle_round_trip(&pg).await;
-    let server = Server::start(ServerKind::Ejabberd).await;
-    load::xmpp::register_accounts(&server, "bob", pairs.max(buddies)).await;
-    load::xmpp::register_accounts(&server, "alice", pairs).await;
-
-    let (routing_one, routing_two) = alternate(rounds, Setup::PG, Setup::PG2, |setup, _| {
-        let (server, pg) = (&server, &pg);
-        async move {
-            routing_once(
-                server,
-                setup,
-                Some(pg),
-                false,
-                pairs,
-                window,
-                size.measure,
-                &setup.label(),
-            )
-            .await
-        }
-    })
-    .await;
-    let (email_one, email_two) = alternate(rounds, Setup::PG, Setup::PG2, |setup, _| {
-        let (server, pg) = (&server, &pg);
-        async move {
-            email_once(
-                server,
-                setup,
-                Some(pg),
-                false,
-                buddies,
-                burst,
-                STORE_BURST_LIMIT,
-                paced,
-                STORE_PACED_RATE,
-                &setup.label(),
-            )
-            .await
-        }
-    })
-    .await;
+    let loads = StoreLoads::new(size);
+    let StoreLoads {
+        pairs,
+        window,
+        buddies,
+        burst,
+        ..
+    } = loads;
+    let (pg, rtt, server) = store_site(ServerKind::Ejabberd, &loads).await;
+    let ((routing_one, routing_two), (email_one, email_two)) =
+        loads.alternate(&server, &pg, Setup::PG, Setup::PG2).await;
     let rows = comparison_rows(
         [
             "inst-1 XMPP routing on ejabberd, 2 vs 1 PostgreSQL instances (delivered msgs/s)",

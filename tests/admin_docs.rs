@@ -505,12 +505,11 @@ async fn integrated_mode_doc_reaches_a_users_own_address_by_email() {
     let mut alice = Client::connect(&server, "alice", "alicepw", "pc").await;
     support::wait_for_component(&mut alice, D).await;
     alice.presence("").await;
-    let ok = alice
-        .iq(&format!(
-            "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'><username>alice</username><email>{ALICE_MAIL}</email></query></iq>"
-        ))
-        .await;
-    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+    support::account::asks_to_register(
+        &mut alice,
+        &format!("<username>alice</username><email>{ALICE_MAIL}</email>"),
+    )
+    .await;
     let mails = sink.wait_for(1, T).await;
     let code = support::account::email_code(&mails[0]);
     for (line, answer) in [
@@ -928,12 +927,11 @@ async fn postfix_doc_carries_mail_out_and_replies_in() {
     let mut alice = Client::connect(&server, "alice", "alicepw", "pc").await;
     support::wait_for_component(&mut alice, D).await;
     alice.presence("").await;
-    let ok = alice
-        .iq(&format!(
-            "<iq type='set' id='reg' to='{D}'><query xmlns='jabber:iq:register'><username>alice</username><email>{ALICE_MAIL}</email></query></iq>"
-        ))
-        .await;
-    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+    support::account::asks_to_register(
+        &mut alice,
+        &format!("<username>alice</username><email>{ALICE_MAIL}</email>"),
+    )
+    .await;
     let mails = sink.wait_for(1, T).await;
     assert!(
         postfix

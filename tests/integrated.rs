@@ -1082,14 +1082,11 @@ async fn ejabberd_grants_too_little_for_integrated_mode_and_its_users_keep_their
     let mut alice = Client::connect(&server, "alice", "alicepw", "pc").await;
     support::wait_for_component(&mut alice, D).await;
     alice.presence("").await;
-    let ok = alice
-        .iq(&format!(
-            "<iq type='set' id='{}' to='{D}'><query xmlns='jabber:iq:register'>\
-             <username>alice</username><email>{ALICE_MAIL}</email></query></iq>",
-            new_id()
-        ))
-        .await;
-    assert_eq!(attr(&ok, "type"), "result", "{}", String::from(&ok));
+    support::account::asks_to_register(
+        &mut alice,
+        &format!("<username>alice</username><email>{ALICE_MAIL}</email>"),
+    )
+    .await;
     let mail = sink.wait_for(1, T).await.remove(0);
     let code = support::account::email_code(&mail);
     alice

@@ -614,7 +614,6 @@ mod tests {
     #[allow(unused_imports)]
     use crate::core::Transaction;
 
-    use crate::core::model::Terminal;
     use crate::core::testing::*;
     use crate::core::{Action, Event};
     use crate::xmpp::stanza::child_text;
@@ -625,13 +624,7 @@ mod tests {
 
     /// Alice registered with a verified email address.
     fn alice_with_email(t: &Harness) {
-        t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
-        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
-        user.email = Some(Terminal {
-            verified: true,
-            ..Terminal::unverified(user.email.unwrap().address)
-        });
-        t.store.tx().put_user(&user).unwrap();
+        t.register_verified(ALICE, "alice", ALICE_MAIL, "");
     }
 
     fn from_bob(t: &Harness, id: &str, body: &str) -> Vec<Element> {
@@ -671,21 +664,11 @@ mod tests {
         rcpt: &str,
         reply: Reply,
     ) -> (SmtpAnswer, Vec<Element>) {
-        let actions = t.actions(Event::EmailReply(InboundMail {
+        t.mail(InboundMail {
             envelope_from: envelope_from.into(),
             rcpt: rcpt.into(),
             reply,
-        }));
-        let mut answer = None;
-        let mut stanzas = Vec::new();
-        for a in actions {
-            match a {
-                Action::AnswerMail(x) => answer = Some(x),
-                Action::SendStanza(s) => stanzas.push(s),
-                _ => {}
-            }
-        }
-        (answer.expect("an SMTP answer"), stanzas)
+        })
     }
 
     #[test]

@@ -8,7 +8,7 @@ use xmpp_parsers::ns;
 
 use super::testing::*;
 use super::{Action, Event, Limits};
-use crate::core::model::{EmailJob, SmsJob, Terminal};
+use crate::core::model::{EmailJob, SmsJob};
 use crate::xmpp::stanza::STANZA_NS;
 
 const ALICE: &str = "alice@example.org";
@@ -17,23 +17,11 @@ const ALICE_MAIL: &str = "alice@mail.example.org";
 const PHONE: &str = "+15551234567";
 
 fn verified_email(t: &Harness) {
-    t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
-    let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
-    user.email = Some(Terminal {
-        verified: true,
-        ..Terminal::unverified(user.email.unwrap().address)
-    });
-    t.store.tx().put_user(&user).unwrap();
+    t.register_verified(ALICE, "alice", ALICE_MAIL, "");
 }
 
 fn verified_phone(t: &Harness) {
-    t.run(&register_form(ALICE, "alice", "", PHONE));
-    let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
-    user.phone = Some(Terminal {
-        verified: true,
-        ..Terminal::unverified(user.phone.unwrap().address)
-    });
-    t.store.tx().put_user(&user).unwrap();
+    t.register_verified(ALICE, "alice", "", PHONE);
 }
 
 fn online(t: &Harness) {

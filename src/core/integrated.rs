@@ -364,7 +364,7 @@ fn on_sent_by_user(
 mod tests {
     use super::*;
     use crate::core::email::{InboundMail, SmtpAnswer};
-    use crate::core::model::{EmailJob, Terminal};
+    use crate::core::model::EmailJob;
     use crate::core::testing::*;
     use crate::core::{Action, Event};
     use crate::email::extract::Reply;
@@ -386,13 +386,7 @@ mod tests {
 
     /// Alice registered with a verified email address.
     fn alice_with_email(t: &Harness) {
-        t.run(&register_form(ALICE, "alice", ALICE_MAIL, ""));
-        let mut user = t.store.tx().user(ALICE).unwrap().unwrap();
-        user.email = Some(Terminal {
-            verified: true,
-            ..Terminal::unverified(user.email.unwrap().address)
-        });
-        t.store.tx().put_user(&user).unwrap();
+        t.register_verified(ALICE, "alice", ALICE_MAIL, "");
     }
 
     fn say(t: &Harness, line: &str) -> String {
@@ -474,7 +468,7 @@ mod tests {
     }
 
     fn reply(t: &Harness, alias: &str, text: &str) -> (SmtpAnswer, Vec<Element>) {
-        let actions = t.actions(Event::EmailReply(InboundMail {
+        t.mail(InboundMail {
             envelope_from: ALICE_MAIL.into(),
             rcpt: alias.into(),
             reply: Reply {
@@ -488,17 +482,7 @@ mod tests {
                 attachments: vec![],
                 automatic: None,
             },
-        }));
-        let mut answer = None;
-        let mut out = Vec::new();
-        for a in actions {
-            match a {
-                Action::AnswerMail(x) => answer = Some(x),
-                Action::SendStanza(s) => out.push(s),
-                _ => {}
-            }
-        }
-        (answer.expect("an SMTP answer"), out)
+        })
     }
 
     #[test]

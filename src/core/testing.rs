@@ -87,6 +87,40 @@ impl Harness {
         actions
     }
 
+    /// Feeds an email reply; returns the SMTP answer and the stanzas sent.
+    pub fn mail(
+        &self,
+        mail: super::email::InboundMail,
+    ) -> (super::email::SmtpAnswer, Vec<Element>) {
+        let mut answer = None;
+        let mut stanzas = Vec::new();
+        for action in self.actions(Event::EmailReply(mail)) {
+            match action {
+                Action::AnswerMail(a) => answer = Some(a),
+                Action::SendStanza(s) => stanzas.push(s),
+                _ => {}
+            }
+        }
+        (answer.expect("an SMTP answer"), stanzas)
+    }
+
+    /// Registers `jid` with the form and marks the terminals given (non-empty) verified, as if
+    /// their codes had come back.
+    pub fn register_verified(&self, jid: &str, handle: &str, email: &str, phone: &str) {
+        self.run(&register_form(jid, handle, email, phone));
+        use crate::core::model::Terminal;
+        fn verified<A>(terminal: Option<Terminal<A>>) -> Option<Terminal<A>> {
+            terminal.map(|t| Terminal {
+                verified: true,
+                ..Terminal::unverified(t.address)
+            })
+        }
+        let mut user = self.store.tx().user(jid).unwrap().unwrap();
+        user.email = verified(user.email);
+        user.phone = verified(user.phone);
+        self.store.tx().put_user(&user).unwrap();
+    }
+
     /// Feeds one stanza and expects exactly one stanza back.
     pub fn one(&self, xml: &str) -> Element {
         let mut out = self.run(xml);

@@ -17,12 +17,7 @@ pub const SERVICE_NUMBER: &str = "+15550000000";
 /// Registers with Reach (`fields`: the query's children, e.g. `<username>alice</username>`),
 /// then accepts Reach's subscription request, which must come within `within`.
 pub async fn register(client: &mut Client, fields: &str, within: Duration) {
-    let ok = client
-        .iq(&format!(
-            "<iq type='set' id='reg' to='{COMPONENT_DOMAIN}'><query xmlns='jabber:iq:register'>{fields}</query></iq>"
-        ))
-        .await;
-    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
+    asks_to_register(client, fields).await;
     client
         .expect("Reach's subscription request", within, |s| {
             s.attr("type") == Some("subscribe")
@@ -33,6 +28,16 @@ pub async fn register(client: &mut Client, fields: &str, within: Duration) {
             "<presence type='subscribed' to='{COMPONENT_DOMAIN}'/>"
         ))
         .await;
+}
+
+/// Sends the registration form (`fields`: the query's children); Reach must accept it.
+pub async fn asks_to_register(client: &mut Client, fields: &str) {
+    let ok = client
+        .iq(&format!(
+            "<iq type='set' id='reg' to='{COMPONENT_DOMAIN}'><query xmlns='jabber:iq:register'>{fields}</query></iq>"
+        ))
+        .await;
+    assert_eq!(ok.attr("type"), Some("result"), "{}", String::from(&ok));
 }
 
 /// A chat line to the service; returns its answer (which must come within `within`).

@@ -40,6 +40,20 @@ pub use reach::{Reach, StoreAt};
 pub use server::{ProsodySetup, Server, ServerKind};
 pub use xml::{escape, to_xml};
 
+/// Whether `condition` holds within `timeout` (looked at every 50 ms, and once more at the end).
+pub async fn within(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago and that this process has
 /// not handed out before.
 pub fn free_port() -> u16 {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::process::{append_log, terminate, wait_child};
 use super::server::Server;
@@ -131,16 +131,7 @@ impl Reach {
 
     /// Waits until the log contains `needle`.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::within(timeout, || self.log().contains(needle)).await
     }
 
     /// Whether the process is still running.

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::account::SERVICE_NUMBER;
 use super::balancer::{Balancer, Mode};
@@ -122,16 +122,7 @@ impl Instance {
 
     /// Whether the running process writes `needle` within `timeout`.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::within(timeout, || self.log().contains(needle)).await
     }
 
     /// Waits until the running process has its component link up; panics after `within`.
